@@ -1,0 +1,152 @@
+"""Test helpers: deadlines instead of sleeps, record factories, a `tpx serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+NOW_MS = int(time.time() * 1000)
+
+
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", every: float = 0.05
+) -> Any:
+    """Poll ``cond`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+def record(device: str = "356307042441013", ts: Any = None, **fields: Any) -> dict[str, str]:
+    """A valid stream entry; keyword arguments override record keys (None removes one)."""
+    rec: dict[str, Any] = {
+        "ts": NOW_MS - 3_600_000 if ts is None else ts,
+        "lat": 54.6872,
+        "lon": 25.2797,
+        "alt": 112.0,
+        "angle": 90.0,
+        "speed": 42.5,
+        "satellites": 9,
+        "priority": 0,
+        "event_io_id": 0,
+        "io": {
+            "1": 1,
+            "66": 12850,
+            "16": {"__bigint__": "18446744073709551615"},
+            "78": {"__bytes__": "AQID"},
+        },
+    }
+    for key, value in fields.items():
+        if value is None:
+            rec.pop(key, None)
+        else:
+            rec[key] = value
+    return {"device_id": device, "record": json.dumps(rec), "codec": "8E", "received_at": str(NOW_MS)}
+
+
+def add_entries(client: redis.Redis, stream: str, entries: Iterable[dict[str, str]]) -> list[bytes]:
+    pipe = client.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+    return pipe.execute()
+
+
+def rows(dsn: str, schema: str, columns: str = "device_id, ts") -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        query = sql.SQL("SELECT {} FROM {}.positions ORDER BY device_id, ts").format(
+            sql.SQL(columns), sql.Identifier(schema)
+        )
+        return conn.execute(query).fetchall()
+
+
+def row_count(dsn: str, schema: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        query = sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(schema))
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def pending_count(client: redis.Redis, stream: str, group: str = "processor") -> int:
+    info = client.xpending(stream, group)
+    return int(info["pending"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Serve:
+    """A real `tpx serve` subprocess with its own env; logs go to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = int(env["TPX_HTTP_ADDR"].rsplit(":", 1)[1]) if "TPX_HTTP_ADDR" in env else None
+
+    def start(self) -> Serve:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tpx", "serve", *self.args],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        assert self.port is not None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""

@@ -1,0 +1,270 @@
+"""The engine in-process against real Redis and Postgres: decode -> write -> ack."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import redis
+from psycopg import sql
+
+from tests.helpers import NOW_MS, add_entries, pending_count, record, row_count, rows, wait_for
+from tpx.config import Settings
+from tpx.engine.service import Engine
+from tpx.engine.stages import Committed
+
+
+@contextlib.contextmanager
+def running(settings: Settings, **kw) -> Iterator[Engine]:
+    hook = threading.excepthook
+    engine = Engine(settings, **kw)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+        threading.excepthook = hook
+
+
+def drained(client: redis.Redis, settings: Settings, rows_expected: int) -> bool:
+    return (
+        row_count(settings.database_url, settings.db_schema) == rows_expected
+        and pending_count(client, settings.stream) == 0
+    )
+
+
+def test_valid_rows_written_and_poison_dead_lettered(settings: Settings, rclient: redis.Redis) -> None:
+    good = [record(f"dev-{i % 7}", ts=NOW_MS - 100_000 + i) for i in range(300)]
+    poison = [
+        {"device_id": "bad device", "record": json.dumps({"ts": NOW_MS, "lat": 1, "lon": 1})},
+        {"device_id": "dev-1", "record": "{not json"},
+        {"device_id": "dev-1", "record": json.dumps({"ts": NOW_MS, "lat": 91, "lon": 1}), "x-extra": "kept"},
+        {
+            "device_id": "dev-1",
+            "record": json.dumps({"ts": NOW_MS, "lat": 1, "lon": 1, "io": {"a": {"__bytes__": "%%"}}}),
+        },
+        {"record": json.dumps({"ts": NOW_MS, "lat": 1, "lon": 1})},
+    ]
+    entries = good[:100] + poison[:2] + good[100:200] + poison[2:] + good[200:]
+    ids = add_entries(rclient, settings.stream, entries)
+    with running(settings) as engine:
+        wait_for(lambda: drained(rclient, settings, 300), what="300 rows and nothing pending")
+        assert engine.metrics.written._value.get() == 300
+
+    assert len(set(rows(settings.database_url, settings.db_schema))) == 300
+    letters = rclient.xrange(settings.dlq_stream)
+    assert len(letters) == len(poison)
+    poison_ids = [ids[100], ids[101], ids[202], ids[203], ids[204]]
+    by_source = {f[b"dlq_source_id"]: f for _, f in letters}
+    assert set(by_source) == set(poison_ids)
+    third = by_source[ids[202]]
+    assert third[b"x-extra"] == b"kept" and third[b"device_id"] == b"dev-1"
+    assert third[b"record"] == poison[2]["record"].encode()
+    assert third[b"dlq_stage"] == b"decode"
+    assert b"record.lat" in third[b"dlq_error"] and b"91" in third[b"dlq_error"]
+    assert third[b"dlq_deliveries"] == b"1"
+    assert third[b"dlq_consumer"] == b"test-consumer"
+    assert abs(int(third[b"dlq_at"]) - time.time() * 1000) < 120_000
+    assert (
+        b"device_id" in by_source[ids[101 + 0]][b"dlq_error"]
+        or b"record" in by_source[ids[101]][b"dlq_error"]
+    )
+    assert b"device_id is missing" in by_source[ids[204]][b"dlq_error"]
+
+
+def test_row_values_match_the_record(settings: Settings, rclient: redis.Redis) -> None:
+    add_entries(
+        rclient,
+        settings.stream,
+        [
+            record("dev-a", ts="2026-01-02T03:04:05.678901+00:00", satellites=0),
+            record("dev-b", ts=NOW_MS - 5000, lat=0, lon=0, io=None, alt=None),
+        ],
+    )
+    with running(settings):
+        wait_for(lambda: drained(rclient, settings, 2), what="2 rows")
+    got = rows(
+        settings.database_url,
+        settings.db_schema,
+        "device_id, ts, latitude, longitude, altitude, angle, speed, satellites, priority, "
+        "event_io_id, valid, attributes, received_at, ingested_at",
+    )
+    a, b = got
+    assert a[:11] == (
+        "dev-a",
+        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        54.6872,
+        25.2797,
+        112.0,
+        90.0,
+        42.5,
+        0,
+        0,
+        0,
+        False,
+    )
+    assert a[11] == {"1": 1, "66": 12850, "16": 18446744073709551615, "78": "010203"}
+    assert a[12] == datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    assert abs((a[13] - datetime.now(UTC)).total_seconds()) < 120
+    assert b[0] == "dev-b" and b[4] is None and b[10] is False and b[11] == {}
+
+
+def test_duplicates_within_and_across_batches_first_write_wins(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    ts = NOW_MS - 60_000
+    add_entries(
+        rclient,
+        settings.stream,
+        [
+            record("dup", ts=ts, lat=1.0),
+            record("dup", ts=ts, lat=2.0),  # same batch, same key
+            record("dup", ts=ts + 1, lat=3.0),
+        ],
+    )
+    with running(settings) as engine:
+        wait_for(lambda: drained(rclient, settings, 2), what="2 rows")
+        add_entries(rclient, settings.stream, [record("dup", ts=ts, lat=4.0)])  # a later batch
+        wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="2 duplicates counted")
+        wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
+        state = engine.states.get("dup")
+    assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,)]
+    assert state is not None and state.records == 2 and state.duplicates == 2
+
+
+def test_restart_rereads_own_pending_entries(settings: Settings, rclient: redis.Redis) -> None:
+    rclient.xgroup_create(settings.stream, settings.group, id="0", mkstream=True)
+    add_entries(rclient, settings.stream, [record("p", ts=NOW_MS - 10_000 + i) for i in range(50)])
+    # a previous life of this consumer read them and died before writing
+    rclient.xreadgroup(settings.group, settings.consumer, {settings.stream: ">"}, count=50)
+    assert pending_count(rclient, settings.stream) == 50
+    add_entries(rclient, settings.stream, [record("p", ts=NOW_MS - 20_000 + i) for i in range(10)])
+    with running(settings):
+        wait_for(lambda: drained(rclient, settings, 60), what="60 rows and nothing pending")
+
+
+def test_cold_devices_are_seeded_from_positions(settings: Settings, rclient: redis.Redis) -> None:
+    newest = NOW_MS - 1000
+    add_entries(
+        rclient,
+        settings.stream,
+        [
+            record("seed-1", ts=newest - 5000),
+            record("seed-1", ts=newest, lat=10.0),
+            record("seed-2", ts=newest, lat=20.0),
+        ],
+    )
+    with running(settings):
+        wait_for(lambda: drained(rclient, settings, 3), what="3 rows")
+    # a new process: empty cache; a late record for seed-1, a new one for seed-2, a new device
+    add_entries(
+        rclient,
+        settings.stream,
+        [
+            record("seed-1", ts=newest - 3000, lat=11.0),
+            record("seed-2", ts=newest + 10, lat=21.0),
+            record("seed-3", ts=newest, lat=30.0),
+        ],
+    )
+    with running(settings) as engine:
+        wait_for(lambda: drained(rclient, settings, 6), what="6 rows")
+        one, two, three = (engine.states.get(d) for d in ("seed-1", "seed-2", "seed-3"))
+        assert engine.states.rehydrations == 3
+    assert (
+        one is not None and one.latitude == 10.0 and one.last_ts_us == newest * 1000 and one.out_of_order == 1
+    )
+    assert two is not None and two.latitude == 21.0 and two.out_of_order == 0
+    assert three is not None and three.latitude == 30.0
+
+
+def test_a_batch_is_flushed_by_the_latency_bound(settings: Settings, rclient: redis.Redis) -> None:
+    s = settings.model_copy(update={"batch_size": 10_000, "batch_max_latency_ms": 100})
+    with running(s):
+        add_entries(rclient, s.stream, [record("lonely")])
+        started = time.monotonic()
+        wait_for(lambda: drained(rclient, s, 1), timeout=10, what="one lonely record written")
+        assert time.monotonic() - started < 5
+
+
+def test_memory_stays_bounded_under_backlog(settings: Settings, rclient: redis.Redis) -> None:
+    s = settings.model_copy(update={"batch_size": 100, "read_count": 100, "queue_batches": 1, "writers": 1})
+    total = 20_000
+    add_entries(rclient, s.stream, [record(f"b{i % 50}", ts=NOW_MS - 1_000_000 + i) for i in range(total)])
+    bound = (s.queue_batches + s.writers + 1) * s.batch_size + s.read_count
+    peak = 0
+    with running(s):
+
+        def done() -> bool:
+            nonlocal peak
+            peak = max(peak, pending_count(rclient, s.stream))
+            return row_count(s.database_url, s.db_schema) == total and pending_count(rclient, s.stream) == 0
+
+        wait_for(done, timeout=90, what="backlog drained", every=0.01)
+    assert 0 < peak <= bound, (peak, bound)
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[Committed] = []
+
+    def on_commit(self, committed: Committed) -> None:
+        self.seen.append(committed)
+
+
+class Exploding:
+    name = "exploding"
+
+    def on_commit(self, committed: Committed) -> None:
+        raise RuntimeError("domain bug")
+
+
+def test_post_commit_stages_see_committed_rows_and_cannot_break_the_pipeline(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    recorder = Recorder()
+    add_entries(rclient, settings.stream, [record("st", ts=NOW_MS - i) for i in range(20)])
+    with running(settings, stages=[Exploding(), recorder]) as engine:
+        wait_for(lambda: drained(rclient, settings, 20), what="20 rows despite a failing stage")
+        wait_for(lambda: sum(len(c.inserted) for c in recorder.seen) == 20, what="stage saw 20 rows")
+        assert engine.metrics.stage_errors.labels("exploding")._value.get() >= 1
+
+
+def test_write_refusals_are_isolated_and_dead_lettered(settings: Settings, rclient: redis.Redis) -> None:
+    s = settings.model_copy(update={"max_deliveries": 1})
+    bad_io = {"s": "nul\u0000inside"}  # jsonb refuses \u0000
+    entries = [record("w", ts=NOW_MS - 1000 + i) for i in range(30)]
+    entries[0] = record("w", ts=NOW_MS - 5000, io=bad_io)
+    entries[15] = record("w", ts=NOW_MS - 5001, alt=1e39)  # out of range for real
+    entries[29] = record("w", ts=NOW_MS - 5002, io=bad_io)
+    add_entries(rclient, s.stream, entries)
+    with running(s) as engine:
+        wait_for(lambda: drained(rclient, s, 27), what="27 good rows, nothing pending")
+        assert engine.metrics.dead_lettered.labels("write")._value.get() == 3
+    letters = [f for _, f in rclient.xrange(s.dlq_stream)]
+    assert sorted(f[b"dlq_stage"] for f in letters) == [b"write"] * 3
+    assert all(f[b"record"] and f[b"device_id"] == b"w" for f in letters)
+    errors = b" ".join(f[b"dlq_error"] for f in letters)
+    assert b"out of range" in errors and b"Unicode" in errors
+
+
+def test_schema_search_path_keeps_other_schemas_apart(
+    settings: Settings, rclient: redis.Redis, pg_server_url: str
+) -> None:
+    add_entries(rclient, settings.stream, [record("iso")])
+    with running(settings):
+        wait_for(lambda: drained(rclient, settings, 1), what="1 row")
+    with psycopg.connect(pg_server_url) as conn:
+        found = conn.execute(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'positions'"
+            " AND table_schema = %s",
+            (settings.db_schema,),
+        ).fetchall()
+        assert found == [(settings.db_schema,)]
+        conn.execute(sql.SQL("SELECT 1 FROM {}.positions").format(sql.Identifier(settings.db_schema)))

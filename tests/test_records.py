@@ -1,0 +1,343 @@
+"""The decoder (contract §1): valid records, every range boundary, sentinels, poison."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tpx.records import DecodeError, Position, decode_entry
+
+NOW_US = 1_795_000_000_000_000  # 2026-11-18
+DAY_US = 86_400_000_000
+
+
+def decode(
+    record: Any, device: Any = b"356307042441013", raw: bytes | None = None, **extra: bytes
+) -> Position:
+    fields: dict[bytes, bytes] = {}
+    if device is not None:
+        fields[b"device_id"] = device
+    if raw is not None:
+        fields[b"record"] = raw
+    elif record is not None:
+        fields[b"record"] = json.dumps(record).encode()
+    fields.update({k.encode(): v for k, v in extra.items()})
+    return decode_entry(b"1-0", fields, now_us=NOW_US, max_future_us=DAY_US)
+
+
+def base(**kw: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"ts": 1_700_000_000_123, "lat": 54.5, "lon": 25.25}
+    rec.update(kw)
+    return rec
+
+
+def test_minimal_record_decodes() -> None:
+    p = decode(base())
+    assert p.device_id == "356307042441013"
+    assert p.ts_us == 1_700_000_000_123_000
+    assert (p.latitude, p.longitude) == (54.5, 25.25)
+    assert p.altitude is p.angle is p.speed is p.satellites is p.priority is p.event_io_id is None
+    assert p.valid is True
+    assert p.attributes == "{}"
+    assert p.received_at_us is None
+
+
+def test_full_record_decodes() -> None:
+    p = decode(
+        base(alt=112.5, angle=360, speed=0, satellites=255, priority=2, event_io_id=-1, io={"1": 0}),
+        received_at=b"1700000000999",
+    )
+    assert (p.altitude, p.angle, p.speed, p.satellites, p.priority, p.event_io_id) == (
+        112.5,
+        360.0,
+        0.0,
+        255,
+        2,
+        -1,
+    )
+    assert json.loads(p.attributes) == {"1": 0}
+    assert p.received_at_us == 1_700_000_000_999_000
+
+
+def test_nulls_allowed_for_optional_keys() -> None:
+    p = decode(
+        base(alt=None, angle=None, speed=None, satellites=None, priority=None, event_io_id=None, io=None)
+    )
+    assert p.attributes == "{}" and p.satellites is None and p.valid
+
+
+def test_unknown_keys_ignored() -> None:
+    assert decode(base(colour="blue", extra={"x": 1})).valid
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected_us"),
+    [
+        ("2023-11-14T22:13:20.123Z", 1_700_000_000_123_000),
+        ("2023-11-14T22:13:20.123456+00:00", 1_700_000_000_123_456),
+        ("2023-11-15T00:13:20+02:00", 1_700_000_000_000_000),
+        ({"__bigint__": "1700000000123"}, 1_700_000_000_123_000),
+        (946_684_800_000, 946_684_800_000_000),  # exactly 2000-01-01
+    ],
+)
+def test_ts_forms(ts: Any, expected_us: int) -> None:
+    assert decode(base(ts=ts)).ts_us == expected_us
+
+
+@pytest.mark.parametrize(
+    ("ts", "message"),
+    [
+        (946_684_799_999, "before 2000-01-01"),
+        ("1999-12-31T23:59:59Z", "before 2000-01-01"),
+        ("2023-11-14T22:13:20", "no UTC offset"),
+        ("yesterday", "not an ISO-8601"),
+        (1.7e12, "must be epoch milliseconds"),
+        (True, "must be epoch milliseconds"),
+        (None, "ts is null"),
+        ((NOW_US + DAY_US) // 1000 + 1, "too far in the future"),
+        ({"__bytes__": "AQID"}, "must be epoch milliseconds"),
+    ],
+)
+def test_ts_rejected(ts: Any, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        decode(base(ts=ts))
+
+
+def test_ts_at_the_future_bound_is_accepted() -> None:
+    assert decode(base(ts=(NOW_US + DAY_US) // 1000)).ts_us == NOW_US + DAY_US
+
+
+@pytest.mark.parametrize(
+    ("key", "good", "bad"),
+    [
+        ("lat", [-90, 90, 0.0, -89.999], [-90.0001, 90.0001, "54", True, [1]]),
+        ("lon", [-180, 180, 0], [-180.5, 180.0001, "25", False]),
+        ("angle", [0, 360, 359.99], [-0.01, 360.01, "90"]),
+        ("speed", [0, 0.0, 300], [-0.001, "fast"]),
+        ("alt", [-400, 0, 9000.5], ["high", True]),
+        ("satellites", [0, 255], [-1, 256, 3.0, "9"]),
+        ("priority", [0, 1, 2], [-1, 3, 1.0]),
+        ("event_io_id", [0, -(2**31), 2**31 - 1], [2**31, -(2**31) - 1, 1.5]),
+    ],
+)
+def test_every_range_boundary(key: str, good: list[Any], bad: list[Any]) -> None:
+    for value in good:
+        decode(base(**{key: value}))
+    for value in bad:
+        with pytest.raises(DecodeError, match=f"record.{key}"):
+            decode(base(**{key: value}))
+
+
+@pytest.mark.parametrize("key", ["ts", "lat", "lon"])
+def test_required_keys(key: str) -> None:
+    rec = base()
+    del rec[key]
+    with pytest.raises(DecodeError, match=f"record.{key} is missing"):
+        decode(rec)
+
+
+@pytest.mark.parametrize(
+    ("device", "ok"),
+    [
+        (b"356307042441013", True),
+        (b"a" * 64, True),
+        (b"A-z.0_9:x", True),
+        (b"", False),
+        (b"a" * 65, False),
+        (b"bad id", False),
+        (b"caf\xc3\xa9", False),
+        (None, False),
+    ],
+)
+def test_device_id(device: bytes | None, ok: bool) -> None:
+    if ok:
+        assert decode(base(), device=device).device_id == device.decode()  # type: ignore[union-attr]
+    else:
+        with pytest.raises(DecodeError, match="device_id"):
+            decode(base(), device=device)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"[1,2]", b'"str"', b"null", b"{", b'{"ts": NaN, "lat": 1, "lon": 1}', b"\xff\xfe"],
+)
+def test_record_must_be_a_json_object(raw: bytes) -> None:
+    with pytest.raises(DecodeError, match="record"):
+        decode(None, raw=raw)
+
+
+def test_record_missing() -> None:
+    with pytest.raises(DecodeError, match="record is missing"):
+        decode(None)
+
+
+@pytest.mark.parametrize(
+    ("sats", "lat", "lon", "valid"),
+    [
+        (0, 54.0, 25.0, False),
+        (None, 0.0, 0.0, False),
+        (5, 0, 0, False),
+        (5, 0.0, 1.0, True),
+        (None, 54.0, 25.0, True),
+    ],
+)
+def test_valid_flag(sats: int | None, lat: float, lon: float, valid: bool) -> None:
+    assert decode(base(satellites=sats, lat=lat, lon=lon)).valid is valid
+
+
+def test_sentinels_anywhere_in_io() -> None:
+    io = {
+        "big": {"__bigint__": "-123456789012345678901234567890"},
+        "u64": {"__bigint__": "18446744073709551615"},
+        "raw": {"__bytes__": base64.b64encode(b"\x00\xffAB").decode()},
+        "nested": [{"x": {"__bytes__": ""}}, [{"__bigint__": "7"}]],
+    }
+    attrs = json.loads(decode(base(io=io)).attributes)
+    assert attrs == {
+        "big": -123456789012345678901234567890,
+        "u64": 18446744073709551615,
+        "raw": "00ff4142",
+        "nested": [{"x": ""}, [7]],
+    }
+
+
+def test_sentinel_as_top_level_value() -> None:
+    p = decode(base(satellites={"__bigint__": "12"}, lat={"__bigint__": "-45"}))
+    assert (p.satellites, p.latitude) == (12, -45.0)
+
+
+def test_wide_plain_integer_kept_exactly() -> None:
+    raw = b'{"ts": 1700000000123, "lat": 1, "lon": 2, "io": {"n": 123456789012345678901234567890}}'
+    assert '"n":123456789012345678901234567890' in decode(None, raw=raw).attributes
+
+
+def test_escaped_sentinel_key_is_still_a_sentinel() -> None:
+    raw = b'{"ts": 1700000000123, "lat": 1, "lon": 2, "io": {"a": {"\\u005f_bigint__": "5"}}}'
+    assert json.loads(decode(None, raw=raw).attributes) == {"a": 5}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"__bigint__": "12", "x": 1}, "exactly one key"),
+        ({"__bigint__": "1.5"}, "not a decimal integer"),
+        ({"__bigint__": "0x10"}, "not a decimal integer"),
+        ({"__bigint__": 12}, "not a decimal integer"),
+        ({"__bigint__": ""}, "not a decimal integer"),
+        ({"__bytes__": "!!!"}, "not valid base64"),
+        ({"__bytes__": "AQI"}, "not valid base64"),
+        ({"__bytes__": 5}, "not a base64 string"),
+        ({"__bytes__": "AQID", "__bigint__": "1"}, "exactly one key"),
+    ],
+)
+def test_malformed_sentinels(value: Any, message: str) -> None:
+    with pytest.raises(DecodeError, match=message) as info:
+        decode(base(io={"16": [value]}))
+    assert "record.io.16[0]" in str(info.value)
+
+
+def test_io_must_be_an_object() -> None:
+    with pytest.raises(DecodeError, match=r"record.io must be an object"):
+        decode(base(io=[1, 2]))
+
+
+def test_received_at_must_be_integer_ms() -> None:
+    for bad in (b"soon", b"1.5", b" 12", b"1_000", b"-5"):
+        with pytest.raises(DecodeError, match="received_at"):
+            decode(base(), received_at=bad)
+
+
+def test_deep_nesting_is_a_decode_error() -> None:
+    raw = b'{"ts": 1700000000123, "lat": 1, "lon": 2, "io": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    with pytest.raises(DecodeError):
+        decode(None, raw=raw)
+
+
+def test_error_messages_are_one_line_and_name_the_value() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(base(lat="north\nmore"))
+    assert "\n" not in str(info.value) and "north" in str(info.value) and "record.lat" in str(info.value)
+
+
+# --- property tests -------------------------------------------------------------
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=8) | st.sampled_from(["__bigint__", "__bytes__"]), children, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+record_keys = st.sampled_from(
+    ["ts", "lat", "lon", "alt", "angle", "speed", "satellites", "priority", "event_io_id", "io"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(record_keys | st.text(max_size=5), json_values, max_size=12),
+    st.binary(max_size=70) | st.sampled_from([b"dev-1", b"356307042441013"]),
+)
+def test_any_record_yields_a_position_or_a_decode_error(record: dict[str, Any], device: bytes) -> None:
+    try:
+        p = decode(record, device=device)
+    except DecodeError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(p, Position)
+    json.loads(p.attributes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_yield_a_position_or_a_decode_error(raw: bytes) -> None:
+    try:
+        p = decode(None, raw=raw)
+    except DecodeError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert isinstance(p, Position)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.binary(max_size=64),
+    st.floats(min_value=-90, max_value=90),
+    st.floats(min_value=-180, max_value=180),
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2026, 11, 1), timezones=st.just(UTC)),
+)
+def test_sentinels_round_trip(big: int, blob: bytes, lat: float, lon: float, when: datetime) -> None:
+    rec = {
+        "ts": when.isoformat(),
+        "lat": lat,
+        "lon": lon,
+        "io": {"b": {"__bigint__": str(big)}, "x": {"__bytes__": base64.b64encode(blob).decode()}},
+    }
+    p = decode(rec)
+    attrs = json.loads(p.attributes)
+    assert attrs == {"b": big, "x": blob.hex()}
+    assert p.ts_us == int(when.timestamp()) * 1_000_000 + when.microsecond
+    assert (p.latitude, p.longitude) == (lat, lon)
+
+
+def test_unknown_keys_are_ignored_even_with_a_bad_sentinel() -> None:
+    assert decode(base(future={"__bigint__": "nope"})).valid
+
+
+def test_error_path_quotes_odd_keys() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(base(io={"a\nb": {"__bigint__": "x"}}))
+    assert "\n" not in str(info.value) and 'record.io."a\\nb"' in str(info.value)

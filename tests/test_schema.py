@@ -1,0 +1,176 @@
+"""Migrations: idempotent, safe when several instances start at once, TimescaleDB optional."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tpx.schema import MIGRATIONS_TABLE, current_version, latest_version, load_migrations, migrate
+
+
+def test_migrate_creates_positions_with_contract_columns(pg_server_url: str, schema: str) -> None:
+    report = migrate(pg_server_url, schema)
+    assert report.applied == [f"{m.version:03d}_{m.name}" for m in load_migrations()]
+    with psycopg.connect(pg_server_url) as conn:
+        cols = conn.execute(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'positions' ORDER BY ordinal_position",
+            (schema,),
+        ).fetchall()
+        pk = conn.execute(
+            "SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_index i"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = %s::regclass AND i.indisprimary",
+            (f"{schema}.positions",),
+        ).fetchone()
+    assert cols == [
+        ("device_id", "text", "NO"),
+        ("ts", "timestamp with time zone", "NO"),
+        ("latitude", "double precision", "NO"),
+        ("longitude", "double precision", "NO"),
+        ("altitude", "real", "YES"),
+        ("angle", "real", "YES"),
+        ("speed", "real", "YES"),
+        ("satellites", "smallint", "YES"),
+        ("priority", "smallint", "YES"),
+        ("event_io_id", "integer", "YES"),
+        ("valid", "boolean", "NO"),
+        ("attributes", "jsonb", "NO"),
+        ("received_at", "timestamp with time zone", "YES"),
+        ("ingested_at", "timestamp with time zone", "NO"),
+    ]
+    assert pk == (["device_id", "ts"],)
+
+
+def test_migrate_is_idempotent(pg_server_url: str, schema: str) -> None:
+    first = migrate(pg_server_url, schema)
+    second = migrate(pg_server_url, schema)
+    assert first.applied and second.applied == []
+    assert second.current_version == latest_version()
+    with psycopg.connect(pg_server_url) as conn:
+        assert current_version(conn, schema) == latest_version()
+        n = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(MIGRATIONS_TABLE)
+            )
+        ).fetchone()
+    assert n == (len(load_migrations()),)
+
+
+def test_concurrent_migrations_apply_once(pg_server_url: str, schema: str) -> None:
+    reports = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            reports.append(migrate(pg_server_url, schema))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(len(r.applied) for r in reports) == [0] * 5 + [len(load_migrations())]
+
+
+def test_concurrent_migrate_commands(pg_server_url: str, schema: str) -> None:
+    """Two `tpx migrate` processes at once: both succeed, the work is done once."""
+    cmd = [sys.executable, "-m", "tpx", "migrate", "--database-url", pg_server_url, "--db-schema", schema]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    applied = [o for o, _ in outs if "applied 001_positions" in o]
+    assert len(applied) == 1, outs
+
+
+def test_without_timescaledb_positions_is_a_plain_table(pg_server_url: str, schema: str) -> None:
+    with psycopg.connect(pg_server_url) as conn:
+        available = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+        ).fetchone()
+    if available:
+        pytest.skip("this server has TimescaleDB")
+    report = migrate(pg_server_url, schema)
+    assert report.storage == "table"
+    assert "not installed" in report.storage_line()
+
+
+def _sharedir(dsn: str) -> Path | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'").fetchone()
+    return Path(row[0]) / "extension" if row else None
+
+
+@pytest.fixture
+def broken_timescaledb(pg_server_url: str):
+    """An installed `timescaledb` extension that cannot be created (as when it is not preloaded)."""
+    try:
+        ext = _sharedir(pg_server_url)
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("cannot read pg_config")
+    if ext is None or not ext.is_dir():
+        pytest.skip("no extension directory")
+    control = ext / "timescaledb.control"
+    script = ext / "timescaledb--0.0.1.sql"
+    if control.exists():
+        pytest.skip("a real timescaledb is installed")
+    try:
+        control.write_text("default_version = '0.0.1'\nrelocatable = false\n")
+        script.write_text(
+            "DO $$ BEGIN RAISE EXCEPTION 'extension \"timescaledb\" must be preloaded'; END $$;\n"
+        )
+    except OSError:
+        pytest.skip("extension directory is not writable here")
+    yield
+    control.unlink(missing_ok=True)
+    script.unlink(missing_ok=True)
+
+
+def test_installed_but_unloadable_timescaledb_falls_back(
+    pg_server_url: str, schema: str, broken_timescaledb: None
+) -> None:
+    report = migrate(pg_server_url, schema)
+    assert report.storage == "table"
+    assert "must be preloaded" in report.storage_reason
+    with psycopg.connect(pg_server_url) as conn:
+        assert conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() is None
+        conn.execute(sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(schema)))
+
+
+def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> None:
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {}.directus_users (id int primary key, email text)").format(
+                sql.Identifier(schema)
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {}.directus_users VALUES (1, 'a@b')").format(sql.Identifier(schema))
+        )
+        before = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        ).fetchall()
+    migrate(pg_server_url, schema)
+    with psycopg.connect(pg_server_url) as conn:
+        after = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        ).fetchall()
+        users = conn.execute(
+            sql.SQL("SELECT * FROM {}.directus_users").format(sql.Identifier(schema))
+        ).fetchall()
+    assert set(after) - set(before) == {("positions",), (MIGRATIONS_TABLE,)}
+    assert users == [(1, "a@b")]

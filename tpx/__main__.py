@@ -1,0 +1,3 @@
+from tpx.cli import main
+
+main()

@@ -1,0 +1,246 @@
+"""The `tpx` command line: a thin shell over functions that return data.
+
+Every command turns failures into one line on stderr and a named exit code
+(:mod:`tpx.exitcodes`); a traceback is never the user interface.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import psycopg
+import redis
+import typer
+
+from tpx import __version__, exitcodes
+from tpx.config import ConfigError, Settings, env_name, load, mask_url
+
+app = typer.Typer(
+    name="tpx",
+    help="tpx — the telemetry processor: Redis Stream → PostgreSQL positions, at least once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click errors: one "Error: ..." line, no boxes
+)
+
+log = logging.getLogger("tpx")
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = exitcodes.ERROR) -> NoReturn:
+    typer.echo(f"tpx: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
+    """Run ``fn``; turn the failures a user can hit into one line and an exit code."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        for line in exc.lines:
+            typer.echo(f"tpx: invalid setting {line}", err=True)
+        raise typer.Exit(exitcodes.USAGE) from None
+    except redis.ConnectionError as exc:
+        where = mask_url(settings.redis_url) if settings else "Redis"
+        fail(f"cannot reach Redis at {where}: {exc}", exitcodes.UNAVAILABLE)
+    except redis.TimeoutError as exc:
+        fail(f"Redis timed out: {exc}", exitcodes.UNAVAILABLE)
+    except redis.ResponseError as exc:
+        fail(f"Redis refused the command: {exc}", exitcodes.ERROR)
+    except psycopg.OperationalError as exc:
+        where = mask_url(settings.database_url) if settings else "PostgreSQL"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"cannot reach PostgreSQL at {where}: {mask_url(first)}", exitcodes.UNAVAILABLE)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"PostgreSQL error: {mask_url(first)}", exitcodes.ERROR)
+
+
+def settings_from(**overrides: Any) -> Settings:
+    return guarded(lambda: load(**overrides))
+
+
+# --- shared options -----------------------------------------------------------
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", help=f"[env {env_name('redis_url')}]")]
+DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help=f"[env {env_name('database_url')}]")]
+Schema = Annotated[str | None, typer.Option("--db-schema", help=f"[env {env_name('db_schema')}]")]
+Stream = Annotated[str | None, typer.Option("--stream", help=f"[env {env_name('stream')}]")]
+Group = Annotated[str | None, typer.Option("--group", help=f"[env {env_name('group')}]")]
+Consumer = Annotated[str | None, typer.Option("--consumer", help=f"[env {env_name('consumer')}]")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tpx {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """tpx — the telemetry processor."""
+
+
+# --- serve ----------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    redis_url: RedisUrl = None,
+    database_url: DatabaseUrl = None,
+    db_schema: Schema = None,
+    stream: Stream = None,
+    group: Group = None,
+    consumer: Consumer = None,
+    http_addr: Annotated[
+        str | None,
+        typer.Option("--http-addr", help=f"host:port or off [env {env_name('http_addr')}]"),
+    ] = None,
+    writers: Annotated[int | None, typer.Option(help=f"[env {env_name('writers')}]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"[env {env_name('batch_size')}]")] = None,
+    batch_max_latency_ms: Annotated[
+        int | None, typer.Option(help=f"[env {env_name('batch_max_latency_ms')}]")
+    ] = None,
+    read_count: Annotated[int | None, typer.Option(help=f"[env {env_name('read_count')}]")] = None,
+    queue_batches: Annotated[int | None, typer.Option(help=f"[env {env_name('queue_batches')}]")] = None,
+    device_cache_size: Annotated[
+        int | None, typer.Option(help=f"[env {env_name('device_cache_size')}]")
+    ] = None,
+    drain_timeout_s: Annotated[
+        float | None, typer.Option(help=f"[env {env_name('drain_timeout_s')}]")
+    ] = None,
+    migrate: Annotated[
+        bool | None,
+        typer.Option("--migrate/--no-migrate", help=f"[env {env_name('migrate_on_start')}]"),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help=f"[env {env_name('log_level')}]")] = None,
+    log_format: Annotated[str | None, typer.Option(help=f"[env {env_name('log_format')}]")] = None,
+) -> None:
+    """Run the engine: read the stream, write positions, until SIGTERM/SIGINT.
+
+    Example: TPX_DATABASE_URL=postgresql://tpx@db/fleet tpx serve --writers 2
+    """
+    from tpx import logs
+    from tpx.engine.service import Engine, StartupError
+
+    s = settings_from(
+        redis_url=redis_url,
+        database_url=database_url,
+        db_schema=db_schema,
+        stream=stream,
+        group=group,
+        consumer=consumer,
+        http_addr=http_addr,
+        writers=writers,
+        batch_size=batch_size,
+        batch_max_latency_ms=batch_max_latency_ms,
+        read_count=read_count,
+        queue_batches=queue_batches,
+        device_cache_size=device_cache_size,
+        drain_timeout_s=drain_timeout_s,
+        migrate_on_start=migrate,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    logs.setup(s.log_level, s.log_format, s.consumer)
+    engine = Engine(s)
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:  # a second signal: leave now; unacked entries stay pending
+            sys.stderr.write("tpx: second signal, exiting at once\n")
+            sys.stderr.flush()
+            import os
+
+            os._exit(exitcodes.FORCED)
+        engine.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        guarded(engine.start, s)
+    except StartupError as exc:
+        fail(str(exc), exitcodes.UNAVAILABLE)
+    except OSError as exc:  # e.g. the HTTP port is taken
+        fail(f"cannot start: {exc}", exitcodes.UNAVAILABLE)
+    code = engine.run()
+    if code != exitcodes.OK:
+        import os
+
+        logging.shutdown()
+        os._exit(code)  # threads may be wedged: do not wait for them
+    raise typer.Exit(code)
+
+
+# --- migrate ------------------------------------------------------------------
+
+
+@app.command("migrate")
+def migrate_cmd(
+    database_url: DatabaseUrl = None,
+    db_schema: Schema = None,
+    as_json: AsJson = False,
+) -> None:
+    """Apply pending schema migrations and exit (safe to run concurrently).
+
+    Example: tpx migrate --database-url postgresql://postgres@127.0.0.1/fleet
+    """
+    from tpx.schema import migrate
+
+    s = settings_from(database_url=database_url, db_schema=db_schema)
+    report = guarded(lambda: migrate(s.database_url, s.db_schema), s)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "schema": report.schema,
+                    "applied": report.applied,
+                    "version": report.current_version,
+                    "storage": report.storage,
+                    "storage_reason": report.storage_reason,
+                }
+            )
+        )
+        return
+    if report.applied:
+        for name in report.applied:
+            typer.echo(f"applied {name}")
+    else:
+        typer.echo(f"schema {report.schema} is up to date")
+    typer.echo(f"version {report.current_version}; {report.storage_line()}")
+
+
+# --- config -------------------------------------------------------------------
+
+
+@app.command("config")
+def config_cmd(as_json: AsJson = False) -> None:
+    """Print the effective configuration (environment + defaults), passwords masked.
+
+    Example: TPX_WRITERS=4 tpx config --json
+    """
+    s = settings_from()
+    data = s.masked()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    width = max(len(env_name(k)) for k in data)
+    for key, value in data.items():
+        typer.echo(f"{env_name(key):<{width}}  {value}")
+
+
+def main() -> None:
+    app()

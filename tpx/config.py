@@ -1,0 +1,203 @@
+"""Configuration: environment variables (``TPX_*``), overridable by command-line flags.
+
+Every setting is a field below; its env var is ``TPX_`` + the field name in
+upper case, and its default and meaning are written next to it. ``tpx config``
+prints the effective values with passwords masked. Validation happens once, at
+start-up: :func:`load` turns every problem into one line of a
+:class:`ConfigError`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg.conninfo
+import redis.connection
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TPX_"
+_SECRET_FIELDS = ("redis_url", "database_url")
+
+
+class ConfigError(Exception):
+    """One or more invalid settings; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+class Settings(BaseSettings):
+    """All of tpx's settings. Env var: ``TPX_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- connections ---
+    #: Redis holding the telemetry stream. ``redis://``, ``rediss://`` or ``unix://``.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: PostgreSQL (TimescaleDB optional) holding ``positions``: a URL or a key=value DSN.
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    #: Schema that holds ``positions`` and tpx's bookkeeping tables (created if missing).
+    db_schema: str = "public"
+
+    # --- the stream ---
+    #: Input stream key; dead letters go to ``<stream>:dlq``.
+    stream: str = "telemetry:t"
+    #: Consumer group shared by every tpx instance.
+    group: str = "processor"
+    #: This instance's consumer name. Default: the host name, so a restarted
+    #: container finds its own pending entries again.
+    consumer: str = Field(default_factory=socket.gethostname)
+
+    # --- batching and memory bounds ---
+    #: Entries asked for per XREADGROUP call.
+    read_count: int = Field(default=1000, ge=1, le=100_000)
+    #: A batch is written when it holds this many records ...
+    batch_size: int = Field(default=2000, ge=1, le=100_000)
+    #: ... or when its oldest record has waited this long (ms), whichever comes first.
+    batch_max_latency_ms: int = Field(default=200, ge=1, le=60_000)
+    #: Batches the reader may queue ahead of the writers; then it waits (bounded memory).
+    queue_batches: int = Field(default=4, ge=1, le=1000)
+    #: Writer threads (each holds one Postgres connection while writing).
+    writers: int = Field(default=2, ge=1, le=64)
+    #: Devices whose state is kept in memory (LRU beyond that).
+    device_cache_size: int = Field(default=100_000, ge=1)
+    #: Records whose ``ts`` is more than this many seconds ahead of our clock are poison.
+    max_future_s: int = Field(default=86_400, ge=0)
+
+    # --- failures and redelivery ---
+    #: A record the database refuses is dead-lettered (stage ``write``) once the
+    #: stream has delivered it this many times; until then it is redelivered.
+    max_deliveries: int = Field(default=3, ge=1, le=1000)
+    #: Entries pending (in any consumer) for longer than this (ms) are claimed ...
+    claim_idle_ms: int = Field(default=60_000, ge=100)
+    #: ... by a sweep at start-up and then every this many seconds.
+    claim_interval_s: float = Field(default=15.0, gt=0)
+
+    # --- process ---
+    #: Metrics and health listener, ``host:port``; ``off`` disables it.
+    http_addr: str = "0.0.0.0:9108"
+    #: Apply pending migrations before serving.
+    migrate_on_start: bool = True
+    #: On SIGTERM, time allowed for queued batches to be written before exiting (s);
+    #: kept below Docker's 10 s stop grace period.
+    drain_timeout_s: float = Field(default=8.0, gt=0, le=600)
+    #: Where a crashing process writes its panic dump (JSON), created if missing.
+    panic_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "tpx-panic"))
+    #: Log level: DEBUG, INFO, WARNING, ERROR.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: ``json`` lines, human ``text``, or ``auto`` (text on a terminal, JSON otherwise).
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        try:
+            redis.connection.parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({mask_url(str(exc))})") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            psycopg.conninfo.conninfo_to_dict(value)
+        except psycopg.ProgrammingError:
+            raise ValueError("not a PostgreSQL URL or key=value DSN") from None
+        return value
+
+    @field_validator("db_schema", "stream", "group", "consumer")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("http_addr")
+    @classmethod
+    def _check_http_addr(cls, value: str) -> str:
+        if value.lower() == "off":
+            return "off"
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port (port 0 picks a free one) or 'off'")
+        del host
+        return value
+
+    # --- derived values ---
+
+    @property
+    def dlq_stream(self) -> str:
+        """The dead-letter stream key (contract §3)."""
+        return f"{self.stream}:dlq"
+
+    @property
+    def http_bind(self) -> tuple[str, int] | None:
+        if self.http_addr == "off":
+            return None
+        host, _, port = self.http_addr.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with passwords masked, for ``tpx config`` and panic dumps."""
+        data = self.model_dump()
+        for name in _SECRET_FIELDS:
+            data[name] = mask_url(data[name])
+        return data
+
+
+_KV_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """Hide the password in a URL or key=value DSN (also inside messages that quote one)."""
+    text = _KV_PASSWORD_RE.sub(r"\1***", text)
+
+    def _one(match: re.Match[str]) -> str:
+        url = match.group(0)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return url
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        userinfo = netloc[0].split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+
+    return re.sub(r"[a-z][a-z0-9+.\-]*://\S+", _one, text)
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load(**overrides: Any) -> Settings:
+    """Build settings from the environment plus non-None ``overrides`` (command-line flags).
+
+    Raises :class:`ConfigError` with one line per invalid setting.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            flag = "--" + field.replace("_", "-")
+            shown = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            message = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{env_name(field)} / {flag}: {message}{shown}")
+        raise ConfigError(lines) from None

@@ -1,0 +1,53 @@
+"""Building connections from settings, in one place, lazily (only when a command needs them)."""
+
+from __future__ import annotations
+
+import redis
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from tpx.config import Settings
+
+#: Seconds a Redis socket may stay silent; longer than any BLOCK we issue.
+REDIS_SOCKET_TIMEOUT_S = 15.0
+REDIS_CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for a Postgres connection to be established.
+PG_CONNECT_TIMEOUT_S = 5
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A thread-safe client (its own connection pool); replies stay bytes."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+        client_name=f"tpx:{settings.consumer}",
+    )
+
+
+def search_path(settings: Settings) -> sql.Composed:
+    return sql.SQL("SET search_path TO {}, public").format(sql.Identifier(settings.db_schema))
+
+
+def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Composable]) -> ConnectionPool:
+    """A psycopg pool whose connections have tpx's search_path and the given setup."""
+    statements = [search_path(settings), *configure_sql]
+
+    def configure(conn):  # type: ignore[no-untyped-def]
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+
+    return ConnectionPool(
+        settings.database_url,
+        min_size=size,
+        max_size=size + 1,
+        name=name,
+        open=False,
+        configure=configure,
+        kwargs={
+            "application_name": f"tpx:{settings.consumer}"[:63],
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+        },
+    )

@@ -1,0 +1,22 @@
+"""What travels on the queue from the reader to the writers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tpx.records import Position
+
+
+@dataclass(slots=True)
+class Batch:
+    """Decoded positions read together, plus what the writer needs to finish them."""
+
+    positions: list[Position] = field(default_factory=list)
+    #: ``time.monotonic()`` when the oldest record joined the batch.
+    started: float = field(default_factory=time.monotonic)
+    #: Delivery counts of redelivered entries (absent: 1); used for write-stage dead letters.
+    deliveries: dict[bytes, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.positions)

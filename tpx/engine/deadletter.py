@@ -1,0 +1,61 @@
+"""Dead letters (CONTRACT.md §3): the original fields verbatim plus ``dlq_*``.
+
+The original entry is acknowledged only after its dead letter was added, so a
+crash in between may leave a dead letter twice but never loses one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import redis
+
+DLQ_FIELDS = (
+    b"dlq_source_id",
+    b"dlq_stage",
+    b"dlq_error",
+    b"dlq_deliveries",
+    b"dlq_consumer",
+    b"dlq_at",
+)
+STAGE_DECODE = "decode"
+STAGE_WRITE = "write"
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    entry_id: bytes
+    fields: Mapping[bytes, bytes]
+    stage: str
+    error: str
+    deliveries: int = 1
+
+    def to_fields(self, consumer: str, at_ms: int | None = None) -> dict[bytes, bytes | str]:
+        out: dict[bytes, bytes | str] = dict(self.fields)
+        out[b"dlq_source_id"] = self.entry_id
+        out[b"dlq_stage"] = self.stage
+        out[b"dlq_error"] = " ".join(self.error.split())  # one line, always
+        out[b"dlq_deliveries"] = str(self.deliveries)
+        out[b"dlq_consumer"] = consumer
+        out[b"dlq_at"] = str(at_ms if at_ms is not None else int(time.time() * 1000))
+        return out
+
+
+def dead_letter(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    letters: Sequence[DeadLetter],
+) -> None:
+    """Add the dead letters, then (only once all were added) acknowledge the originals."""
+    if not letters:
+        return
+    dlq = f"{stream}:dlq"
+    pipe = client.pipeline(transaction=False)
+    for letter in letters:
+        pipe.xadd(dlq, letter.to_fields(consumer))  # type: ignore[arg-type]
+    pipe.execute()  # raises if any XADD failed: then nothing is acknowledged
+    client.xack(stream, group, *[letter.entry_id for letter in letters])

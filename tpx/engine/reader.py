@@ -1,0 +1,214 @@
+"""The reader thread: XREADGROUP -> decode -> batches on a bounded queue.
+
+It owns every read from the input stream. On start it makes sure the consumer
+group exists (created at id 0 with MKSTREAM, so a new group reads the whole
+backlog), re-reads this consumer's own pending entries (id ``0``, page by
+page), then switches to new entries (``>``). Poison records are dead-lettered
+and acknowledged right here, so they never wait behind (or hold up) valid ones.
+
+A batch goes on the queue when it holds ``batch_size`` records or when its
+oldest record has waited ``batch_max_latency_ms``; the XREADGROUP BLOCK time is
+cut to what is left of that bound. When the queue is full the reader waits:
+memory stays bounded whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis
+
+from tpx.config import Settings
+from tpx.engine.batch import Batch
+from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
+from tpx.engine.metrics import Metrics
+from tpx.records import DecodeError, Position, decode_entry
+
+log = logging.getLogger(__name__)
+
+#: BLOCK time (ms) while no batch is open; bounds how fast a stop request is noticed.
+IDLE_BLOCK_MS = 500
+#: Back-off bounds (s) while Redis is unreachable.
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group (and the stream) if missing; True when created."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+class Reader(threading.Thread):
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        out: queue.Queue[Batch | None],
+        metrics: Metrics,
+        stop: threading.Event,
+        clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        super().__init__(name="tpx-reader", daemon=True)
+        self.s = settings
+        self.client = client
+        self.out = out
+        self.metrics = metrics
+        self.stop_event = stop
+        self.clock_us = clock_us
+        self.max_future_us = settings.max_future_s * 1_000_000
+        self.batch = Batch()
+        self.cursor = b"0"  # own pending entries first, then ">"
+        self.connected = threading.Event()
+        self.last_read = time.monotonic()
+
+    # --- the loop ---
+
+    def run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while not self.stop_event.is_set():
+            try:
+                if not self.connected.is_set():
+                    if ensure_group(self.client, self.s.stream, self.s.group):
+                        log.info("created consumer group %s on %s", self.s.group, self.s.stream)
+                    self.connected.set()
+                self._step()
+                backoff = BACKOFF_MIN_S
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self.connected.clear()
+                log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("consumer group %s vanished; recreating it", self.s.group)
+                self.connected.clear()
+                self.cursor = b"0"
+        self._flush(force=True)
+        log.info("reader stopped")
+
+    def _step(self) -> None:
+        if self.cursor != b">":
+            entries = self._read(self.cursor, block=None)
+            if not entries:
+                log.info("own pending entries re-read; now reading new entries")
+                self.cursor = b">"
+                return
+            self.cursor = entries[-1][0]
+            deliveries = self._deliveries(entries[0][0], entries[-1][0], len(entries))
+        else:
+            if self.batch.positions:
+                left_ms = self.s.batch_max_latency_ms - (time.monotonic() - self.batch.started) * 1000
+                block = max(1, int(left_ms))
+            else:
+                block = IDLE_BLOCK_MS
+            entries = self._read(b">", block=block)
+            deliveries = None
+        self.last_read = time.monotonic()
+        if entries:
+            self._decode(entries, deliveries)
+        self._flush(force=False)
+
+    def _read(self, cursor: bytes, block: int | None) -> Entries:
+        reply = self.client.xreadgroup(
+            self.s.group,
+            self.s.consumer,
+            {self.s.stream: cursor},
+            count=self.s.read_count,
+            block=block,
+        )
+        if not reply:
+            return []
+        # RESP2: [[stream, entries]]; RESP3: {stream: [entries]}
+        if isinstance(reply, dict):
+            return cast(Entries, next(iter(reply.values()))[0])
+        return cast(Entries, reply[0][1])
+
+    def _deliveries(self, first: bytes, last: bytes, count: int) -> dict[bytes, int]:
+        """Delivery counts of redelivered entries (XPENDING over the page's id range)."""
+        rows = self.client.xpending_range(
+            self.s.stream,
+            self.s.group,
+            min=first,
+            max=last,
+            count=count,
+            consumername=self.s.consumer,
+        )
+        return {cast(bytes, row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> None:
+        now_us = self.clock_us()
+        max_future_us = self.max_future_us
+        batch = self.batch
+        append = batch.positions.append
+        poison: list[DeadLetter] = []
+        vanished: list[bytes] = []
+        if not batch.positions:
+            batch.started = time.monotonic()
+        for entry_id, fields in entries:
+            if not fields:  # deleted from the stream while pending
+                vanished.append(entry_id)
+                continue
+            try:
+                position: Position = decode_entry(
+                    entry_id, fields, now_us=now_us, max_future_us=max_future_us
+                )
+            except DecodeError as exc:
+                count = deliveries.get(entry_id, 1) if deliveries else 1
+                poison.append(DeadLetter(entry_id, fields, STAGE_DECODE, str(exc), count))
+                continue
+            append(position)
+            if deliveries:
+                batch.deliveries[entry_id] = deliveries.get(entry_id, 1)
+        self.metrics.read.inc(len(entries))
+        if poison:
+            dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, poison)
+            self.metrics.dead_lettered.labels(STAGE_DECODE).inc(len(poison))
+            for letter in poison:
+                log.info("dead-lettered %s (decode): %s", letter.entry_id.decode(), letter.error)
+        if vanished:
+            self.client.xack(self.s.stream, self.s.group, *vanished)
+            self.metrics.vanished.inc(len(vanished))
+
+    def _flush(self, force: bool) -> None:
+        """Queue full batches; queue everything once the oldest record waited long enough."""
+        batch = self.batch
+        positions = batch.positions
+        size = self.s.batch_size
+        aged = force or (time.monotonic() - batch.started) * 1000 >= self.s.batch_max_latency_ms
+        while len(positions) >= size or (aged and positions):
+            head = Batch(positions[:size], batch.started)
+            if batch.deliveries:
+                head.deliveries = {
+                    p.entry_id: batch.deliveries[p.entry_id]
+                    for p in head.positions
+                    if p.entry_id in batch.deliveries
+                }
+            if not self._put(head):
+                return  # stopping while the queue stays full: the rest stays pending
+            del positions[:size]
+        if not positions:
+            batch.deliveries = {}
+
+    def _put(self, batch: Batch) -> bool:
+        """Queue a batch, waiting while the queue is full (the back-pressure)."""
+        while True:
+            try:
+                self.out.put(batch, timeout=0.2)
+                return True
+            except queue.Full:
+                if self.stop_event.is_set():
+                    return False

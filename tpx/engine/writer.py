@@ -1,0 +1,335 @@
+"""Writer threads: COPY a batch into staging, INSERT .. ON CONFLICT, COMMIT, then XACK.
+
+Each writer takes batches from the queue (``get(timeout=...)``, so it notices a
+stop within one timeout), and for each batch:
+
+1. drops records that repeat an earlier (device_id, ts) of the same batch
+   (first write wins; they count as duplicates);
+2. on one pooled connection, in one transaction: seeds the state of devices
+   this process has not seen yet (one query for all of them), binary-COPYs the
+   rows into a per-connection temporary table, and moves them into
+   ``positions`` with ``INSERT .. SELECT .. ON CONFLICT (device_id, ts) DO
+   NOTHING RETURNING`` the keys actually written;
+3. commits, and only then acknowledges exactly the entries of the batch;
+4. updates per-device state and calls the post-commit stages.
+
+Failures are told apart. Infrastructure failures (connection lost, server
+shutting down, deadlock, serialization failure, timeouts) are retried with
+capped exponential back-off and jitter, forever, never acknowledged. Data
+failures (the database refuses a row) split the batch in halves until the bad
+rows are isolated; the rest is written, and a bad row is dead-lettered with
+stage ``write`` once the stream has delivered it ``max_deliveries`` times
+(until then it stays pending and is redelivered by the claimer).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import cast
+
+import psycopg
+import redis
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from tpx.config import Settings
+from tpx.engine.batch import Batch
+from tpx.engine.deadletter import STAGE_WRITE, DeadLetter, dead_letter
+from tpx.engine.metrics import Metrics
+from tpx.engine.stages import Committed, PostCommitStage
+from tpx.engine.state import SEED_SQL, DeviceStates
+from tpx.records import STAGE_COLUMNS, Position
+
+log = logging.getLogger(__name__)
+
+STAGE_TABLE = "tpx_stage"
+#: Back-off bounds (s) for retried writes and acknowledgements.
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 5.0
+ACK_ATTEMPTS = 5
+
+CREATE_STAGE_SQL = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+    sql.Identifier(STAGE_TABLE),
+    sql.SQL(", ").join(sql.SQL(f"{name} {pgtype}") for name, pgtype in STAGE_COLUMNS),
+)
+COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+    sql.Identifier(STAGE_TABLE),
+    sql.SQL(", ").join(sql.Identifier(name) for name, _ in STAGE_COLUMNS),
+)
+COPY_TYPES = [pgtype for _, pgtype in STAGE_COLUMNS]
+INSERT_SQL = sql.SQL(
+    """
+INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed,
+                       satellites, priority, event_io_id, valid, attributes,
+                       received_at, ingested_at)
+SELECT device_id,
+       timestamptz 'epoch' + ts_us * interval '1 microsecond',
+       latitude, longitude, altitude, angle, speed,
+       satellites, priority, event_io_id, valid, attributes::jsonb,
+       timestamptz 'epoch' + received_at_us * interval '1 microsecond',
+       now()
+FROM {}
+ON CONFLICT (device_id, ts) DO NOTHING
+RETURNING device_id, (extract(epoch FROM ts) * 1000000)::int8
+"""
+).format(sql.Identifier(STAGE_TABLE))
+
+#: The database refused the rows themselves: retrying the same rows cannot help.
+DATA_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError)
+
+
+class AbortedError(Exception):
+    """The engine gave up waiting (shutdown deadline passed): leave entries pending."""
+
+
+class Writer(threading.Thread):
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        pool: ConnectionPool,
+        client: redis.Redis,
+        source: queue.Queue[Batch | None],
+        states: DeviceStates,
+        metrics: Metrics,
+        stages: Sequence[PostCommitStage],
+        abort: threading.Event,
+    ) -> None:
+        super().__init__(name=f"tpx-writer-{index}", daemon=True)
+        self.s = settings
+        self.pool = pool
+        self.client = client
+        self.source = source
+        self.states = states
+        self.metrics = metrics
+        self.stages = stages
+        self.abort = abort
+        #: monotonic time since which writes keep failing (None: healthy)
+        self.failing_since: float | None = None
+        self.last_error = ""
+        self.in_flight: list[bytes] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                batch = self.source.get(timeout=0.5)
+            except queue.Empty:
+                if self.abort.is_set():
+                    break
+                continue
+            if batch is None:  # the engine's stop sentinel, queued after the last batch
+                break
+            try:
+                self.handle(batch)
+            except AbortedError:
+                log.warning("gave up on a batch of %d at shutdown; its entries stay pending", len(batch))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning(
+                    "redis failed while finishing a batch (%s); its unacknowledged entries "
+                    "stay pending for redelivery",
+                    exc,
+                )
+            finally:
+                self.in_flight = []
+                self.source.task_done()
+        log.info("writer stopped")
+
+    # --- one batch ---
+
+    def handle(self, batch: Batch) -> None:
+        started = time.monotonic()
+        self.in_flight = [p.entry_id for p in batch.positions]
+        positions, repeats = _first_of_each_key(batch.positions)
+        written, inserted, refused = self._write_isolating(positions)
+
+        refused_keys = {(p.device_id, p.ts_us) for p, _ in refused}
+        repeats = [p for p in repeats if (p.device_id, p.ts_us) not in refused_keys]
+        self._ack([p.entry_id for p in written] + [p.entry_id for p in repeats])
+        if refused:
+            self._refused(refused, batch)
+
+        new = [p for p in written if (p.device_id, p.ts_us) in inserted]
+        dups = [p for p in written if (p.device_id, p.ts_us) not in inserted] + repeats
+        self.states.apply(new, dups)
+        self._account(batch, new, dups, started)
+        if self.stages and (new or dups):
+            self._run_stages(Committed(new, dups))
+
+    def _write_isolating(
+        self, positions: list[Position]
+    ) -> tuple[list[Position], set[tuple[str, int]], list[tuple[Position, str]]]:
+        """Commit ``positions``; on a data failure split in halves until the bad rows are alone.
+
+        Returns the positions committed (inserted or already stored), the keys
+        actually inserted, and the refused positions with the database's reason.
+        """
+        written: list[Position] = []
+        inserted: set[tuple[str, int]] = set()
+        refused: list[tuple[Position, str]] = []
+        parts = [positions]
+        try:
+            while parts:
+                part = parts.pop()
+                try:
+                    inserted |= self._commit_retrying(part)
+                    written.extend(part)
+                except DATA_ERRORS as exc:
+                    if len(part) == 1:
+                        refused.append((part[0], _one_line(exc)))
+                    else:
+                        mid = len(part) // 2
+                        parts += [part[mid:], part[:mid]]
+        except AbortedError:
+            self._ack([p.entry_id for p in written])  # what did commit is acknowledged
+            raise
+        return written, inserted, refused
+
+    def _account(self, batch: Batch, new: list[Position], dups: list[Position], started: float) -> None:
+        m = self.metrics
+        m.written.inc(len(new))
+        m.duplicates.inc(len(dups))
+        m.batch_size.observe(len(batch))
+        m.batch_seconds.observe(time.monotonic() - started)
+        now_ms = time.time() * 1000
+        for p in (batch.positions[0], batch.positions[-1]):  # a sample: oldest and newest
+            entry_ms = int(p.entry_id.split(b"-", 1)[0])
+            m.e2e_seconds.observe(max(0.0, (now_ms - entry_ms) / 1000))
+
+    def _run_stages(self, committed: Committed) -> None:
+        for stage in self.stages:
+            try:
+                stage.on_commit(committed)
+            except Exception:  # a domain stage must never break the core path
+                log.exception("post-commit stage %s failed", stage.name)
+                self.metrics.stage_errors.labels(stage.name).inc()
+
+    def _commit_retrying(self, part: list[Position]) -> set[tuple[str, int]]:
+        attempt = 0
+        while True:
+            try:
+                keys = self._commit(part)
+            except DATA_ERRORS:
+                self.failing_since = None
+                raise
+            except (psycopg.Error, PoolTimeout) as exc:
+                attempt += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.last_error = _one_line(exc)
+                self.metrics.retries.inc()
+                delay = min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning(
+                    "write of %d records failed (%s); retry %d in %.2fs",
+                    len(part),
+                    self.last_error,
+                    attempt,
+                    delay,
+                )
+                if self.abort.wait(delay):
+                    raise AbortedError from None
+                continue
+            self.failing_since = None
+            return keys
+
+    def _commit(self, part: list[Position]) -> set[tuple[str, int]]:
+        states = self.states
+        cold = states.cold(p.device_id for p in part)
+        with self.pool.connection() as conn:
+            with conn.cursor() as cur:
+                seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
+                with cur.copy(COPY_SQL) as copy:
+                    copy.set_types(COPY_TYPES)
+                    write_row = copy.write_row
+                    for p in part:
+                        write_row(
+                            (
+                                p.device_id,
+                                p.ts_us,
+                                p.latitude,
+                                p.longitude,
+                                p.altitude,
+                                p.angle,
+                                p.speed,
+                                p.satellites,
+                                p.priority,
+                                p.event_io_id,
+                                p.valid,
+                                p.attributes,
+                                p.received_at_us,
+                            )
+                        )
+                cur.execute(INSERT_SQL)
+                keys = cur.fetchall()
+            conn.commit()
+        if cold:
+            states.seed(cold, seeds)
+        return set(keys)
+
+    # --- acknowledgements and write-stage dead letters ---
+
+    def _ack(self, ids: list[bytes]) -> None:
+        if not ids:
+            return
+        for attempt in range(1, ACK_ATTEMPTS + 1):
+            try:
+                self.client.xack(self.s.stream, self.s.group, *ids)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("XACK of %d entries failed (%s), attempt %d", len(ids), exc, attempt)
+                if self.abort.wait(min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
+                    break
+        self.metrics.ack_failures.inc()
+        log.error(
+            "left %d committed entries pending (their rows are stored; redelivery is harmless)",
+            len(ids),
+        )
+
+    def _refused(self, refused: list[tuple[Position, str]], batch: Batch) -> None:
+        letters = []
+        for position, error in refused:
+            deliveries = batch.deliveries.get(position.entry_id, 1)
+            if deliveries < self.s.max_deliveries:
+                log.warning(
+                    "database refused %s (delivery %d of %d): %s; left pending for redelivery",
+                    position.entry_id.decode(),
+                    deliveries,
+                    self.s.max_deliveries,
+                    error,
+                )
+                continue
+            found = self.client.xrange(self.s.stream, position.entry_id, position.entry_id, count=1)
+            fields = (
+                cast(dict[bytes, bytes], found[0][1])
+                if found
+                else {b"device_id": position.device_id.encode()}
+            )
+            letters.append(DeadLetter(position.entry_id, fields, STAGE_WRITE, error, deliveries))
+        if letters:
+            dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
+            self.metrics.dead_lettered.labels(STAGE_WRITE).inc(len(letters))
+            for letter in letters:
+                log.info("dead-lettered %s (write): %s", letter.entry_id.decode(), letter.error)
+
+
+def _first_of_each_key(positions: list[Position]) -> tuple[list[Position], list[Position]]:
+    """Split a batch into the first record of each (device_id, ts) and the repeats."""
+    unique: dict[tuple[str, int], Position] = {}
+    repeats: list[Position] = []
+    for p in positions:
+        key = (p.device_id, p.ts_us)
+        if key in unique:
+            repeats.append(p)
+        else:
+            unique[key] = p
+    return list(unique.values()), repeats
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first}"

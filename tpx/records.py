@@ -8,18 +8,18 @@ on the hot path.
 
 Speed notes (``benchmarks/bench_decode.py`` measures them):
 
-* the record JSON is parsed with orjson; a record that carries an integer of
-  20 or more digits is parsed by the stdlib instead, because orjson turns
-  integers wider than 64 bits into floats and we must store them exactly;
-* the sentinel walk only runs when the raw bytes could hold a sentinel key
-  (``__`` or a ``\\u`` escape somewhere in them);
+* the record JSON is parsed with orjson. orjson turns integers wider than
+  64 bits into floats; when the walk over ``io`` meets a float that may be
+  such an integer, the record is parsed again by the stdlib, which keeps
+  them exact (they are rare: the gateway wraps 64-bit values in sentinels);
+* one walk over ``io`` replaces sentinels in place (bytes straight to hex);
+  unknown top-level keys are never walked: they are ignored, whatever they hold;
 * ``attributes`` is serialised once, here, to the JSON text that the writer
   copies into a ``text`` staging column; Postgres casts it to jsonb.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -40,15 +40,10 @@ INT32_MAX: Final = 2**31 - 1
 
 DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
 
-_WIDE_INT_RE: Final = re.compile(rb"\d{20,}")
 _EPOCH_MS_RE: Final = re.compile(rb"[0-9]{1,15}")
 _BIGINT: Final = "__bigint__"
 _BYTES: Final = "__bytes__"
 _BIGINT_RE: Final = re.compile(r"-?[0-9]+")
-
-KNOWN_KEYS: Final = frozenset(
-    ("ts", "lat", "lon", "alt", "angle", "speed", "satellites", "priority", "event_io_id", "io")
-)
 
 F_DEVICE_ID: Final = b"device_id"
 F_RECORD: Final = b"record"
@@ -142,6 +137,8 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 _PLAIN_KEY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,40}")
+#: orjson parses integers in [-2**63, 2**64) exactly and wider ones as floats.
+_WIDE: Final = float(2**63)
 
 
 def _key(key: str) -> str:
@@ -149,38 +146,78 @@ def _key(key: str) -> str:
     return key if _PLAIN_KEY_RE.fullmatch(key) else _show(key, limit=24)
 
 
-def _unsentinel(value: Any, path: str) -> Any:
-    """Replace sentinel objects anywhere inside ``value`` by what they stand for."""
-    if isinstance(value, dict):
-        if _BIGINT in value or _BYTES in value:
-            if len(value) != 1:
-                raise DecodeError(f"{path}: a sentinel object must have exactly one key, got {_show(value)}")
-            if _BIGINT in value:
-                digits = value[_BIGINT]
-                if not isinstance(digits, str) or not _BIGINT_RE.fullmatch(digits):
-                    raise DecodeError(f"{path}: __bigint__ is not a decimal integer: {_show(digits)}")
+class _WideIntegerError(Exception):
+    """orjson turned an integer wider than 64 bits into a float: parse again with the stdlib."""
+
+
+class _SentinelError(Exception):
+    """A malformed sentinel; ``path`` is filled in (innermost first) on the way up."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path: list[str] = []
+
+    def at(self, prefix: str) -> DecodeError:
+        return DecodeError(f"{prefix}{''.join(reversed(self.path))}: {self.reason}")
+
+
+def _sentinel(value: dict[str, Any], hexify: bool) -> int | bytes | str:
+    if len(value) != 1:
+        raise _SentinelError(f"a sentinel object must have exactly one key, got {_show(value)}")
+    if _BIGINT in value:
+        digits = value[_BIGINT]
+        if type(digits) is str:
+            unsigned = digits[1:] if digits[:1] == "-" else digits
+            # isdigit() on an ASCII string means 0-9 only (int() would also take "1_0", " 1", "+1")
+            if unsigned.isdigit() and unsigned.isascii():
                 return int(digits)
-            encoded = value[_BYTES]
-            if not isinstance(encoded, str):
-                raise DecodeError(f"{path}: __bytes__ is not a base64 string: {_show(encoded)}")
-            try:
-                return base64.b64decode(encoded.encode("ascii"), validate=True)
-            except (binascii.Error, UnicodeEncodeError):
-                raise DecodeError(f"{path}: __bytes__ is not valid base64: {_show(encoded)}") from None
-        return {k: _unsentinel(v, f"{path}.{_key(k)}") for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unsentinel(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    return value
+        raise _SentinelError(f"__bigint__ is not a decimal integer: {_show(digits)}")
+    encoded = value[_BYTES]
+    if type(encoded) is not str:
+        raise _SentinelError(f"__bytes__ is not a base64 string: {_show(encoded)}")
+    try:
+        data = binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+        raise _SentinelError(f"__bytes__ is not valid base64: {_show(encoded)}") from None
+    return data.hex() if hexify else data
 
 
-def _bytes_to_hex(value: Any) -> Any:
-    """``attributes`` stores byte strings as lowercase hex (contract §1)."""
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: _bytes_to_hex(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_bytes_to_hex(v) for v in value]
+def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:
+    """Replace sentinels inside ``value`` (in place where it can) and return the result.
+
+    ``hexify`` turns byte strings into lowercase hex (how ``attributes`` stores them);
+    ``check_wide`` raises :class:`_WideIntegerError` at a float that may be a wide integer.
+    """
+    t = type(value)
+    if t is dict:
+        if _BIGINT in value or _BYTES in value:
+            return _sentinel(value, hexify)
+        for k, v in value.items():
+            tv = type(v)
+            if tv is dict or tv is list or (check_wide and tv is float):
+                try:
+                    new = _walk(v, hexify, check_wide)
+                except _SentinelError as exc:
+                    exc.path.append(f".{_key(k)}")
+                    raise
+                if new is not v:
+                    value[k] = new  # replacing a value while iterating is allowed
+        return value
+    if t is list:
+        for i, v in enumerate(value):
+            tv = type(v)
+            if tv is dict or tv is list or (check_wide and tv is float):
+                try:
+                    new = _walk(v, hexify, check_wide)
+                except _SentinelError as exc:
+                    exc.path.append(f"[{i}]")
+                    raise
+                if new is not v:
+                    value[i] = new
+        return value
+    if t is float and check_wide and abs(value) >= _WIDE and value.is_integer():
+        raise _WideIntegerError
     return value
 
 
@@ -195,43 +232,60 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _parse_json(raw: bytes) -> Any:
-    if _WIDE_INT_RE.search(raw) is None:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"record: not valid JSON ({exc})") from None
+def _parse_stdlib(raw: bytes) -> Any:
     try:
         return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except DecodeError:
+        raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
-        if isinstance(exc, DecodeError):
-            raise
         raise DecodeError(f"record: not valid JSON ({str(exc).splitlines()[0]})") from None
 
 
-def _is_number(value: Any) -> bool:
+def _scalar(rec: dict[str, Any], key: str) -> Any:
+    """A top-level value, with a sentinel decoded (bytes stay bytes: never a valid scalar)."""
+    value = rec.get(key)
+    if type(value) is dict:
+        try:
+            return _walk(value, hexify=False, check_wide=False)
+        except _SentinelError as exc:
+            raise exc.at(f"record.{key}") from None
+    return value
+
+
+def _bad_number(key: str, value: Any, required: bool) -> float | None:
+    """The slow path of a number check: None, a sentinel, or an error."""
+    if value is None:
+        if required:
+            raise DecodeError(f"record.{key} is null")
+        return None
     t = type(value)
-    if t is float:
-        return math.isfinite(value)
-    return t is int
+    if t is int:
+        try:
+            return float(value)
+        except OverflowError:  # a __bigint__ wider than a double
+            raise DecodeError(f"record.{key} out of range: {_show(value)}") from None
+    if t is float and math.isfinite(value):
+        return float(value)
+    raise DecodeError(f"record.{key} must be a number, got {_show(value)}")
 
 
 def _number(rec: dict[str, Any], key: str, required: bool) -> float | None:
-    value = rec.get(key)
-    if value is None:
-        if required:
-            raise DecodeError(f"record.{key} is missing" if key not in rec else f"record.{key} is null")
-        return None
-    if not _is_number(value):
-        raise DecodeError(f"record.{key} must be a number, got {_show(value)}")
-    try:
-        return float(value)
-    except OverflowError:  # a __bigint__ wider than a double
-        raise DecodeError(f"record.{key} out of range: {_show(value)}") from None
+    value = _scalar(rec, key)
+    if type(value) is float:
+        return value
+    if value is None and required and key not in rec:
+        raise DecodeError(f"record.{key} is missing")
+    return _bad_number(key, value, required)
+
+
+def _required_number(rec: dict[str, Any], key: str) -> float:
+    value = _number(rec, key, required=True)
+    assert value is not None  # noqa: S101  (required=True never returns None)
+    return value
 
 
 def _integer(rec: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = rec.get(key)
+    value = _scalar(rec, key)
     if value is None:
         return None
     if type(value) is not int:
@@ -239,6 +293,9 @@ def _integer(rec: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     if not lo <= value <= hi:
         raise DecodeError(f"record.{key} out of range {lo}..{hi}: {_show(value)}")
     return value
+
+
+_EPOCH: Final = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
 
 
 def _timestamp_us(value: Any, now_us: int, max_future_us: int) -> int:
@@ -251,7 +308,7 @@ def _timestamp_us(value: Any, now_us: int, max_future_us: int) -> int:
             raise DecodeError(f"record.ts is not an ISO-8601 time: {_show(value)}") from None
         if parsed.utcoffset() is None:
             raise DecodeError(f"record.ts has no UTC offset: {_show(value)}")
-        delta = parsed - datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+        delta = parsed - _EPOCH
         ts_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     elif value is None:
         raise DecodeError("record.ts is null")
@@ -264,13 +321,15 @@ def _timestamp_us(value: Any, now_us: int, max_future_us: int) -> int:
     return ts_us
 
 
-def _attributes(io: Any, had_sentinels: bool) -> str:
+def _attributes(io: Any, check_wide: bool) -> str:
     if io is None:
         return "{}"
-    if not isinstance(io, dict):
+    if type(io) is not dict:
         raise DecodeError(f"record.io must be an object, got {_show(io)}")
-    if had_sentinels:
-        io = _bytes_to_hex(io)
+    try:
+        io = _walk(io, hexify=True, check_wide=check_wide)
+    except _SentinelError as exc:
+        raise exc.at("record.io") from None
     try:
         return orjson.dumps(io).decode()
     except orjson.JSONEncodeError as exc:
@@ -296,12 +355,17 @@ def decode_entry(
 ) -> Position:
     """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`."""
     try:
-        return _decode(entry_id, fields, now_us, max_future_us)
+        try:
+            return _decode(entry_id, fields, now_us, max_future_us, fast=True)
+        except _WideIntegerError:
+            return _decode(entry_id, fields, now_us, max_future_us, fast=False)
     except RecursionError:
         raise DecodeError("record: nested too deeply") from None
 
 
-def _decode(entry_id: bytes, fields: dict[bytes, bytes], now_us: int, max_future_us: int) -> Position:
+def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow paths in helpers)
+    entry_id: bytes, fields: dict[bytes, bytes], now_us: int, max_future_us: int, fast: bool
+) -> Position:
     device = fields.get(F_DEVICE_ID)
     if device is None:
         raise DecodeError("device_id is missing")
@@ -310,35 +374,63 @@ def _decode(entry_id: bytes, fields: dict[bytes, bytes], now_us: int, max_future
     raw = fields.get(F_RECORD)
     if raw is None:
         raise DecodeError("record is missing")
-    rec = _parse_json(raw)
-    if not isinstance(rec, dict):
+    if fast:
+        try:
+            rec = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"record: not valid JSON ({exc})") from None
+    else:
+        rec = _parse_stdlib(raw)
+    if type(rec) is not dict:
         raise DecodeError(f"record must be a JSON object, got {_show(rec)}")
 
-    had_sentinels = b"__" in raw or b"\\u" in raw
-    if had_sentinels:  # known keys only: unknown keys are ignored, whatever they hold
-        rec = {k: _unsentinel(v, f"record.{k}") for k, v in rec.items() if k in KNOWN_KEYS}
-
-    if "ts" not in rec:
-        raise DecodeError("record.ts is missing")
-    ts_us = _timestamp_us(rec["ts"], now_us, max_future_us)
-    lat = _number(rec, "lat", required=True)
-    lon = _number(rec, "lon", required=True)
-    assert lat is not None and lon is not None  # noqa: S101  (required=True never returns None)
+    get = rec.get
+    ts = get("ts")
+    if type(ts) is int:
+        ts_us = ts * 1000
+        if not MIN_TS_US <= ts_us <= now_us + max_future_us:
+            ts_us = _timestamp_us(ts, now_us, max_future_us)  # raises the precise error
+    else:
+        if "ts" not in rec:
+            raise DecodeError("record.ts is missing")
+        ts_us = _timestamp_us(_scalar(rec, "ts"), now_us, max_future_us)
+    lat = get("lat")
+    if type(lat) is not float:
+        lat = _required_number(rec, "lat")
+    lon = get("lon")
+    if type(lon) is not float:
+        lon = _required_number(rec, "lon")
     if not -90.0 <= lat <= 90.0:
-        raise DecodeError(f"record.lat out of range -90..90: {_show(rec['lat'])}")
+        raise DecodeError(f"record.lat out of range -90..90: {_show(get('lat'))}")
     if not -180.0 <= lon <= 180.0:
-        raise DecodeError(f"record.lon out of range -180..180: {_show(rec['lon'])}")
-    alt = _number(rec, "alt", required=False)
-    angle = _number(rec, "angle", required=False)
-    if angle is not None and not 0.0 <= angle <= 360.0:
-        raise DecodeError(f"record.angle out of range 0..360: {_show(rec['angle'])}")
-    speed = _number(rec, "speed", required=False)
-    if speed is not None and speed < 0.0:
-        raise DecodeError(f"record.speed must be >= 0: {_show(rec['speed'])}")
-    satellites = _integer(rec, "satellites", 0, 255)
-    priority = _integer(rec, "priority", 0, 2)
-    event_io_id = _integer(rec, "event_io_id", INT32_MIN, INT32_MAX)
-    attributes = _attributes(rec.get("io"), had_sentinels)
+        raise DecodeError(f"record.lon out of range -180..180: {_show(get('lon'))}")
+    alt = get("alt")
+    if alt is not None and type(alt) is not float:
+        alt = _number(rec, "alt", required=False)
+    angle = get("angle")
+    if angle is not None:
+        if type(angle) is not float:
+            angle = _number(rec, "angle", required=False)
+        if angle is not None and not 0.0 <= angle <= 360.0:
+            raise DecodeError(f"record.angle out of range 0..360: {_show(get('angle'))}")
+    speed = get("speed")
+    if speed is not None:
+        if type(speed) is not float:
+            speed = _number(rec, "speed", required=False)
+        if speed is not None and speed < 0.0:
+            raise DecodeError(f"record.speed must be >= 0: {_show(get('speed'))}")
+    satellites = get("satellites")
+    if satellites is not None and (type(satellites) is not int or not 0 <= satellites <= 255):
+        satellites = _integer(rec, "satellites", 0, 255)
+    priority = get("priority")
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= 2):
+        priority = _integer(rec, "priority", 0, 2)
+    event_io_id = get("event_io_id")
+    if event_io_id is not None and (
+        type(event_io_id) is not int or not INT32_MIN <= event_io_id <= INT32_MAX
+    ):
+        event_io_id = _integer(rec, "event_io_id", INT32_MIN, INT32_MAX)
+    attributes = _attributes(get("io"), check_wide=fast)
 
     received_at_us = None
     received = fields.get(F_RECEIVED_AT)
@@ -349,18 +441,18 @@ def _decode(entry_id: bytes, fields: dict[bytes, bytes], now_us: int, max_future
 
     valid = satellites != 0 and not (lat == 0.0 and lon == 0.0)
     return Position(
-        entry_id=entry_id,
-        device_id=device.decode("ascii"),
-        ts_us=ts_us,
-        latitude=lat,
-        longitude=lon,
-        altitude=alt,
-        angle=angle,
-        speed=speed,
-        satellites=satellites,
-        priority=priority,
-        event_io_id=event_io_id,
-        valid=valid,
-        attributes=attributes,
-        received_at_us=received_at_us,
+        entry_id,
+        device.decode("ascii"),
+        ts_us,
+        lat,
+        lon,
+        alt,
+        angle,
+        speed,
+        satellites,
+        priority,
+        event_io_id,
+        valid,
+        attributes,
+        received_at_us,
     )

@@ -42,7 +42,7 @@ from tpx.connections import pg_pool, redis_client
 from tpx.engine.batch import Batch
 from tpx.engine.http import HealthServer
 from tpx.engine.metrics import Metrics
-from tpx.engine.reader import Reader
+from tpx.engine.reader import Reader, ensure_group
 from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import CREATE_STAGE_SQL, Writer
@@ -100,6 +100,8 @@ class Engine:
         self.client = redis_client(s)
         try:
             self.client.ping()
+            if ensure_group(self.client, s.stream, s.group):
+                log.info("created consumer group %s on %s (reading from the start)", s.group, s.stream)
         except redis.RedisError as exc:
             raise StartupError(f"cannot reach Redis: {exc}") from None
         try:

@@ -1,0 +1,335 @@
+"""End-to-end throughput: tpx vs a naive consumer vs the database alone, in one run.
+
+The same records (default 200,000 from 1,000 devices, with realistic io maps
+holding ``__bigint__`` and ``__bytes__`` sentinels) are loaded into a fresh
+stream (or prepared in memory) for each contender, each writing into a fresh
+schema on the same Postgres:
+
+(a) tpx end to end: a real ``tpx serve`` subprocess drains the backlog;
+(b) naive: XREADGROUP COUNT 100 -> json.loads -> executemany INSERT .. ON CONFLICT
+    -> commit -> XACK, one thread — the consumer most people would write first;
+(c) database alone: the same rows, already in memory, COPY + INSERT .. ON CONFLICT
+    on one connection, batches of 2,000.
+
+It prints records/s for each and the ratios (the machine is shared and noisy:
+ratios from one run mean more than absolute numbers). ``--rss N`` additionally
+drains an N-record backlog through tpx and reports its peak RSS.
+
+Usage:
+    python benchmarks/bench_pipeline.py [--records 200000] [--devices 1000] [--repeat 1]
+        [--redis-url redis://127.0.0.1:6379/0] [--database-url postgresql://postgres@127.0.0.1/test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tpx.engine.writer import COPY_SQL, COPY_TYPES, CREATE_STAGE_SQL, INSERT_SQL
+from tpx.fleet import Fleet
+from tpx.records import decode_entry
+from tpx.schema import migrate
+
+LOAD_CHUNK = 5000
+
+
+def load_stream(client: redis.Redis, key: str, entries: list[dict[str, str]]) -> None:
+    for i in range(0, len(entries), LOAD_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[i : i + LOAD_CHUNK]:
+            pipe.xadd(key, fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def count_rows(dsn: str, schema: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(schema))
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def peak_rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# --- (a) tpx --------------------------------------------------------------------------
+
+
+def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
+    client = redis.Redis.from_url(args.redis_url)
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    key = f"bench:{uuid.uuid4().hex[:8]}:t"
+    staging = key + ":loading"
+    migrate(args.database_url, schema)
+    load_stream(client, staging, entries)
+    env = {
+        **os.environ,
+        "TPX_REDIS_URL": args.redis_url,
+        "TPX_DATABASE_URL": args.database_url,
+        "TPX_DB_SCHEMA": schema,
+        "TPX_STREAM": key,
+        "TPX_CONSUMER": "bench",
+        "TPX_HTTP_ADDR": "off",
+        "TPX_LOG_FORMAT": "json",
+        "TPX_LOG_LEVEL": "WARNING",
+        **dict(kv.split("=", 1) for kv in args.tpx_env),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+    try:
+        # wait until serve has created its group on the (empty) stream, then swap the backlog in
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if client.xinfo_groups(key):
+                    break
+            except redis.ResponseError:
+                pass
+            time.sleep(0.05)
+        client.xgroup_create(staging, "processor", id="0")
+        started = time.perf_counter()
+        client.rename(staging, key)
+        while count_rows(args.database_url, schema) < expected:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tpx serve exited with {proc.returncode}")
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        rss = peak_rss_kb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        client.delete(key, staging, key + ":dlq")
+        drop_schema(args.database_url, schema)
+    return {"name": "tpx end to end", "seconds": elapsed, "records": len(entries), "peak_rss_mb": rss / 1024}
+
+
+# --- (b) the naive consumer ----------------------------------------------------------------
+
+NAIVE_INSERT = """
+INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed, satellites,
+                       priority, event_io_id, valid, attributes, received_at, ingested_at)
+VALUES (%s, to_timestamp(%s / 1000.0), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        to_timestamp(%s / 1000.0), now())
+ON CONFLICT (device_id, ts) DO NOTHING
+"""
+
+
+def _naive_unwrap(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__bigint__" in value:
+            return int(value["__bigint__"])
+        if "__bytes__" in value:
+            import base64
+
+            return base64.b64decode(value["__bytes__"]).hex()
+        return {k: _naive_unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_naive_unwrap(v) for v in value]
+    return value
+
+
+def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
+    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    key = f"bench:{uuid.uuid4().hex[:8]}:t"
+    migrate(args.database_url, schema)
+    load_stream(client, key, entries)
+    client.xgroup_create(key, "naive", id="0")
+    conn = psycopg.connect(args.database_url)
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    conn.commit()
+    started = time.perf_counter()
+    done = 0
+    try:
+        while done < len(entries):
+            reply = client.xreadgroup("naive", "c1", {key: ">"}, count=100, block=1000)
+            if not reply:
+                break
+            batch = reply[0][1]
+            params = []
+            for _, f in batch:
+                rec = json.loads(f["record"])
+                io = _naive_unwrap(rec.get("io") or {})
+                params.append(
+                    (
+                        f["device_id"],
+                        rec["ts"],
+                        rec["lat"],
+                        rec["lon"],
+                        rec.get("alt"),
+                        rec.get("angle"),
+                        rec.get("speed"),
+                        rec.get("satellites"),
+                        rec.get("priority"),
+                        rec.get("event_io_id"),
+                        not (rec.get("satellites") == 0 or (rec["lat"] == 0 and rec["lon"] == 0)),
+                        json.dumps(io),
+                        int(f["received_at"]),
+                    )
+                )
+            with conn.cursor() as cur:
+                cur.executemany(NAIVE_INSERT, params)
+            conn.commit()
+            client.xack(key, "naive", *[i for i, _ in batch])
+            done += len(batch)
+        elapsed = time.perf_counter() - started
+        rows = count_rows(args.database_url, schema)
+        assert rows == expected, (rows, expected)
+    finally:
+        conn.close()
+        client.delete(key)
+        drop_schema(args.database_url, schema)
+    return {"name": "naive consumer", "seconds": elapsed, "records": len(entries)}
+
+
+# --- (c) the database alone ------------------------------------------------------------------
+
+
+def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
+    now_us = time.time_ns() // 1000
+    rows = []
+    for i, e in enumerate(entries):
+        fields = {k.encode(): v.encode() for k, v in e.items()}
+        p = decode_entry(f"{i}-0".encode(), fields, now_us=now_us, max_future_us=86_400_000_000)
+        rows.append(
+            (
+                p.device_id,
+                p.ts_us,
+                p.latitude,
+                p.longitude,
+                p.altitude,
+                p.angle,
+                p.speed,
+                p.satellites,
+                p.priority,
+                p.event_io_id,
+                p.valid,
+                p.attributes,
+                p.received_at_us,
+            )
+        )
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    migrate(args.database_url, schema)
+    conn = psycopg.connect(args.database_url)
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    conn.execute(CREATE_STAGE_SQL)
+    conn.commit()
+    started = time.perf_counter()
+    try:
+        for i in range(0, len(rows), 2000):
+            with conn.cursor() as cur:
+                with cur.copy(COPY_SQL) as copy:
+                    copy.set_types(COPY_TYPES)
+                    for row in rows[i : i + 2000]:
+                        copy.write_row(row)
+                cur.execute(INSERT_SQL)
+            conn.commit()
+        elapsed = time.perf_counter() - started
+        assert count_rows(args.database_url, schema) == expected
+    finally:
+        conn.close()
+        drop_schema(args.database_url, schema)
+    return {"name": "database alone", "seconds": elapsed, "records": len(entries)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--only", choices=["tpx", "naive", "db"], action="append")
+    parser.add_argument(
+        "--rss", type=int, default=0, help="also drain a backlog of N records and report peak RSS"
+    )
+    parser.add_argument("--tpx-env", action="append", default=[], help="KEY=VALUE for the tpx subprocess")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("TPX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TPX_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1/test"),
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    fleet = Fleet(devices=args.devices, seed=42, start_ms=int(time.time() * 1000) - 30 * 86_400_000)
+    entries = list(fleet.entries(args.records))
+    expected = len({(e["device_id"], json.loads(e["record"])["ts"]) for e in entries})
+    contenders = {"tpx": run_tpx, "naive": run_naive, "db": run_db_alone}
+    chosen = args.only or list(contenders)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+    for _ in range(args.repeat):
+        for name in chosen:
+            result = contenders[name](args, entries, expected)
+            result["rate"] = result["records"] / result["seconds"]
+            results[name].append(result)
+            print(
+                f"  {result['name']:<16} {result['rate']:>10,.0f} rec/s  ({result['seconds']:.2f}s)",
+                file=sys.stderr,
+            )
+    best = {name: max(runs, key=lambda r: r["rate"]) for name, runs in results.items()}
+    summary: dict[str, Any] = {
+        "records": args.records,
+        "devices": args.devices,
+        "repeat": args.repeat,
+        "rates": {n: round(r["rate"]) for n, r in best.items()},
+    }
+    if "tpx" in best and "naive" in best:
+        summary["tpx_vs_naive"] = round(best["tpx"]["rate"] / best["naive"]["rate"], 2)
+    if "tpx" in best and "db" in best:
+        summary["tpx_vs_db_alone"] = round(best["tpx"]["rate"] / best["db"]["rate"], 2)
+    if "tpx" in best:
+        summary["tpx_peak_rss_mb"] = round(best["tpx"]["peak_rss_mb"], 1)
+    if args.rss:
+        big = list(
+            Fleet(devices=args.devices, seed=7, start_ms=int(time.time() * 1000) - 60 * 86_400_000).entries(
+                args.rss
+            )
+        )
+        big_expected = len({(e["device_id"], json.loads(e["record"])["ts"]) for e in big})
+        result = run_tpx(args, big, big_expected)
+        summary["backlog"] = {
+            "records": args.rss,
+            "rate": round(args.rss / result["seconds"]),
+            "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"\n{args.records:,} records, {args.devices:,} devices, best of {args.repeat}")
+    for r in best.values():
+        print(f"  {r['name']:<16} {r['rate']:>10,.0f} rec/s")
+    for key in ("tpx_vs_naive", "tpx_vs_db_alone", "tpx_peak_rss_mb", "backlog"):
+        if key in summary:
+            print(f"  {key}: {summary[key]}")
+
+
+if __name__ == "__main__":
+    main()

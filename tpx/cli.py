@@ -176,7 +176,13 @@ def serve(
         fail(str(exc), exitcodes.UNAVAILABLE)
     except OSError as exc:  # e.g. the HTTP port is taken
         fail(f"cannot start: {exc}", exitcodes.UNAVAILABLE)
-    code = engine.run()
+    try:
+        code = engine.run()
+    except Exception as exc:  # a bug in the main loop: same treatment as a crashed thread
+        log.critical("main thread crashed", exc_info=exc)
+        path = engine.write_panic_dump("MainThread", exc)
+        log.critical("panic dump written to %s; exiting %d", path, exitcodes.CRASH)
+        code = exitcodes.CRASH
     if code != exitcodes.OK:
         import os
 

@@ -1,4 +1,4 @@
-"""The metrics and health listener: ``/metrics``, ``/healthz``, ``/readyz``.
+"""The metrics and health listener: ``/metrics``, ``/healthz``, ``/readyz``, ``/devices/<id>``.
 
 A small threaded ``http.server`` in a named daemon thread; each request asks
 the engine for a fresh answer (nothing is cached between scrapes).
@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -22,7 +23,12 @@ Check = Callable[[], tuple[bool, dict[str, Any]]]
 
 class HealthServer:
     def __init__(
-        self, bind: tuple[str, int], registry: CollectorRegistry, alive: Check, ready: Check
+        self,
+        bind: tuple[str, int],
+        registry: CollectorRegistry,
+        alive: Check,
+        ready: Check,
+        device: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
@@ -30,17 +36,24 @@ class HealthServer:
             "/readyz": lambda: _json(*ready()),
         }
 
+        def device_route(path: str) -> tuple[int, str, bytes] | None:
+            if device is None or not path.startswith("/devices/"):
+                return None
+            state = device(unquote(path.removeprefix("/devices/")))
+            if state is None:
+                return 404, "application/json", b'{"error": "device not cached"}\n'
+            return 200, "application/json", json.dumps(state).encode() + b"\n"
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                route = routes.get(self.path.split("?", 1)[0])
-                if route is None:
-                    status, ctype, body = 404, "text/plain", b"not found\n"
-                else:
-                    try:
-                        status, ctype, body = route()
-                    except Exception as exc:  # a probe must answer, whatever broke
-                        log.exception("health endpoint %s failed", self.path)
-                        status, ctype, body = 500, "text/plain", f"{type(exc).__name__}\n".encode()
+                path = self.path.split("?", 1)[0]
+                route = routes.get(path)
+                try:
+                    answer = route() if route is not None else device_route(path)
+                except Exception as exc:  # a probe must answer, whatever broke
+                    log.exception("http endpoint %s failed", path)
+                    answer = (500, "text/plain", f"{type(exc).__name__}\n".encode())
+                status, ctype, body = answer or (404, "text/plain", b"not found\n")
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

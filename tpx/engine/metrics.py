@@ -42,6 +42,9 @@ class Metrics:
             "Pending entries deleted from the stream before we read them",
             registry=r,
         )
+        self.claimed = Counter(
+            "tpx_records_claimed", "Entries taken over from idle consumers (XAUTOCLAIM)", registry=r
+        )
         self.retries = Counter(
             "tpx_write_retries", "Batch writes retried after an infrastructure failure", registry=r
         )

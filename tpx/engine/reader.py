@@ -10,6 +10,14 @@ A batch goes on the queue when it holds ``batch_size`` records or when its
 oldest record has waited ``batch_max_latency_ms``; the XREADGROUP BLOCK time is
 cut to what is left of that bound. When the queue is full the reader waits:
 memory stays bounded whatever the backlog.
+
+The claim sweep (XAUTOCLAIM) runs here too, once the own pending entries are
+re-read and then every ``claim_interval_s``: entries pending in any consumer
+for longer than ``claim_idle_ms`` (a dead instance's, or a record the database
+refused and that waits for redelivery) are taken over and go down the same
+decode/write/dead-letter path. Entries this process already holds in flight
+are skipped, so a slow database never makes it process its own batches twice.
+Entries deleted from the stream while pending are acknowledged and counted.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class Reader(threading.Thread):
         out: queue.Queue[Batch | None],
         metrics: Metrics,
         stop: threading.Event,
+        inflight: set[bytes],
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         super().__init__(name="tpx-reader", daemon=True)
@@ -73,6 +82,9 @@ class Reader(threading.Thread):
         self.cursor = b"0"  # own pending entries first, then ">"
         self.connected = threading.Event()
         self.last_read = time.monotonic()
+        #: entry ids queued or being written by this process (shared with the writers)
+        self.inflight = inflight
+        self.next_claim = 0.0  # the first sweep runs once own pending entries are re-read
 
     # --- the loop ---
 
@@ -88,13 +100,19 @@ class Reader(threading.Thread):
                 backoff = BACKOFF_MIN_S
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.connected.clear()
+                self.cursor = b"0"  # after reconnecting, pick up whatever was left pending
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                log.warning("consumer group %s vanished; recreating it", self.s.group)
+                log.warning(
+                    "stream %s or its group %s vanished; recreating them (%s)",
+                    self.s.stream,
+                    self.s.group,
+                    exc,
+                )
                 self.connected.clear()
                 self.cursor = b"0"
         self._flush(force=True)
@@ -108,7 +126,15 @@ class Reader(threading.Thread):
                 self.cursor = b">"
                 return
             self.cursor = entries[-1][0]
-            deliveries = self._deliveries(entries[0][0], entries[-1][0], len(entries))
+            if self.inflight:  # already queued or being written by us: not again
+                entries = [e for e in entries if e[0] not in self.inflight]
+            if not entries:
+                return
+            deliveries = self._deliveries(entries[0][0], entries[-1][0], len(entries) + len(self.inflight))
+        elif time.monotonic() >= self.next_claim:
+            self.claim_sweep()
+            self.next_claim = time.monotonic() + self.s.claim_interval_s
+            return
         else:
             if self.batch.positions:
                 left_ms = self.s.batch_max_latency_ms - (time.monotonic() - self.batch.started) * 1000
@@ -136,6 +162,71 @@ class Reader(threading.Thread):
         if isinstance(reply, dict):
             return cast(Entries, next(iter(reply.values()))[0])
         return cast(Entries, reply[0][1])
+
+    def claim_sweep(self) -> int:
+        """Take over entries idle longer than ``claim_idle_ms`` in any consumer; return how many."""
+        start: bytes = b"0-0"
+        claimed = 0
+        while not self.stop_event.is_set():
+            reply = self.client.xautoclaim(
+                self.s.stream,
+                self.s.group,
+                self.s.consumer,
+                min_idle_time=self.s.claim_idle_ms,
+                start_id=start,
+                count=self.s.read_count,
+            )
+            # Redis 7: [next, entries, deleted ids]; Redis 6.2: [next, entries] (deleted: empty fields)
+            next_id = cast(bytes, reply[0])
+            entries = cast(Entries, reply[1])
+            deleted = cast(list[bytes], reply[2]) if len(reply) > 2 else []
+            if deleted:
+                self.client.xack(self.s.stream, self.s.group, *deleted)
+                self.metrics.vanished.inc(len(deleted))
+            if any(i is None for i, _ in entries):  # Redis 6.2 names no id for a deleted entry
+                self._ack_vanished_pending()
+                entries = [(i, f) for i, f in entries if i is not None]
+            fresh = [(i, f) for i, f in entries if i not in self.inflight and f]
+            if fresh:
+                claimed += len(fresh)
+                self.metrics.claimed.inc(len(fresh))
+                deliveries = self._deliveries(
+                    fresh[0][0], fresh[-1][0], len(fresh) + len(self.inflight) + 100
+                )
+                self._decode(fresh, deliveries)
+                self._flush(force=False)
+            if next_id in (b"0-0", b"0"):
+                break
+            start = next_id
+        if claimed:
+            log.info("claimed %d entries idle for more than %d ms", claimed, self.s.claim_idle_ms)
+        return claimed
+
+    def _ack_vanished_pending(self) -> None:
+        """Acknowledge our pending entries that no longer exist in the stream (Redis 6.2 path)."""
+        start: bytes | str = "-"
+        while True:
+            rows = self.client.xpending_range(
+                self.s.stream,
+                self.s.group,
+                min=start,
+                max="+",
+                count=self.s.read_count,
+                consumername=self.s.consumer,
+            )
+            if not rows:
+                return
+            ids = [cast(bytes, row["message_id"]) for row in rows]
+            pipe = self.client.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xrange(self.s.stream, entry_id, entry_id, count=1)
+            gone = [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
+            if gone:
+                self.client.xack(self.s.stream, self.s.group, *gone)
+                self.metrics.vanished.inc(len(gone))
+            if len(rows) < self.s.read_count:
+                return
+            start = "(" + ids[-1].decode()
 
     def _deliveries(self, first: bytes, last: bytes, count: int) -> dict[bytes, int]:
         """Delivery counts of redelivered entries (XPENDING over the page's id range)."""
@@ -197,7 +288,10 @@ class Reader(threading.Thread):
                     for p in head.positions
                     if p.entry_id in batch.deliveries
                 }
+            ids = [p.entry_id for p in head.positions]
+            self.inflight.update(ids)
             if not self._put(head):
+                self.inflight.difference_update(ids)
                 return  # stopping while the queue stays full: the rest stays pending
             del positions[:size]
         if not positions:

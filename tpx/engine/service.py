@@ -50,9 +50,6 @@ from tpx.schema import current_version, latest_version, migrate
 
 log = logging.getLogger(__name__)
 
-#: A writer failing for longer than this (s) makes /readyz say "not ready".
-STALL_AFTER_S = 10.0
-
 
 class StartupError(Exception):
     """A dependency could not be reached at start-up (one line for the user)."""
@@ -76,6 +73,8 @@ class Engine:
         self.writers: list[Writer] = []
         self.http: HealthServer | None = None
         self.crash: tuple[str, BaseException] | None = None
+        #: entry ids read but not yet finished (queued or being written), for the claim sweep
+        self.inflight: set[bytes] = set()
         self._stopping = False
         m = self.metrics
         m.gauge("tpx_queue_depth", "Batches waiting for a writer", self.queue.qsize)
@@ -139,17 +138,18 @@ class Engine:
                 self.metrics,
                 self.stages,
                 self.abort,
+                self.inflight,
             )
             for i in range(s.writers)
         ]
-        self.reader = Reader(s, self.client, self.queue, self.metrics, self.stop_reading)
+        self.reader = Reader(s, self.client, self.queue, self.metrics, self.stop_reading, self.inflight)
         threading.excepthook = self._thread_crashed
         for writer in self.writers:
             writer.start()
         self.reader.start()
         bind = s.http_bind
         if bind is not None:
-            self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready)
+            self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready, self.device)
             self.http.start()
             log.info("metrics and health on http://%s", self.http.address)
         log.info(
@@ -161,7 +161,12 @@ class Engine:
             s.writers,
         )
 
-    # --- health ---
+    # --- health and introspection ---
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        """The cached state of one device (None when this process does not hold it)."""
+        state = self.states.get(device_id)
+        return None if state is None else state.to_dict()
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         threads = [self.reader, *self.writers]
@@ -173,6 +178,14 @@ class Engine:
         ok, detail = self.alive()
         if not ok:
             problems.append("threads dead: " + ", ".join(detail["dead_threads"]))
+        for writer in self.writers:  # a failing writer means the pipeline is paused
+            if writer.failing_since is not None:
+                stalled = time.monotonic() - writer.failing_since
+                problems.append(f"{writer.name} failing for {stalled:.0f}s: {writer.last_error}")
+        if self.reader is not None and not self.reader.connected.is_set():
+            problems.append("reader not connected to redis")
+        if problems:
+            return False, {"problems": problems}
         try:
             assert self.client is not None  # noqa: S101
             self.client.ping()
@@ -180,16 +193,12 @@ class Engine:
             problems.append(f"redis: {_first_line(exc)}")
         try:
             assert self.pool is not None  # noqa: S101
-            with self.pool.connection(timeout=2) as conn:
+            with self.pool.connection(timeout=1) as conn:
                 version = current_version(conn, self.s.db_schema)
             if version is None or version < latest_version():
                 problems.append(f"schema at version {version}, need {latest_version()}")
         except Exception as exc:  # PoolTimeout, OperationalError: any of them means not ready
             problems.append(f"postgres: {_first_line(exc)}")
-        now = time.monotonic()
-        for writer in self.writers:
-            if writer.failing_since is not None and now - writer.failing_since > STALL_AFTER_S:
-                problems.append(f"{writer.name} stalled: {writer.last_error}")
         if self._stopping:
             problems.append("shutting down")
         return not problems, {"problems": problems}

@@ -43,6 +43,7 @@ from tpx.engine.deadletter import STAGE_WRITE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
 from tpx.engine.stages import Committed, PostCommitStage
 from tpx.engine.state import SEED_SQL, DeviceStates
+from tpx.failpoints import failpoint
 from tpx.records import STAGE_COLUMNS, Position
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Writer(threading.Thread):
         metrics: Metrics,
         stages: Sequence[PostCommitStage],
         abort: threading.Event,
+        inflight: set[bytes],
     ) -> None:
         super().__init__(name=f"tpx-writer-{index}", daemon=True)
         self.s = settings
@@ -113,6 +115,8 @@ class Writer(threading.Thread):
         self.failing_since: float | None = None
         self.last_error = ""
         self.in_flight: list[bytes] = []
+        #: entry ids read but not finished, shared with the reader (its claim sweep skips them)
+        self.inflight_ids = inflight
 
     def run(self) -> None:
         while True:
@@ -124,6 +128,8 @@ class Writer(threading.Thread):
                 continue
             if batch is None:  # the engine's stop sentinel, queued after the last batch
                 break
+            ids = [p.entry_id for p in batch.positions]
+            self.in_flight = ids
             try:
                 self.handle(batch)
             except AbortedError:
@@ -134,16 +140,16 @@ class Writer(threading.Thread):
                     "stay pending for redelivery",
                     exc,
                 )
-            finally:
-                self.in_flight = []
-                self.source.task_done()
+            # an unexpected exception skips this on purpose: the panic dump shows what was in flight
+            self.inflight_ids.difference_update(ids)
+            self.in_flight = []
+            self.source.task_done()
         log.info("writer stopped")
 
     # --- one batch ---
 
     def handle(self, batch: Batch) -> None:
         started = time.monotonic()
-        self.in_flight = [p.entry_id for p in batch.positions]
         positions, repeats = _first_of_each_key(batch.positions)
         written, inserted, refused = self._write_isolating(positions)
 
@@ -237,6 +243,7 @@ class Writer(threading.Thread):
             return keys
 
     def _commit(self, part: list[Position]) -> set[tuple[str, int]]:
+        failpoint("writer.commit")
         states = self.states
         cold = states.cold(p.device_id for p in part)
         with self.pool.connection() as conn:

@@ -12,7 +12,8 @@ Shutdown order (one time budget, ``drain_timeout_s``, shared by every step):
 3. the writers are joined; if the budget runs out first, ``abort`` is set: a
    writer stuck retrying gives up, leaving its batch unacknowledged (pending,
    to be redelivered — never lost, and idempotent when written again);
-4. the HTTP listener, the pool and the Redis client are closed.
+4. the heartbeat stops (its key is deleted, so ops see the instance leave at
+   once), then the control listener, the HTTP listener, the pool and Redis.
 
 Readers and writers only ever acknowledge what was committed (or
 dead-lettered), so any exit, clean or not, keeps the delivery guarantee.
@@ -40,6 +41,8 @@ from tpx import __version__, exitcodes
 from tpx.config import Settings
 from tpx.connections import pg_pool, redis_client
 from tpx.engine.batch import Batch
+from tpx.engine.collector import StreamCollector
+from tpx.engine.heartbeat import Control, Heartbeat
 from tpx.engine.http import HealthServer
 from tpx.engine.metrics import Metrics
 from tpx.engine.reader import Reader, ensure_group
@@ -72,6 +75,9 @@ class Engine:
         self.reader: Reader | None = None
         self.writers: list[Writer] = []
         self.http: HealthServer | None = None
+        self.stop_aux = threading.Event()  # heartbeat and control: the last to stop
+        self.heartbeat: Heartbeat | None = None
+        self.control: Control | None = None
         self.crash: tuple[str, BaseException] | None = None
         #: entry ids read but not yet finished (queued or being written), for the claim sweep
         self.inflight: set[bytes] = set()
@@ -143,10 +149,15 @@ class Engine:
             for i in range(s.writers)
         ]
         self.reader = Reader(s, self.client, self.queue, self.metrics, self.stop_reading, self.inflight)
+        self.heartbeat = Heartbeat(s, self.client, self.metrics, self.stop_aux, self.summary)
+        self.control = Control(s, self.client, self.states, self.stop_aux)
+        self.metrics.registry.register(StreamCollector(s, self.client))
         threading.excepthook = self._thread_crashed
         for writer in self.writers:
             writer.start()
         self.reader.start()
+        self.heartbeat.start()
+        self.control.start()
         bind = s.http_bind
         if bind is not None:
             self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready, self.device)
@@ -162,6 +173,19 @@ class Engine:
         )
 
     # --- health and introspection ---
+
+    def summary(self) -> dict[str, Any]:
+        """What the heartbeat tells the ops commands about this instance."""
+        return {
+            "queue_depth": self.queue.qsize(),
+            "queue_capacity": self.s.queue_batches,
+            "cache_size": len(self.states),
+            "writers": self.s.writers,
+            "writers_failing": [w.name for w in self.writers if w.failing_since is not None],
+            "http": self.http.address if self.http is not None else None,
+            "storage": self.storage,
+            "stopping": self._stopping,
+        }
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         """The cached state of one device (None when this process does not hold it)."""
@@ -244,6 +268,10 @@ class Engine:
         return exitcodes.OK
 
     def _close(self) -> None:
+        self.stop_aux.set()
+        for thread in (self.heartbeat, self.control):
+            if thread is not None and thread.is_alive():
+                thread.join(2.0)
         if self.http is not None:
             self.http.stop()
         if self.pool is not None:

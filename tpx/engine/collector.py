@@ -1,0 +1,69 @@
+"""Metrics read from Redis at scrape time (a custom Prometheus collector).
+
+Group lag, pending entries, the oldest pending entry's age and the DLQ length
+are properties of the stream, not of this process: they are asked of Redis
+when Prometheus scrapes, never by a polling thread. When Redis cannot answer,
+the series are simply absent from that scrape (and ``tpx_redis_up`` is 0);
+``lag`` is absent where Redis cannot tell (before 7.0, or after deletions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tpx.config import Settings
+
+
+def entry_ms(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
+class StreamCollector(Collector):
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.s = settings
+        self.client = client
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("tpx_redis_up", "1 when the scrape could read the stream's state from Redis")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xinfo_groups(self.s.stream)
+            pipe.xpending(self.s.stream, self.s.group)
+            pipe.xlen(self.s.dlq_stream)
+            pipe.xlen(self.s.stream)
+            groups, pending, dlq_len, stream_len = pipe.execute()
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        group = next((g for g in groups if g["name"] in (self.s.group, self.s.group.encode())), None)
+        if group is not None and group.get("lag") is not None:
+            lag = GaugeMetricFamily("tpx_group_lag", "Entries in the stream not yet delivered to the group")
+            lag.add_metric([], float(group["lag"]))
+            yield lag
+        total = GaugeMetricFamily(
+            "tpx_pending_entries", "Entries delivered but not acknowledged (whole group)"
+        )
+        total.add_metric([], float(pending["pending"]))
+        yield total
+        oldest = GaugeMetricFamily(
+            "tpx_oldest_pending_age_seconds", "Age of the oldest unacknowledged entry (from its id)"
+        )
+        oldest.add_metric(
+            [], max(0.0, time.time() - entry_ms(pending["min"]) / 1000) if pending["min"] else 0.0
+        )
+        yield oldest
+        dlq = GaugeMetricFamily("tpx_dlq_length", "Entries in the dead-letter stream")
+        dlq.add_metric([], float(dlq_len))
+        yield dlq
+        length = GaugeMetricFamily("tpx_stream_length", "Entries in the input stream")
+        length.add_metric([], float(stream_len))
+        yield length

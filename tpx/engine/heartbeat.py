@@ -1,0 +1,158 @@
+"""Presence and remote control: the heartbeat and control threads.
+
+``tpx-heartbeat`` writes a small JSON document about this instance to Redis
+every :data:`tpx.keys.HEARTBEAT_INTERVAL_S` with a TTL, so ops commands and the
+dashboard see every live instance and can tell a dead consumer from a live
+one. ``tpx-control`` listens on the stream's control channel and answers ops
+requests: ``rehydrate`` (drop a device's cached state; it is reseeded from
+Postgres on its next record) and ``device`` (report a device's cached state).
+Both threads survive Redis outages: they log, wait, and try again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from tpx import __version__, keys
+from tpx.config import Settings
+from tpx.engine.metrics import Metrics
+from tpx.engine.state import DeviceStates
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        metrics: Metrics,
+        stop: threading.Event,
+        extra: Callable[[], dict[str, Any]],
+        interval: float = keys.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        super().__init__(name="tpx-heartbeat", daemon=True)
+        self.s = settings
+        self.client = client
+        self.metrics = metrics
+        self.stop_event = stop
+        self.extra = extra
+        self.interval = interval
+        self.key = keys.heartbeat(settings.stream, settings.consumer)
+        self.started_at = time.time()
+        self._last: tuple[float, float, float] | None = None
+
+    def document(self) -> dict[str, Any]:
+        now = time.monotonic()
+        read = self.metrics.read._value.get()
+        written = self.metrics.written._value.get()
+        rates = {"read_per_s": 0.0, "written_per_s": 0.0}
+        if self._last is not None:
+            then, read0, written0 = self._last
+            elapsed = max(now - then, 1e-6)
+            rates = {"read_per_s": (read - read0) / elapsed, "written_per_s": (written - written0) / elapsed}
+        self._last = (now, read, written)
+        return {
+            "consumer": self.s.consumer,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "at": time.time(),
+            "records_read": read,
+            "records_written": written,
+            **rates,
+            **self.extra(),
+        }
+
+    def beat(self) -> None:
+        self.client.set(self.key, json.dumps(self.document()), ex=keys.HEARTBEAT_TTL_S)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self.stop_event.wait(self.interval)
+        with contextlib.suppress(redis.RedisError):  # a clean stop says so at once, not after the TTL
+            self.client.delete(self.key)
+
+
+class Control(threading.Thread):
+    def __init__(
+        self, settings: Settings, client: redis.Redis, states: DeviceStates, stop: threading.Event
+    ) -> None:
+        super().__init__(name="tpx-control", daemon=True)
+        self.s = settings
+        self.client = client
+        self.states = states
+        self.stop_event = stop
+        self.channel = keys.control_channel(settings.stream)
+        self.subscribed = threading.Event()
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        op = request.get("op")
+        device = str(request.get("device", ""))
+        if op == "rehydrate":
+            dropped = self.states.drop(device)
+            log.info(
+                "rehydrate %s requested: %s", device, "dropped cached state" if dropped else "not cached"
+            )
+            return {"consumer": self.s.consumer, "ok": True, "was_cached": dropped}
+        if op == "device":
+            state = self.states.get(device)
+            return {
+                "consumer": self.s.consumer,
+                "ok": True,
+                "state": None if state is None else state.to_dict(),
+            }
+        if op == "ping":
+            return {"consumer": self.s.consumer, "ok": True}
+        return None
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                while not self.stop_event.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    self._answer(message["data"])
+            except redis.RedisError as exc:
+                self.subscribed.clear()
+                log.warning("control channel lost (%s); resubscribing", exc)
+                self.stop_event.wait(1.0)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def _answer(self, data: bytes) -> None:
+        try:
+            request = json.loads(data)
+        except ValueError:
+            log.warning("ignored a control message that is not JSON")
+            return
+        if not isinstance(request, dict):
+            return
+        reply = self.handle(request)
+        reply_to = request.get("reply_to")
+        if reply is None or not isinstance(reply_to, str):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(reply_to, json.dumps(reply))
+        pipe.expire(reply_to, 60)
+        pipe.execute()

@@ -1,0 +1,40 @@
+"""Redis key and channel names shared by the engine and the ops commands.
+
+Everything tpx keeps in Redis besides the contract's streams lives under
+``tpx:{<stream>}:`` (the braces make it one Redis Cluster hash slot with the
+stream itself).
+"""
+
+from __future__ import annotations
+
+#: Seconds between heartbeats; an instance whose heartbeat is older than
+#: HEARTBEAT_TTL_S has expired and counts as dead.
+HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_TTL_S = 15
+
+
+def prefix(stream: str) -> str:
+    return f"tpx:{{{stream}}}"
+
+
+def heartbeat(stream: str, consumer: str) -> str:
+    """A JSON document describing one live instance; expires when it stops refreshing it."""
+    return f"{prefix(stream)}:instance:{consumer}"
+
+
+def heartbeat_pattern(stream: str) -> str:
+    return f"{prefix(stream)}:instance:*"
+
+
+def control_channel(stream: str) -> str:
+    """Pub/sub channel the instances listen on for ops requests (rehydrate, device)."""
+    return f"{prefix(stream)}:control"
+
+
+def reply_list(stream: str, request_id: str) -> str:
+    return f"{prefix(stream)}:reply:{request_id}"
+
+
+def dlq(stream: str) -> str:
+    """The dead-letter stream (contract §3)."""
+    return f"{stream}:dlq"

@@ -1,0 +1,301 @@
+"""The dead-letter stream: list, show, replay, drain, export, purge (CONTRACT.md §3).
+
+Replaying a dead letter adds its original fields (without ``dlq_*``) back to
+the input stream with ``replays`` set to one more than it was, and deletes the
+dead letter: both in one Lua script, so each entry moves atomically and two
+operators replaying at once never replay one entry twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+import redis
+
+from tpx.config import Settings
+from tpx.ops.inspect import OpsError, entry_age_s
+
+_ID_RE = re.compile(r"\d+-\d+")
+PAGE = 500
+
+#: KEYS[1] dead-letter stream, KEYS[2] input stream;
+#: ARGV[1] dead letter id, ARGV[2] max replays (-1: no limit)
+_REPLAY_LUA = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return {'missing', ''} end
+local fields = found[1][2]
+local out = {}
+local replays = 0
+for i = 1, #fields, 2 do
+  local k, v = fields[i], fields[i + 1]
+  if k == 'replays' then
+    replays = tonumber(v) or 0
+  elseif string.sub(k, 1, 4) ~= 'dlq_' then
+    table.insert(out, k)
+    table.insert(out, v)
+  end
+end
+local limit = tonumber(ARGV[2])
+if limit >= 0 and replays >= limit then return {'refused', tostring(replays)} end
+table.insert(out, 'replays')
+table.insert(out, tostring(replays + 1))
+local new_id = redis.call('XADD', KEYS[2], '*', unpack(out))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {'replayed', new_id}
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class DeadLetterView:
+    id: str
+    source_id: str
+    stage: str
+    error: str
+    deliveries: int
+    consumer: str
+    at_ms: int
+    device_id: str
+    replays: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def age_s(self) -> float | None:
+        return entry_age_s(self.id)
+
+    def original(self) -> dict[str, str]:
+        return {k: v for k, v in self.fields.items() if not k.startswith("dlq_")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source_id": self.source_id,
+            "stage": self.stage,
+            "error": self.error,
+            "deliveries": self.deliveries,
+            "consumer": self.consumer,
+            "at_ms": self.at_ms,
+            "device_id": self.device_id,
+            "replays": self.replays,
+            "fields": self.fields,
+        }
+
+
+def _view(entry_id: Any, raw: dict[Any, Any] | None) -> DeadLetterView:
+    fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+
+    def number(key: str) -> int:
+        try:
+            return int(fields.get(key, "0"))
+        except ValueError:
+            return 0
+
+    return DeadLetterView(
+        id=_text(entry_id),
+        source_id=fields.get("dlq_source_id", ""),
+        stage=fields.get("dlq_stage", ""),
+        error=fields.get("dlq_error", ""),
+        deliveries=number("dlq_deliveries"),
+        consumer=fields.get("dlq_consumer", ""),
+        at_ms=number("dlq_at"),
+        device_id=fields.get("device_id", ""),
+        replays=number("replays"),
+        fields=fields,
+    )
+
+
+def check_id(entry_id: str) -> str:
+    if not _ID_RE.fullmatch(entry_id):
+        raise ValueError(f"not a stream entry id: {entry_id!r} (expected <ms>-<seq>, e.g. 1700000000000-0)")
+    return entry_id
+
+
+def iter_letters(
+    client: redis.Redis,
+    settings: Settings,
+    stage: str | None = None,
+    device: str | None = None,
+    newest_first: bool = False,
+) -> Iterator[DeadLetterView]:
+    """Every dead letter matching the filters, page by page."""
+    key = settings.dlq_stream
+    cursor: str | None = None
+    while True:
+        if newest_first:
+            page = client.xrevrange(key, max=f"({cursor}" if cursor else "+", min="-", count=PAGE)
+        else:
+            page = client.xrange(key, min=f"({cursor}" if cursor else "-", max="+", count=PAGE)
+        if not page:
+            return
+        for entry_id, raw in page:
+            letter = _view(entry_id, raw)
+            if (stage is None or letter.stage == stage) and (device is None or letter.device_id == device):
+                yield letter
+        cursor = _text(page[-1][0])
+        if len(page) < PAGE:
+            return
+
+
+def list_letters(
+    client: redis.Redis,
+    settings: Settings,
+    stage: str | None = None,
+    device: str | None = None,
+    limit: int = 50,
+) -> list[DeadLetterView]:
+    out = []
+    for letter in iter_letters(client, settings, stage, device, newest_first=True):
+        out.append(letter)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def show(client: redis.Redis, settings: Settings, entry_id: str) -> DeadLetterView:
+    found = client.xrange(settings.dlq_stream, check_id(entry_id), entry_id, count=1)
+    if not found:
+        raise OpsError(f"no dead letter {entry_id} in {settings.dlq_stream}")
+    return _view(found[0][0], found[0][1])
+
+
+@dataclass
+class ReplayResult:
+    id: str
+    outcome: str  # replayed | refused | missing | would-replay | would-refuse
+    new_id: str = ""
+    replays: int = 0
+
+
+def replay_one(
+    client: redis.Redis, settings: Settings, entry_id: str, max_replays: int | None, dry_run: bool = False
+) -> ReplayResult:
+    check_id(entry_id)
+    if dry_run:
+        found = client.xrange(settings.dlq_stream, entry_id, entry_id, count=1)
+        if not found:
+            return ReplayResult(entry_id, "missing")
+        letter = _view(found[0][0], found[0][1])
+        refused = max_replays is not None and letter.replays >= max_replays
+        return ReplayResult(entry_id, "would-refuse" if refused else "would-replay", replays=letter.replays)
+    script = client.register_script(_REPLAY_LUA)
+    outcome, value = cast(
+        list[bytes],
+        script(
+            keys=[settings.dlq_stream, settings.stream],
+            args=[entry_id, -1 if max_replays is None else max_replays],
+        ),
+    )
+    result = ReplayResult(entry_id, _text(outcome))
+    if result.outcome == "replayed":
+        result.new_id = _text(value)
+    elif result.outcome == "refused":
+        result.replays = int(_text(value))
+    return result
+
+
+def replay(
+    client: redis.Redis,
+    settings: Settings,
+    ids: list[str],
+    max_replays: int | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[ReplayResult]:
+    results = []
+    for entry_id in ids:
+        results.append(replay_one(client, settings, entry_id, max_replays, dry_run))
+        if progress:
+            progress(1)
+    return results
+
+
+_VALUE_RE = re.compile(
+    r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|b'[^']*'|-?\d+(?:\.\d+)?(?:e[+-]?\d+)?|\[[^\]]*\]|\{.*\})"
+)
+
+
+def reason(error: str) -> str:
+    """An error message with its values blanked, so alike failures count together."""
+    return _VALUE_RE.sub("…", error).strip()
+
+
+def histogram(letters: list[DeadLetterView]) -> list[tuple[str, str, int]]:
+    """(stage, reason, count), most frequent first."""
+    counts = Counter((letter.stage, reason(letter.error)) for letter in letters)
+    return [(stage, why, n) for (stage, why), n in counts.most_common()]
+
+
+def export(
+    client: redis.Redis,
+    settings: Settings,
+    out: IO[str],
+    stage: str | None = None,
+    device: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write matching dead letters as JSON lines; return how many."""
+    count = 0
+    for letter in iter_letters(client, settings, stage, device):
+        out.write(json.dumps(letter.to_dict()) + "\n")
+        count += 1
+        if progress:
+            progress(1)
+    return count
+
+
+def export_file(client: redis.Redis, settings: Settings, path: Path, **kw: Any) -> int:
+    with path.open("w", encoding="utf-8") as out:
+        return export(client, settings, out, **kw)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w``, or combinations like ``1d12h``, in seconds."""
+    cleaned = text.strip().lower()
+    parts = _DURATION_RE.findall(cleaned)
+    if not parts or _DURATION_RE.sub("", cleaned).strip():
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d, 1w)")
+    return sum(float(n) * _UNIT[u] for n, u in parts)
+
+
+@dataclass
+class PurgeResult:
+    cutoff_ms: int
+    removed: int
+    dry_run: bool
+
+
+def purge(client: redis.Redis, settings: Settings, older_than_s: float, dry_run: bool = False) -> PurgeResult:
+    """Delete dead letters added more than ``older_than_s`` ago (their ids are their add times)."""
+    cutoff_ms = int((time.time() - older_than_s) * 1000)
+    if dry_run:
+        count = sum(1 for _ in _ids_before(client, settings.dlq_stream, cutoff_ms))
+        return PurgeResult(cutoff_ms, count, True)
+    removed = int(client.xtrim(settings.dlq_stream, minid=f"{cutoff_ms}-0", approximate=False))
+    return PurgeResult(cutoff_ms, removed, False)
+
+
+def _ids_before(client: redis.Redis, key: str, cutoff_ms: int) -> Iterator[str]:
+    cursor = "-"
+    while True:
+        page = client.xrange(key, min=cursor, max=f"({cutoff_ms}-0", count=PAGE)
+        if not page:
+            return
+        for entry_id, _ in page:
+            yield _text(entry_id)
+        if len(page) < PAGE:
+            return
+        cursor = f"({_text(page[-1][0])}"

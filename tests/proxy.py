@@ -79,7 +79,7 @@ class Proxy:
                     if not data:
                         return
                     peers[sock].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket cut() just closed
             pass
         finally:
             _reset(a)

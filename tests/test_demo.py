@@ -1,0 +1,60 @@
+"""`tpx demo --headless` on embedded servers: rows are written and nothing is left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def server_pids() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"redis-server" in cmd or b"postgres" in cmd:
+            pids.add(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(240)
+def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPX_")}
+    before = server_pids()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tpx",
+            "demo",
+            "--headless",
+            "--duration",
+            "10",
+            "--data-dir",
+            str(tmp_path / "demo"),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stderr + (tmp_path / "demo" / "demo.log").read_text()
+    summary = json.loads(result.stdout)
+    assert summary["embedded"] is True
+    assert summary["produced"] > 1000 and summary["written"] > 1000
+    assert summary["dead_lettered"] > 0  # the demo's fleet sends a little poison on purpose
+    assert summary["written"] + summary["duplicates"] + summary["dead_lettered"] <= summary["produced"]
+    assert "Traceback" not in result.stderr
+    leftover = server_pids() - before
+    assert not leftover, f"processes left running: {leftover}"

@@ -272,6 +272,8 @@ class CannedCollector(Collector):
             written_per_s=3_930,
             queue_depth=1,
             cache_size=4_812,
+            e2e_p50_s=0.21,
+            e2e_p95_s=0.48,
         )
         st.instances = [inst]
         st.consumers = [
@@ -319,6 +321,7 @@ class CannedCollector(Collector):
             devices=devices,
             in_per_s=3_990,
             out_per_s=3_930,
+            dlq_per_min=3,
         )
 
 

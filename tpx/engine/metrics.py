@@ -7,6 +7,7 @@ The full list is documented in OPERATIONS.md.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -67,12 +68,21 @@ class Metrics:
         self.batch_size = Histogram(
             "tpx_batch_size", "Records per written batch", buckets=_SIZE_BUCKETS, registry=r
         )
+        #: the last end-to-end latencies (s), for the heartbeat and the dashboard
+        self.e2e_recent: deque[float] = deque(maxlen=256)
         self.e2e_seconds = Histogram(
             "tpx_end_to_end_seconds",
             "From the stream entry's id time to commit",
             buckets=_E2E_BUCKETS,
             registry=r,
         )
+
+    def e2e_quantiles(self) -> tuple[float, float] | None:
+        """Median and 95th percentile of the recent end-to-end latency samples (s)."""
+        samples = sorted(self.e2e_recent)
+        if not samples:
+            return None
+        return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.95))]
 
     def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         """A value computed when Prometheus scrapes (queue depth, cache size...)."""

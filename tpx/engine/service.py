@@ -179,6 +179,8 @@ class Engine:
     def summary(self) -> dict[str, Any]:
         """What the heartbeat tells the ops commands about this instance."""
         return {
+            "e2e_p50_s": (q := self.metrics.e2e_quantiles()) and q[0],
+            "e2e_p95_s": q and q[1],
             "queue_depth": self.queue.qsize(),
             "queue_capacity": self.s.queue_batches,
             "cache_size": len(self.states),
@@ -329,6 +331,8 @@ class Engine:
             "traceback": traceback.format_exception(exc),
             "config": self.s.masked(),
             "threads": threads,
+            "e2e_p50_s": (q := self.metrics.e2e_quantiles()) and q[0],
+            "e2e_p95_s": q and q[1],
             "queue_depth": self.queue.qsize(),
             "in_flight": {w.name: [i.decode() for i in w.in_flight[:1000]] for w in self.writers},
             "devices": {"cached": len(self.states), "newest": [d.to_dict() for d in states]},

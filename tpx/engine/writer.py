@@ -204,7 +204,9 @@ class Writer(threading.Thread):
         now_ms = time.time() * 1000
         for p in (batch.positions[0], batch.positions[-1]):  # a sample: oldest and newest
             entry_ms = int(p.entry_id.split(b"-", 1)[0])
-            m.e2e_seconds.observe(max(0.0, (now_ms - entry_ms) / 1000))
+            latency = max(0.0, (now_ms - entry_ms) / 1000)
+            m.e2e_seconds.observe(latency)
+            m.e2e_recent.append(latency)
 
     def _run_stages(self, committed: Committed) -> None:
         for stage in self.stages:

@@ -49,6 +49,8 @@ class Instance:
     queue_depth: int = 0
     cache_size: int = 0
     writers_failing: list[str] = field(default_factory=list)
+    e2e_p50_s: float | None = None
+    e2e_p95_s: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -133,6 +135,8 @@ def instances(client: redis.Redis, stream: str) -> list[Instance]:
                 queue_depth=int(doc.get("queue_depth", 0)),
                 cache_size=int(doc.get("cache_size", 0)),
                 writers_failing=list(doc.get("writers_failing", [])),
+                e2e_p50_s=doc.get("e2e_p50_s"),
+                e2e_p95_s=doc.get("e2e_p95_s"),
                 raw=doc,
             )
         )

@@ -149,12 +149,17 @@ class TopApp(App[None]):
         newest = f", newest {ago(st.last_entry_age_s)}" if st.last_entry_id else ""
         oldest = f" (oldest {ago(st.oldest_pending_age_s)})" if st.oldest_pending_id else ""
         dead = st.dead_with_pending
+        growth = f" ({snap.dlq_per_min:+,.0f}/min)" if snap.dlq_per_min else ""
+        p50 = [i.e2e_p50_s for i in st.instances if i.e2e_p50_s is not None]
+        p95 = [i.e2e_p95_s for i in st.instances if i.e2e_p95_s is not None]
+        e2e = f"  latency p50 {max(p50):.2f}s p95 {max(p95):.2f}s" if p50 and p95 else ""
         lines = [
             f"stream {st.stream_length:,} entries{newest}"
             if st.stream_exists
             else "stream (not created yet)",
             f"lag {lag}  pending {st.pending:,}{oldest}",
-            f"DLQ {st.dlq_length:,} dead letters  instances {len(st.instances)} alive",
+            f"DLQ {st.dlq_length:,} dead letters{growth}",
+            f"instances {len(st.instances)} alive{e2e}",
             f"DEAD WITH PENDING: {', '.join(c.name for c in dead)}" if dead else "",
         ]
         self.query_one("#stream-panel", Static).update("\n".join(lines))

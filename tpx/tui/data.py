@@ -32,6 +32,7 @@ class Snapshot:
     devices: list[dict[str, Any]] = field(default_factory=list)
     devices_from: str = "instances"  # or "positions"
     in_per_s: float | None = None
+    dlq_per_min: float | None = None
     out_per_s: float = 0.0
     redis_error: str | None = None
     postgres_error: str | None = None
@@ -45,6 +46,7 @@ class Collector:
         self.s = settings
         self.client: redis.Redis | None = None
         self._last_len: tuple[float, int] | None = None
+        self._last_dlq: tuple[float, int] | None = None
         self.in_history: deque[float] = deque(maxlen=HISTORY)
         self.out_history: deque[float] = deque(maxlen=HISTORY)
 
@@ -77,6 +79,11 @@ class Collector:
             if self._last_len is not None and now > self._last_len[0]:
                 snap.in_per_s = max(0.0, (length - self._last_len[1]) / (now - self._last_len[0]))
             self._last_len = (now, length)
+            if self._last_dlq is not None and now > self._last_dlq[0]:
+                snap.dlq_per_min = (
+                    (snap.status.dlq_length - self._last_dlq[1]) * 60 / (now - self._last_dlq[0])
+                )
+            self._last_dlq = (now, snap.status.dlq_length)
             snap.out_per_s = sum(i.written_per_s for i in snap.status.instances)
             self.in_history.append(snap.in_per_s or 0.0)
             self.out_history.append(snap.out_per_s)

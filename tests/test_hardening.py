@@ -408,3 +408,49 @@ def test_psycopg_connect_through_proxy_works(pg_server_url: str, pg_proxy: Proxy
     pg_proxy.restore()
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_drain_budget_leaves_unwritten_entries_pending_and_a_second_signal_forces_exit(
+    settings: Settings,
+    rclient: redis.Redis,
+    serve_env: dict[str, str],
+    tmp_path: Path,
+    pg_proxy: Proxy,
+) -> None:
+    migrate(settings.database_url, settings.db_schema)
+    env = {
+        **serve_env,
+        "TPX_DATABASE_URL": postgres_via(settings.database_url, pg_proxy),
+        "TPX_DRAIN_TIMEOUT_S": "2",
+    }
+    entries = fleet_entries(300, seed=23, poison=0, dups=0, late=0)
+
+    # 1. the database is away: SIGTERM waits out the drain budget, exits 0, acknowledges nothing
+    serve = Serve(env, tmp_path / "one.log").start()
+    wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+    pg_proxy.cut()
+    add_entries(rclient, settings.stream, entries)
+    wait_for(lambda: pending_count(rclient, settings.stream) == 300, what="300 entries read, none written")
+    started = time.monotonic()
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(15) == 0, serve.logs()
+    assert 1.5 <= time.monotonic() - started < 8
+    assert pending_count(rclient, settings.stream) == 300
+    assert row_count(settings.database_url, settings.db_schema) == 0
+
+    # 2. the same situation, two signals: exit at once with code 4, entries still pending
+    pg_proxy.restore()
+    serve = Serve(env, tmp_path / "two.log").start()
+    wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready again")
+    wait_for(lambda: row_count(settings.database_url, settings.db_schema) == 300, what="the 300 written now")
+    pg_proxy.cut()
+    add_entries(rclient, settings.stream, fleet_entries(100, seed=24, poison=0, dups=0, late=0))
+    wait_for(lambda: pending_count(rclient, settings.stream) == 100, what="100 read, none written")
+    started = time.monotonic()
+    serve.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(10) == 4, serve.logs()
+    assert time.monotonic() - started < 1.5
+    assert pending_count(rclient, settings.stream) == 100
+    pg_proxy.restore()

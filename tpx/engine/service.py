@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class Engine:
         #: entry ids read but not yet finished (queued or being written), for the claim sweep
         self.inflight: set[bytes] = set()
         self._stopping = False
+        self._saved_hooks: tuple[Any, Any] | None = None
         m = self.metrics
         m.gauge("tpx_queue_depth", "Batches waiting for a writer", self.queue.qsize)
         m.gauge("tpx_device_cache_size", "Devices whose state is cached", lambda: len(self.states))
@@ -154,7 +156,9 @@ class Engine:
         self.heartbeat = Heartbeat(s, self.client, self.metrics, self.stop_aux, self.summary)
         self.control = Control(s, self.client, self.states, self.stop_aux)
         self.metrics.registry.register(StreamCollector(s, self.client))
+        self._saved_hooks = (threading.excepthook, sys.excepthook)
         threading.excepthook = self._thread_crashed
+        sys.excepthook = self._main_crashed
         for writer in self.writers:
             writer.start()
         self.reader.start()
@@ -272,6 +276,8 @@ class Engine:
         return exitcodes.OK
 
     def _close(self) -> None:
+        if self._saved_hooks is not None:  # an engine in a longer-lived process leaves no trace
+            threading.excepthook, sys.excepthook = self._saved_hooks
         self.stop_aux.set()
         for thread in (self.heartbeat, self.control):
             if thread is not None and thread.is_alive():
@@ -292,6 +298,18 @@ class Engine:
         if self.crash is None:
             self.crash = (name, exc)
         self.wake.set()
+
+    def _main_crashed(
+        self, exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+    ) -> None:
+        """An exception nobody caught in the main thread: dump, then the exit code of a crash."""
+        log.critical("main thread crashed", exc_info=(exc_type, exc, tb))
+        if isinstance(exc, KeyboardInterrupt):
+            return
+        path = self.write_panic_dump("MainThread", exc)
+        log.critical("panic dump written to %s; exiting %d", path, exitcodes.CRASH)
+        logging.shutdown()
+        os._exit(exitcodes.CRASH)
 
     def _panic(self) -> int:
         thread, exc = self.crash or ("?", RuntimeError("a thread died"))

@@ -52,6 +52,7 @@ class TopApp(App[None]):
     AUTO_FOCUS = "DataTable"  # never the (hidden) filter box
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "quit"),
+        Binding("ctrl+c", "quit", "quit", show=False, priority=True),
         Binding("question_mark", "help", "help"),
         Binding("slash", "filter", "filter"),
         Binding("r", "replay", "replay"),

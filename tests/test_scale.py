@@ -94,3 +94,49 @@ def test_two_instances_split_then_one_fails_over(
     keys, poison_count = expectation(entries)
     assert row_count(settings.database_url, settings.db_schema) == len(keys)
     assert_exactly_once(rclient, settings, keys, poison_count)
+
+
+def test_four_instances_none_idle(
+    settings: Settings, rclient: redis.Redis, serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    migrate(settings.database_url, settings.db_schema)
+    fleet = [
+        Serve(
+            {
+                **serve_env,
+                "TPX_CONSUMER": f"inst-{i}",
+                "TPX_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+                "TPX_BATCH_MAX_LATENCY_MS": "20",
+            },
+            tmp_path / f"{i}.log",
+        ).start()
+        for i in range(4)
+    ]
+    try:
+        wait_for(lambda: all(s.get("/readyz")[0] == 200 for s in fleet), what="four ready")
+        sim = simulate(
+            serve_env,
+            "--devices",
+            "200",
+            "--seed",
+            "31",
+            "--rate",
+            "2000",
+            "--count",
+            "6000",
+            "--start-ms",
+            str(int(time.time() * 1000) - 3_600_000),
+        )
+        assert sim.wait(60) == 0
+        wait_for(
+            lambda: (
+                pending_count(rclient, settings.stream) == 0
+                and row_count(settings.database_url, settings.db_schema) == 6000
+            ),
+            what="drained",
+        )
+        shares = [written(s) / 6000 for s in fleet]
+        assert all(share >= 0.10 for share in shares), shares  # an even split is 0.25 each
+    finally:
+        for s in fleet:
+            assert s.stop() == 0

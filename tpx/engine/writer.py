@@ -9,7 +9,9 @@ stop within one timeout), and for each batch:
    this process has not seen yet (one query for all of them), binary-COPYs the
    rows into a per-connection temporary table, and moves them into
    ``positions`` with ``INSERT .. SELECT .. ON CONFLICT (device_id, ts) DO
-   NOTHING RETURNING`` the keys actually written;
+   NOTHING``; only when the row count says some were skipped does it ask which
+   (rows whose ``xmin`` is not this transaction's) — the common batch moves no
+   keys back to Python at all;
 3. commits, and only then acknowledges exactly the entries of the batch;
 4. updates per-device state and calls the post-commit stages.
 
@@ -76,7 +78,17 @@ SELECT device_id,
        now()
 FROM {}
 ON CONFLICT (device_id, ts) DO NOTHING
-RETURNING device_id, (extract(epoch FROM ts) * 1000000)::int8
+"""
+).format(sql.Identifier(STAGE_TABLE))
+#: After an INSERT that skipped rows: the staged keys whose stored row is not this
+#: transaction's own (xmin), i.e. the duplicates. Run only when rowcount says some were skipped.
+ALREADY_STORED_SQL = sql.SQL(
+    """
+SELECT s.device_id, s.ts_us
+FROM {} AS s
+JOIN positions AS p
+  ON p.device_id = s.device_id AND p.ts = timestamptz 'epoch' + s.ts_us * interval '1 microsecond'
+WHERE p.xmin <> (pg_current_xact_id()::text::bigint % 4294967296)::text::xid
 """
 ).format(sql.Identifier(STAGE_TABLE))
 
@@ -151,7 +163,7 @@ class Writer(threading.Thread):
     def handle(self, batch: Batch) -> None:
         started = time.monotonic()
         positions, repeats = _first_of_each_key(batch.positions)
-        written, inserted, refused = self._write_isolating(positions)
+        written, already, refused = self._write_isolating(positions)
 
         refused_keys = {(p.device_id, p.ts_us) for p, _ in refused}
         repeats = [p for p in repeats if (p.device_id, p.ts_us) not in refused_keys]
@@ -159,8 +171,11 @@ class Writer(threading.Thread):
         if refused:
             self._refused(refused, batch)
 
-        new = [p for p in written if (p.device_id, p.ts_us) in inserted]
-        dups = [p for p in written if (p.device_id, p.ts_us) not in inserted] + repeats
+        if already:  # rare: (device_id, ts) stored before this batch
+            new = [p for p in written if (p.device_id, p.ts_us) not in already]
+            dups = [p for p in written if (p.device_id, p.ts_us) in already] + repeats
+        else:
+            new, dups = written, repeats
         self.states.apply(new, dups)
         self._account(batch, new, dups, started)
         if self.stages and (new or dups):
@@ -171,18 +186,19 @@ class Writer(threading.Thread):
     ) -> tuple[list[Position], set[tuple[str, int]], list[tuple[Position, str]]]:
         """Commit ``positions``; on a data failure split in halves until the bad rows are alone.
 
-        Returns the positions committed (inserted or already stored), the keys
-        actually inserted, and the refused positions with the database's reason.
+        Returns the positions committed (inserted or already stored), the keys that
+        were already stored (not inserted now), and the refused positions with the
+        database's reason.
         """
         written: list[Position] = []
-        inserted: set[tuple[str, int]] = set()
+        already: set[tuple[str, int]] = set()
         refused: list[tuple[Position, str]] = []
         parts = [positions]
         try:
             while parts:
                 part = parts.pop()
                 try:
-                    inserted |= self._commit_retrying(part)
+                    already |= self._commit_retrying(part)
                     written.extend(part)
                 except DATA_ERRORS as exc:
                     if len(part) == 1:
@@ -193,7 +209,7 @@ class Writer(threading.Thread):
         except AbortedError:
             self._ack([p.entry_id for p in written])  # what did commit is acknowledged
             raise
-        return written, inserted, refused
+        return written, already, refused
 
     def _account(self, batch: Batch, new: list[Position], dups: list[Position], started: float) -> None:
         m = self.metrics
@@ -273,11 +289,13 @@ class Writer(threading.Thread):
                             )
                         )
                 cur.execute(INSERT_SQL)
-                keys = cur.fetchall()
+                already: set[tuple[str, int]] = set()
+                if cur.rowcount != len(part):
+                    already = set(cur.execute(ALREADY_STORED_SQL).fetchall())
             conn.commit()
         if cold:
             states.seed(cold, seeds)
-        return set(keys)
+        return already
 
     # --- acknowledgements and write-stage dead letters ---
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from tpx.ops.claim import ClaimReport
 from tpx.ops.control import ControlResult, DeviceReport
 from tpx.ops.dlq import DeadLetterView, PurgeResult, ReplayResult
-from tpx.ops.inspect import PendingEntry, Status
+from tpx.ops.inspect import ConsumerView, PendingEntry, Status
 
 
 def ago(seconds: float | None) -> str:
@@ -32,6 +32,25 @@ def ago(seconds: float | None) -> str:
 
 def ms_time(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+CONSUMER_COLUMNS = ("consumer", "state", "pending", "idle", "read/s", "written/s", "queue", "cache")
+
+
+def consumer_cells(c: ConsumerView) -> tuple[str, ...]:
+    """One consumer as table cells; its state spelled out (readable without colour)."""
+    state = "alive" if c.alive else ("DEAD, HAS PENDING" if c.pending else "dead")
+    i = c.instance
+    return (
+        c.name,
+        state,
+        f"{c.pending:,}",
+        ago(c.idle_ms / 1000),
+        f"{i.read_per_s:,.0f}" if i else "-",
+        f"{i.written_per_s:,.0f}" if i else "-",
+        str(i.queue_depth) if i else "-",
+        f"{i.cache_size:,}" if i else "-",
+    )
 
 
 def status_renderables(st: Status) -> list[Any]:
@@ -55,21 +74,10 @@ def status_renderables(st: Status) -> list[Any]:
     out: list[Any] = [head]
     if st.consumers:
         table = Table(title="consumers", title_justify="left", expand=False)
-        for column in ("consumer", "state", "pending", "idle", "read/s", "written/s", "queue", "cache"):
+        for column in CONSUMER_COLUMNS:
             table.add_column(column, justify="right" if column not in ("consumer", "state") else "left")
         for c in st.consumers:
-            state = "alive" if c.alive else ("DEAD, HAS PENDING" if c.pending else "dead")
-            i = c.instance
-            table.add_row(
-                c.name,
-                state,
-                f"{c.pending:,}",
-                ago(c.idle_ms / 1000),
-                f"{i.read_per_s:,.0f}" if i else "-",
-                f"{i.written_per_s:,.0f}" if i else "-",
-                str(i.queue_depth) if i else "-",
-                f"{i.cache_size:,}" if i else "-",
-            )
+            table.add_row(*consumer_cells(c))
         out.append(table)
     known = {c.name for c in st.consumers}
     starting = [i for i in st.instances if i.consumer not in known]

@@ -19,14 +19,14 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static, TabbedContent, TabPane
 
 from tpx.config import Settings
-from tpx.ops.render import ago
+from tpx.ops.render import CONSUMER_COLUMNS, ago, consumer_cells
 from tpx.tui.data import Collector, Snapshot
 from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen
 
 TABS = ("instances", "pending", "letters", "devices")
 
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "instances": ("consumer", "state", "pending", "idle", "read/s", "written/s", "queue", "cache"),
+    "instances": CONSUMER_COLUMNS,
     "pending": ("id", "consumer", "idle", "deliveries", "age"),
     "letters": ("id", "stage", "device", "deliveries", "replays", "age", "error"),
     "devices": ("device", "last fix", "age", "lat", "lon", "speed", "valid", "records", "dups", "late", "by"),
@@ -175,23 +175,7 @@ class TopApp(App[None]):
         rows: list[Row] = []
         if tab == "instances" and st is not None:
             for c in st.consumers:
-                i = c.instance
-                state = "alive" if c.alive else ("DEAD, HAS PENDING" if c.pending else "dead")
-                rows.append(
-                    (
-                        c.name,
-                        (
-                            c.name,
-                            state,
-                            f"{c.pending:,}",
-                            ago(c.idle_ms / 1000),
-                            f"{i.read_per_s:,.0f}" if i else "-",
-                            f"{i.written_per_s:,.0f}" if i else "-",
-                            str(i.queue_depth) if i else "-",
-                            f"{i.cache_size:,}" if i else "-",
-                        ),
-                    )
-                )
+                rows.append((c.name, consumer_cells(c)))
             known = {c.name for c in st.consumers}
             for i in st.instances:
                 if i.consumer not in known:

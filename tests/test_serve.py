@@ -152,3 +152,17 @@ def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, st
     serve = Serve(serve_env, tmp_path / "serve.log", "--no-migrate").start()
     assert serve.wait(30) == 3
     assert "run `tpx migrate`" in serve.logs()
+
+
+def test_taken_http_port_is_one_line_and_exit_3(serve_env: dict[str, str], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        serve = Serve({**serve_env, "TPX_HTTP_ADDR": f"127.0.0.1:{port}"}, tmp_path / "serve.log").start()
+        code = serve.wait(30)
+    out = serve.logs()
+    assert code == 3, out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out

@@ -156,6 +156,15 @@ class Engine:
         self.heartbeat = Heartbeat(s, self.client, self.metrics, self.stop_aux, self.summary)
         self.control = Control(s, self.client, self.states, self.stop_aux)
         self.metrics.registry.register(StreamCollector(s, self.client))
+        bind = s.http_bind
+        if bind is not None:  # bound before any thread reads: a taken port fails with nothing in flight
+            try:
+                self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready, self.device)
+            except OSError as exc:
+                self.pool.close()
+                raise StartupError(
+                    f"cannot listen on {s.http_addr} (TPX_HTTP_ADDR): {exc.strerror}"
+                ) from None
         self._saved_hooks = (threading.excepthook, sys.excepthook)
         threading.excepthook = self._thread_crashed
         sys.excepthook = self._main_crashed
@@ -164,9 +173,7 @@ class Engine:
         self.reader.start()
         self.heartbeat.start()
         self.control.start()
-        bind = s.http_bind
-        if bind is not None:
-            self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready, self.device)
+        if self.http is not None:
             self.http.start()
             log.info("metrics and health on http://%s", self.http.address)
         log.info(

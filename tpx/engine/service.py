@@ -102,30 +102,24 @@ class Engine:
 
     # --- start ---
 
-    def start(self) -> None:
+    def _connect_redis(self) -> redis.Redis:
         s = self.s
-        self.client = redis_client(s)
+        client = redis_client(s)
         try:
-            self.client.ping()
-            if ensure_group(self.client, s.stream, s.group):
+            client.ping()
+            if ensure_group(client, s.stream, s.group):
                 log.info("created consumer group %s on %s (reading from the start)", s.group, s.stream)
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StartupError(f"cannot reach Redis: {exc}") from None
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the stream key holds something else
+            raise StartupError(f"Redis refused to set up {s.stream} / {s.group}: {exc}") from None
+        return client
+
+    def _prepare_schema(self) -> None:
+        """Migrate (or, with --no-migrate, check the schema is current)."""
+        s = self.s
         try:
-            if s.migrate_on_start:
-                report = migrate(s.database_url, s.db_schema, s.compress_after, s.retain_for)
-                for name in report.applied:
-                    log.info("applied migration %s", name)
-                self.storage = report.storage
-                log.info(
-                    "schema %s at version %d; %s",
-                    s.db_schema,
-                    report.current_version,
-                    report.storage_line(),
-                )
-                for policy in report.policies:
-                    log.info("timescaledb: %s", policy)
-            else:
+            if not s.migrate_on_start:
                 with psycopg.connect(s.database_url, connect_timeout=5) as conn:
                     version = current_version(conn, s.db_schema)
                 if version is None or version < latest_version():
@@ -133,8 +127,21 @@ class Engine:
                         f"schema {s.db_schema} is at version {version or 0}, this tpx needs "
                         f"{latest_version()}: run `tpx migrate` (or drop --no-migrate)"
                     )
+                return
+            report = migrate(s.database_url, s.db_schema, s.compress_after, s.retain_for)
         except psycopg.OperationalError as exc:
             raise StartupError(f"cannot reach PostgreSQL: {_first_line(exc)}") from None
+        for name in report.applied:
+            log.info("applied migration %s", name)
+        self.storage = report.storage
+        log.info("schema %s at version %d; %s", s.db_schema, report.current_version, report.storage_line())
+        for policy in report.policies:
+            log.info("timescaledb: %s", policy)
+
+    def start(self) -> None:
+        s = self.s
+        self.client = self._connect_redis()
+        self._prepare_schema()
         self.pool = pg_pool(s, s.writers, "tpx-pg", [CREATE_STAGE_SQL])
         self.pool.open(wait=False)
         self.writers = [

@@ -341,3 +341,45 @@ def test_error_path_quotes_odd_keys() -> None:
     with pytest.raises(DecodeError) as info:
         decode(base(io={"a\nb": {"__bigint__": "x"}}))
     assert "\n" not in str(info.value) and 'record.io."a\\nb"' in str(info.value)
+
+
+# --- the fast path agrees with a plain reference implementation ------------------------------------
+
+
+def reference_attributes(io: Any) -> Any:
+    """What contract §1 says `attributes` holds, written the obvious way (stdlib only)."""
+    if isinstance(io, dict):
+        if set(io) == {"__bigint__"}:
+            return int(io["__bigint__"])
+        if set(io) == {"__bytes__"}:
+            return base64.b64decode(io["__bytes__"], validate=True).hex()
+        return {k: reference_attributes(v) for k, v in io.items()}
+    if isinstance(io, list):
+        return [reference_attributes(v) for v in io]
+    return io
+
+
+io_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.integers(min_value=-(10**40), max_value=10**40).map(lambda n: {"__bigint__": str(n)})
+    | st.binary(max_size=12).map(lambda b: {"__bytes__": base64.b64encode(b).decode()})
+)
+io_values = st.recursive(
+    io_leaves,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), io_values, max_size=6))
+def test_attributes_match_the_reference(io: dict[str, Any]) -> None:
+    raw = json.dumps({"ts": 1_700_000_000_000, "lat": 1.5, "lon": 2.5, "io": io}).encode()
+    p = decode(None, raw=raw)
+    assert json.loads(p.attributes) == reference_attributes(json.loads(raw)["io"])

@@ -77,6 +77,7 @@ SELECT device_id,
        timestamptz 'epoch' + received_at_us * interval '1 microsecond',
        now()
 FROM {}
+ORDER BY device_id, ts_us
 ON CONFLICT (device_id, ts) DO NOTHING
 """
 ).format(sql.Identifier(STAGE_TABLE))

@@ -34,7 +34,3 @@ def control_channel(stream: str) -> str:
 def reply_list(stream: str, request_id: str) -> str:
     return f"{prefix(stream)}:reply:{request_id}"
 
-
-def dlq(stream: str) -> str:
-    """The dead-letter stream (contract §3)."""
-    return f"{stream}:dlq"

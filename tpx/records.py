@@ -84,26 +84,8 @@ class Position:
     attributes: str
     received_at_us: int | None
 
-    def copy_row(self) -> tuple[Any, ...]:
-        """The row for the staging table, in :data:`STAGE_COLUMNS` order."""
-        return (
-            self.device_id,
-            self.ts_us,
-            self.latitude,
-            self.longitude,
-            self.altitude,
-            self.angle,
-            self.speed,
-            self.satellites,
-            self.priority,
-            self.event_io_id,
-            self.valid,
-            self.attributes,
-            self.received_at_us,
-        )
 
-
-#: Staging-table columns and their COPY types, in :meth:`Position.copy_row` order.
+#: Staging-table columns and their COPY types, in the order the writer copies them.
 STAGE_COLUMNS: Final = (
     ("device_id", "text"),
     ("ts_us", "int8"),

@@ -81,7 +81,6 @@ class Reader(threading.Thread):
         self.batch = Batch()
         self.cursor = b"0"  # own pending entries first, then ">"
         self.connected = threading.Event()
-        self.last_read = time.monotonic()
         #: entry ids queued or being written by this process (shared with the writers)
         self.inflight = inflight
         self.next_claim = 0.0  # the first sweep runs once own pending entries are re-read
@@ -143,7 +142,6 @@ class Reader(threading.Thread):
                 block = IDLE_BLOCK_MS
             entries = self._read(b">", block=block)
             deliveries = None
-        self.last_read = time.monotonic()
         if entries:
             self._decode(entries, deliveries)
         self._flush(force=False)

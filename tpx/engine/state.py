@@ -64,7 +64,6 @@ class DeviceStates:
         self.hits = 0
         self.misses = 0
         self.rehydrations = 0
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._states)
@@ -107,7 +106,6 @@ class DeviceStates:
         self._states.move_to_end(state.device_id)
         while len(self._states) > self.capacity:
             self._states.popitem(last=False)
-            self.evictions += 1
 
     def apply(self, inserted: Sequence[Position], duplicates: Sequence[Position]) -> None:
         """Account a committed batch: positions written, and duplicates not written."""

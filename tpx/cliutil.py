@@ -12,6 +12,7 @@ import typer
 
 from tpx import exitcodes
 from tpx.config import ConfigError, Settings, env_name, load, mask_url
+from tpx.errors import first_line
 from tpx.ops.inspect import OpsError
 
 log = logging.getLogger("tpx")
@@ -44,10 +45,10 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
         fail(f"Redis refused the command: {exc}", exitcodes.ERROR)
     except psycopg.OperationalError as exc:
         where = mask_url(settings.database_url) if settings else "PostgreSQL"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         fail(f"cannot reach PostgreSQL at {where}: {mask_url(first)}", exitcodes.UNAVAILABLE)
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         fail(f"PostgreSQL error: {mask_url(first)}", exitcodes.ERROR)
 
 

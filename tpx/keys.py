@@ -33,4 +33,3 @@ def control_channel(stream: str) -> str:
 
 def reply_list(stream: str, request_id: str) -> str:
     return f"{prefix(stream)}:reply:{request_id}"
-

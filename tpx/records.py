@@ -30,6 +30,8 @@ from typing import Any, Final
 
 import orjson
 
+from tpx.errors import first_line
+
 # --- the contract's limits -------------------------------------------------
 
 #: 2000-01-01T00:00:00Z in epoch microseconds: no fix can be older.
@@ -220,7 +222,7 @@ def _parse_stdlib(raw: bytes) -> Any:
     except DecodeError:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise DecodeError(f"record: not valid JSON ({str(exc).splitlines()[0]})") from None
+        raise DecodeError(f"record: not valid JSON ({first_line(exc)})") from None
 
 
 def _scalar(rec: dict[str, Any], key: str) -> Any:

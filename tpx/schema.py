@@ -26,6 +26,8 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Query
 
+from tpx.errors import first_line
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "tpx_schema_migrations"
@@ -96,7 +98,7 @@ def _try(conn: psycopg.Connection[tuple[object, ...]], statement: Query) -> str 
         with conn.transaction():
             conn.execute(statement)
     except psycopg.Error as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     return None
 
 

@@ -50,6 +50,7 @@ from tpx.engine.reader import Reader, ensure_group
 from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import CREATE_STAGE_SQL, Writer
+from tpx.errors import first_line
 from tpx.schema import current_version, latest_version, migrate
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Engine:
                 return
             report = migrate(s.database_url, s.db_schema, s.compress_after, s.retain_for)
         except psycopg.OperationalError as exc:
-            raise StartupError(f"cannot reach PostgreSQL: {_first_line(exc)}") from None
+            raise StartupError(f"cannot reach PostgreSQL: {first_line(exc)}") from None
         for name in report.applied:
             log.info("applied migration %s", name)
         self.storage = report.storage
@@ -236,7 +237,7 @@ class Engine:
             assert self.client is not None  # noqa: S101
             self.client.ping()
         except redis.RedisError as exc:
-            problems.append(f"redis: {_first_line(exc)}")
+            problems.append(f"redis: {first_line(exc)}")
         try:
             assert self.pool is not None  # noqa: S101
             with self.pool.connection(timeout=1) as conn:
@@ -244,7 +245,7 @@ class Engine:
             if version is None or version < latest_version():
                 problems.append(f"schema at version {version}, need {latest_version()}")
         except Exception as exc:  # PoolTimeout, OperationalError: any of them means not ready
-            problems.append(f"postgres: {_first_line(exc)}")
+            problems.append(f"postgres: {first_line(exc)}")
         if self._stopping:
             problems.append("shutting down")
         return not problems, {"problems": problems}
@@ -331,7 +332,7 @@ class Engine:
         log.critical(
             "panic: %s died (%s); dump written to %s; exiting %d",
             thread,
-            _first_line(exc),
+            first_line(exc),
             path,
             exitcodes.CRASH,
         )
@@ -376,8 +377,3 @@ class Engine:
         path = directory / f"tpx-panic-{self.s.consumer}-{int(time.time())}-{os.getpid()}.json"
         path.write_text(json.dumps(self.panic_state(thread, exc), indent=2, default=str))
         return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

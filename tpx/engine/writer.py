@@ -45,6 +45,7 @@ from tpx.engine.deadletter import STAGE_WRITE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
 from tpx.engine.stages import Committed, PostCommitStage
 from tpx.engine.state import SEED_SQL, DeviceStates
+from tpx.errors import first_line
 from tpx.failpoints import failpoint
 from tpx.records import STAGE_COLUMNS, Position
 
@@ -358,6 +359,5 @@ def _first_of_each_key(positions: list[Position]) -> tuple[list[Position], list[
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return f"{type(exc).__name__}: {first}"
+    """The database's reason with its error class (it becomes a dlq_error or a readiness problem)."""
+    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static, TabbedContent, TabPane
 
 from tpx.config import Settings
+from tpx.errors import first_line
 from tpx.ops.render import CONSUMER_COLUMNS, ago, consumer_cells
 from tpx.tui.data import Collector, Snapshot
 from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen
@@ -309,7 +310,7 @@ class TopApp(App[None]):
             rows = newest_rows(self.s, device, 20)
         except Exception as exc:  # shown in the screen, never raised into the UI
             rows = []
-            cached = {**cached, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            cached = {**cached, "error": first_line(exc)}
         lines = [json.dumps(cached, indent=2, default=str), "", "recent positions:"]
         lines += [
             f"  {r['ts']}  {r['latitude']:.5f}, {r['longitude']:.5f}  speed {r['speed']}  "

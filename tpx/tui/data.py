@@ -16,6 +16,7 @@ import psycopg
 import redis
 
 from tpx.config import Settings
+from tpx.errors import first_line
 from tpx.ops import control, dlq
 from tpx.ops.dlq import DeadLetterView
 from tpx.ops.inspect import PendingEntry, Status, pending, status
@@ -69,7 +70,7 @@ class Collector:
             if snap.status.instances:
                 snap.devices = control.cached_devices(client, self.s)
         except (redis.RedisError, OSError) as exc:
-            snap.redis_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            snap.redis_error = first_line(exc)
             if self.client is not None:
                 self.client.close()
                 self.client = None
@@ -92,7 +93,5 @@ class Collector:
                 snap.devices = control.latest_rows(self.s)
                 snap.devices_from = "positions"
             except psycopg.Error as exc:
-                snap.postgres_error = (
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                )
+                snap.postgres_error = first_line(exc)
         return snap

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from tpx import keys
 from tpx.config import Settings
-from tpx.ops.inspect import instances
+from tpx.ops.inspect import Instance, instances
 
 
 @dataclass
@@ -36,8 +36,16 @@ class ControlResult:
 
 
 def ask(
-    client: redis.Redis, settings: Settings, op: str, device: str, timeout: float = 3.0, **extra: Any
+    client: redis.Redis,
+    settings: Settings,
+    op: str,
+    device: str,
+    timeout: float = 3.0,
+    alive: list[Instance] | None = None,
+    **extra: Any,
 ) -> ControlResult:
+    """Publish a request and collect the answers; ``alive`` (if the caller just read the
+    heartbeats) saves reading them again to name the instances that stayed silent."""
     request_id = uuid.uuid4().hex
     reply_to = keys.reply_list(settings.stream, request_id)
     message = json.dumps({"op": op, "device": device, "reply_to": reply_to, "id": request_id, **extra})
@@ -53,17 +61,20 @@ def ask(
             result.replies.append(json.loads(popped[1]))
     client.delete(reply_to)
     answered = {str(r.get("consumer")) for r in result.replies}
-    result.silent = sorted(
-        i.consumer for i in instances(client, settings.stream) if i.consumer not in answered
-    )
+    live = alive if alive is not None else instances(client, settings.stream)
+    result.silent = sorted(i.consumer for i in live if i.consumer not in answered)
     return result
 
 
 def cached_devices(
-    client: redis.Redis, settings: Settings, limit: int = 500, timeout: float = 1.0
+    client: redis.Redis,
+    settings: Settings,
+    limit: int = 500,
+    timeout: float = 1.0,
+    alive: list[Instance] | None = None,
 ) -> list[dict[str, Any]]:
     """The most recently active cached device states of every running instance (newest per device)."""
-    asked = ask(client, settings, "devices", "", timeout, limit=limit)
+    asked = ask(client, settings, "devices", "", timeout, alive=alive, limit=limit)
     best: dict[str, dict[str, Any]] = {}
     for reply in asked.replies:
         for cached in reply.get("states", []):

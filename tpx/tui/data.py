@@ -68,7 +68,7 @@ class Collector:
             if snap.status.group_exists:
                 snap.oldest_pending = pending(client, self.s, limit=20)
             if snap.status.instances:
-                snap.devices = control.cached_devices(client, self.s)
+                snap.devices = control.cached_devices(client, self.s, alive=snap.status.instances)
         except (redis.RedisError, OSError) as exc:
             snap.redis_error = first_line(exc)
             if self.client is not None:

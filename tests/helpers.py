@@ -84,6 +84,14 @@ def row_count(dsn: str, schema: str) -> int:
         return int(row[0])
 
 
+def drained(client: redis.Redis, settings: Any, rows_expected: int) -> bool:
+    """Exactly ``rows_expected`` rows in positions and nothing pending in the group."""
+    return (
+        row_count(settings.database_url, settings.db_schema) == rows_expected
+        and pending_count(client, settings.stream, settings.group) == 0
+    )
+
+
 def pending_count(client: redis.Redis, stream: str, group: str = "processor") -> int:
     info = client.xpending(stream, group)
     return int(info["pending"])

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import Serve, add_entries, pending_count, row_count, rows, wait_for
+from tests.helpers import Serve, add_entries, drained, pending_count, row_count, rows, wait_for
 from tests.proxy import Proxy, postgres_target, postgres_via, redis_target, redis_via
 from tpx.config import Settings
 from tpx.fleet import Fleet
@@ -129,10 +129,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_writes_nothing_twice(
     try:
         wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
         wait_for(
-            lambda: (
-                row_count(settings.database_url, settings.db_schema) == len(keys)
-                and pending_count(rclient, settings.stream) == 0
-            ),
+            lambda: drained(rclient, settings, len(keys)),
             timeout=90,
             what="full drain",
         )
@@ -179,10 +176,7 @@ def test_outage_mid_run_recovers_without_restart(
         proxy.restore()
         feed.join(60)
         wait_for(
-            lambda: (
-                row_count(settings.database_url, settings.db_schema) == len(keys)
-                and pending_count(rclient, settings.stream) == 0
-            ),
+            lambda: drained(rclient, settings, len(keys)),
             timeout=90,
             what="recovery",
         )
@@ -261,10 +255,7 @@ def test_survivor_claims_a_killed_instances_entries(
         a.kill()
         feed.join(60)
         wait_for(
-            lambda: (
-                row_count(settings.database_url, settings.db_schema) == len(keys)
-                and pending_count(rclient, settings.stream) == 0
-            ),
+            lambda: drained(rclient, settings, len(keys)),
             timeout=90,
             what="survivor finishes",
         )

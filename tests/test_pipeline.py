@@ -13,7 +13,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from tests.helpers import NOW_MS, add_entries, pending_count, record, row_count, rows, wait_for
+from tests.helpers import NOW_MS, add_entries, drained, pending_count, record, row_count, rows, wait_for
 from tpx.config import Settings
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
@@ -29,13 +29,6 @@ def running(settings: Settings, **kw) -> Iterator[Engine]:
     finally:
         engine.shutdown()
         threading.excepthook = hook
-
-
-def drained(client: redis.Redis, settings: Settings, rows_expected: int) -> bool:
-    return (
-        row_count(settings.database_url, settings.db_schema) == rows_expected
-        and pending_count(client, settings.stream) == 0
-    )
 
 
 def test_valid_rows_written_and_poison_dead_lettered(settings: Settings, rclient: redis.Redis) -> None:

@@ -68,6 +68,63 @@ def drop_schema(dsn: str, schema: str) -> None:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int | str) -> float:
+    """User + system CPU of a process and of its children it has reaped (0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+
+
+def _server_pids(name: str) -> list[str]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    pids.append(entry.name)
+            except OSError:
+                continue
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds spent by the client, PostgreSQL and Redis (local servers) between start and stop.
+
+    The servers are found by process name on this machine; on a remote server their share reads 0.
+    A backend that exits inside the window is counted through its parent's reaped-children time.
+    """
+
+    def __init__(self, client_pid: int | None = None) -> None:
+        self.client_pid = client_pid
+        self.before: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        client = _cpu_seconds(self.client_pid) if self.client_pid else time.process_time()
+        return {
+            "client": client,
+            "postgres": sum(_cpu_seconds(pid) for pid in _server_pids("postgres")),
+            "redis": sum(_cpu_seconds(pid) for pid in _server_pids("redis-server")),
+        }
+
+    def start(self) -> None:
+        self.before = self._read()
+
+    def stop(self, records: int) -> dict[str, float]:
+        """CPU microseconds per record, by process."""
+        after = self._read()
+        return {k: round((after[k] - self.before[k]) / records * 1e6, 2) for k in after}
+
+
+def _drained(client: redis.Redis, key: str, last_id: bytes) -> bool:
+    group = client.xinfo_groups(key)[0]
+    return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
+
+
 def peak_rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -112,20 +169,35 @@ def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: i
                 pass
             time.sleep(0.05)
         client.xgroup_create(staging, "processor", id="0")
+        meter = CpuMeter(proc.pid)
+        meter.start()
         started = time.perf_counter()
         client.rename(staging, key)
-        while count_rows(args.database_url, schema) < expected:
+        # done when every entry was delivered and acknowledged (tpx acks only after commit); asked of
+        # Redis, not with a count(*) on positions, which would take PostgreSQL's CPU from tpx
+        last_id = client.xinfo_stream(key)["last-generated-id"]
+        while not _drained(client, key, last_id):
             if proc.poll() is not None:
                 raise RuntimeError(f"tpx serve exited with {proc.returncode}")
-            time.sleep(0.1)
+            time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        cpu = meter.stop(len(entries))
         rss = peak_rss_kb(proc.pid)
+        rows = count_rows(args.database_url, schema)
+        if rows != expected:
+            raise RuntimeError(f"tpx wrote {rows} rows, expected {expected}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         client.delete(key, staging, key + ":dlq")
         drop_schema(args.database_url, schema)
-    return {"name": "tpx end to end", "seconds": elapsed, "records": len(entries), "peak_rss_mb": rss / 1024}
+    return {
+        "name": "tpx end to end",
+        "seconds": elapsed,
+        "records": len(entries),
+        "peak_rss_mb": rss / 1024,
+        "cpu_us": cpu,
+    }
 
 
 # --- (b) the naive consumer ----------------------------------------------------------------
@@ -163,6 +235,8 @@ def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected:
     conn = psycopg.connect(args.database_url)
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     conn.commit()
+    meter = CpuMeter()
+    meter.start()
     started = time.perf_counter()
     done = 0
     try:
@@ -198,13 +272,14 @@ def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected:
             client.xack(key, "naive", *[i for i, _ in batch])
             done += len(batch)
         elapsed = time.perf_counter() - started
+        cpu = meter.stop(len(entries))
         rows = count_rows(args.database_url, schema)
         assert rows == expected, (rows, expected)
     finally:
         conn.close()
         client.delete(key)
         drop_schema(args.database_url, schema)
-    return {"name": "naive consumer", "seconds": elapsed, "records": len(entries)}
+    return {"name": "naive consumer", "seconds": elapsed, "records": len(entries), "cpu_us": cpu}
 
 
 # --- (c) the database alone ------------------------------------------------------------------
@@ -239,6 +314,8 @@ def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expect
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     conn.execute(CREATE_STAGE_SQL)
     conn.commit()
+    meter = CpuMeter()
+    meter.start()
     started = time.perf_counter()
     try:
         for i in range(0, len(rows), 2000):
@@ -250,11 +327,23 @@ def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expect
                 cur.execute(INSERT_SQL)
             conn.commit()
         elapsed = time.perf_counter() - started
+        cpu = meter.stop(len(entries))
         assert count_rows(args.database_url, schema) == expected
     finally:
         conn.close()
         drop_schema(args.database_url, schema)
-    return {"name": "database alone", "seconds": elapsed, "records": len(entries)}
+    return {"name": "database alone", "seconds": elapsed, "records": len(entries), "cpu_us": cpu}
+
+
+def _ceiling(cpu_us: dict[str, float]) -> float:
+    """Records/s if every core of this machine did nothing but this contender's work."""
+    total = sum(cpu_us.values())
+    return (os.cpu_count() or 1) * 1e6 / total if total else 0.0
+
+
+def _cpu_text(cpu_us: dict[str, float]) -> str:
+    parts = " + ".join(f"{name} {us:.1f}" for name, us in cpu_us.items())
+    return f"CPU us/record: {parts} = {sum(cpu_us.values()):.1f} -> ceiling {_ceiling(cpu_us):,.0f}/s"
 
 
 def main() -> None:
@@ -291,7 +380,8 @@ def main() -> None:
             result["rate"] = result["records"] / result["seconds"]
             results[name].append(result)
             print(
-                f"  {result['name']:<16} {result['rate']:>10,.0f} rec/s  ({result['seconds']:.2f}s)",
+                f"  {result['name']:<16} {result['rate']:>10,.0f} rec/s  ({result['seconds']:.2f}s)"
+                f"  {_cpu_text(result['cpu_us'])}",
                 file=sys.stderr,
             )
     best = {name: max(runs, key=lambda r: r["rate"]) for name, runs in results.items()}
@@ -300,6 +390,8 @@ def main() -> None:
         "devices": args.devices,
         "repeat": args.repeat,
         "rates": {n: round(r["rate"]) for n, r in best.items()},
+        "cpu_us_per_record": {n: r["cpu_us"] for n, r in best.items()},
+        "cpu_bound_ceiling": {n: round(_ceiling(r["cpu_us"])) for n, r in best.items()},
     }
     if "tpx" in best and "naive" in best:
         summary["tpx_vs_naive"] = round(best["tpx"]["rate"] / best["naive"]["rate"], 2)
@@ -325,7 +417,7 @@ def main() -> None:
         return
     print(f"\n{args.records:,} records, {args.devices:,} devices, best of {args.repeat}")
     for r in best.values():
-        print(f"  {r['name']:<16} {r['rate']:>10,.0f} rec/s")
+        print(f"  {r['name']:<16} {r['rate']:>10,.0f} rec/s  {_cpu_text(r['cpu_us'])}")
     for key in ("tpx_vs_naive", "tpx_vs_db_alone", "tpx_peak_rss_mb", "backlog"):
         if key in summary:
             print(f"  {key}: {summary[key]}")

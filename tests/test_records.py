@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpx.records import DecodeError, Position, decode_entry
+from tpx.records import DecodeError, Position, contract_fields, decode_entry
 
 NOW_US = 1_795_000_000_000_000  # 2026-11-18
 DAY_US = 86_400_000_000
@@ -147,7 +147,10 @@ def test_required_keys(key: str) -> None:
     [
         (b"356307042441013", True),
         (b"a" * 64, True),
+        (b"9" * 64, True),
         (b"A-z.0_9:x", True),
+        (b"9" * 65, False),
+        ("٣".encode(), False),
         (b"", False),
         (b"a" * 65, False),
         (b"bad id", False),
@@ -248,7 +251,7 @@ def test_io_must_be_an_object() -> None:
 
 
 def test_received_at_must_be_integer_ms() -> None:
-    for bad in (b"soon", b"1.5", b" 12", b"1_000", b"-5"):
+    for bad in (b"soon", b"1.5", b" 12", b"1_000", b"-5", b"", b"1" * 16, "١٢".encode()):
         with pytest.raises(DecodeError, match="received_at"):
             decode(base(), received_at=bad)
 
@@ -383,3 +386,29 @@ def test_attributes_match_the_reference(io: dict[str, Any]) -> None:
     raw = json.dumps({"ts": 1_700_000_000_000, "lat": 1.5, "lon": 2.5, "io": io}).encode()
     p = decode(None, raw=raw)
     assert json.loads(p.attributes) == reference_attributes(json.loads(raw)["io"])
+
+
+# --- the reader's flat field lists -------------------------------------------------------
+
+FIELD_NAMES = st.sampled_from([b"device_id", b"record", b"received_at", b"codec", b"x"])
+
+
+@given(st.lists(st.tuples(FIELD_NAMES, FIELD_NAMES | st.binary(max_size=4)), max_size=6))
+def test_contract_fields_reads_a_flat_list_as_a_dict_would(pairs: list[tuple[bytes, bytes]]) -> None:
+    """Any order, repeats (last wins) and values that look like names: the same as dict(pairs)."""
+    flat = [item for pair in pairs for item in pair]
+    fields = dict(pairs)
+    assert contract_fields(flat) == (
+        fields.get(b"device_id"),
+        fields.get(b"record"),
+        fields.get(b"received_at"),
+    )
+
+
+def test_contract_fields_gateway_layout() -> None:
+    flat = [b"device_id", b"1", b"record", b"{}", b"codec", b"8E", b"received_at", b"2"]
+    assert contract_fields(flat) == (b"1", b"{}", b"2")
+    flat[5] = b"record"  # a codec value that reads like a name changes nothing
+    assert contract_fields(flat) == (b"1", b"{}", b"2")
+    flat[4] = b"record"  # but a repeated name does: the last one counts
+    assert contract_fields(flat) == (b"1", b"record", b"2")

@@ -24,6 +24,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -42,7 +43,6 @@ INT32_MAX: Final = 2**31 - 1
 
 DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
 
-_EPOCH_MS_RE: Final = re.compile(rb"[0-9]{1,15}")
 _BIGINT: Final = "__bigint__"
 _BYTES: Final = "__bytes__"
 _BIGINT_RE: Final = re.compile(r"-?[0-9]+")
@@ -50,6 +50,7 @@ _BIGINT_RE: Final = re.compile(r"-?[0-9]+")
 F_DEVICE_ID: Final = b"device_id"
 F_RECORD: Final = b"record"
 F_RECEIVED_AT: Final = b"received_at"
+_CONTRACT_FIELDS: Final = (F_DEVICE_ID, F_RECORD, F_RECEIVED_AT)
 
 
 class DecodeError(ValueError):
@@ -167,7 +168,7 @@ def _sentinel(value: dict[str, Any], hexify: bool) -> int | bytes | str:
     return data.hex() if hexify else data
 
 
-def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:
+def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:  # noqa: PLR0912  (hot path, inlined)
     """Replace sentinels inside ``value`` (in place where it can) and return the result.
 
     ``hexify`` turns byte strings into lowercase hex (how ``attributes`` stores them);
@@ -181,7 +182,10 @@ def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:
             tv = type(v)
             if tv is dict or tv is list or (check_wide and tv is float):
                 try:
-                    new = _walk(v, hexify, check_wide)
+                    if tv is dict and (_BIGINT in v or _BYTES in v):  # the common nesting, one call less
+                        new = _sentinel(v, hexify)
+                    else:
+                        new = _walk(v, hexify, check_wide)
                 except _SentinelError as exc:
                     exc.path.append(f".{_key(k)}")
                     raise
@@ -332,30 +336,82 @@ def _attributes(io: Any, check_wide: bool) -> str:
 
 def decode_entry(
     entry_id: bytes,
-    fields: dict[bytes, bytes],
+    fields: Mapping[bytes, bytes],
     *,
     now_us: int,
     max_future_us: int,
 ) -> Position:
     """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`."""
+    return decode_values(
+        entry_id,
+        fields.get(F_DEVICE_ID),
+        fields.get(F_RECORD),
+        fields.get(F_RECEIVED_AT),
+        now_us=now_us,
+        max_future_us=max_future_us,
+    )
+
+
+def contract_fields(flat: Sequence[bytes]) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """``device_id``, ``record`` and ``received_at`` out of an entry's flat field list.
+
+    The list is what Redis sends (name, value, name, value, ...); reading it in place
+    spares the reader a dict per entry. A repeated name counts with its last value,
+    as it would in a dict.
+    """
+    if (  # the gateway's layout: device_id, record, codec, received_at
+        len(flat) == 8
+        and flat[0] == F_DEVICE_ID
+        and flat[2] == F_RECORD
+        and flat[6] == F_RECEIVED_AT
+        and flat[4] not in _CONTRACT_FIELDS
+    ):
+        return flat[1], flat[3], flat[7]
+    device = record = received = None
+    for i in range(0, len(flat) - 1, 2):
+        name = flat[i]
+        if name == F_DEVICE_ID:
+            device = flat[i + 1]
+        elif name == F_RECORD:
+            record = flat[i + 1]
+        elif name == F_RECEIVED_AT:
+            received = flat[i + 1]
+    return device, record, received
+
+
+def decode_values(
+    entry_id: bytes,
+    device: bytes | None,
+    record: bytes | None,
+    received: bytes | None,
+    *,
+    now_us: int,
+    max_future_us: int,
+) -> Position:
+    """:func:`decode_entry` for the three fields the contract reads, given one by one."""
     try:
         try:
-            return _decode(entry_id, fields, now_us, max_future_us, fast=True)
+            return _decode(entry_id, device, record, received, now_us, max_future_us, fast=True)
         except _WideIntegerError:
-            return _decode(entry_id, fields, now_us, max_future_us, fast=False)
+            return _decode(entry_id, device, record, received, now_us, max_future_us, fast=False)
     except RecursionError:
         raise DecodeError("record: nested too deeply") from None
 
 
 def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow paths in helpers)
-    entry_id: bytes, fields: dict[bytes, bytes], now_us: int, max_future_us: int, fast: bool
+    entry_id: bytes,
+    device: bytes | None,
+    raw: bytes | None,
+    received: bytes | None,
+    now_us: int,
+    max_future_us: int,
+    fast: bool,
 ) -> Position:
-    device = fields.get(F_DEVICE_ID)
     if device is None:
         raise DecodeError("device_id is missing")
-    if DEVICE_ID_RE.fullmatch(device) is None:
+    # an IMEI (digits only, ASCII for bytes.isdigit) needs no regex
+    if not (device.isdigit() and len(device) <= 64) and DEVICE_ID_RE.fullmatch(device) is None:
         raise DecodeError(f"device_id is invalid (1-64 of A-Z a-z 0-9 . _ : -): {_show(device)}")
-    raw = fields.get(F_RECORD)
     if raw is None:
         raise DecodeError("record is missing")
     if fast:
@@ -417,9 +473,8 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
     attributes = _attributes(get("io"), check_wide=fast)
 
     received_at_us = None
-    received = fields.get(F_RECEIVED_AT)
     if received is not None:
-        if _EPOCH_MS_RE.fullmatch(received) is None:
+        if not (received.isdigit() and len(received) <= 15):  # bytes.isdigit(): ASCII 0-9 only
             raise DecodeError(f"received_at must be integer epoch milliseconds: {_show(received)}")
         received_at_us = int(received) * 1000
 

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -35,7 +35,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
-from tpx.records import DecodeError, Position, decode_entry
+from tpx.records import DecodeError, Position, contract_fields, decode_values
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,17 @@ IDLE_BLOCK_MS = 500
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
+#: Entries as Redis sends them: (id, [name, value, ...]); fields None: deleted while pending.
+Entries = list[tuple[bytes, list[bytes] | None]]
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
+    pairs = iter(flat)
+    return dict(zip(pairs, pairs, strict=False))
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
@@ -73,6 +83,12 @@ class Reader(threading.Thread):
         super().__init__(name="tpx-reader", daemon=True)
         self.s = settings
         self.client = client
+        # Stream replies are read as Redis sent them, on a sibling client sharing the pool:
+        # redis-py's parsing would build a dict per entry, which cost the reader more than a
+        # third of what decoding the record costs (benchmarks/bench_pipeline.py, CPU per record).
+        self.raw = redis.Redis(connection_pool=client.connection_pool)
+        for command in ("XREADGROUP", "XAUTOCLAIM"):
+            self.raw.set_response_callback(command, _as_sent)
         self.out = out
         self.metrics = metrics
         self.stop_event = stop
@@ -147,7 +163,7 @@ class Reader(threading.Thread):
         self._flush(force=False)
 
     def _read(self, cursor: bytes, block: int | None) -> Entries:
-        reply = self.client.xreadgroup(
+        reply = self.raw.xreadgroup(
             self.s.group,
             self.s.consumer,
             {self.s.stream: cursor},
@@ -156,9 +172,9 @@ class Reader(threading.Thread):
         )
         if not reply:
             return []
-        # RESP2: [[stream, entries]]; RESP3: {stream: [entries]}
+        # RESP3: {stream: entries}; RESP2: [[stream, entries]]
         if isinstance(reply, dict):
-            return cast(Entries, next(iter(reply.values()))[0])
+            return cast(Entries, next(iter(reply.values())))
         return cast(Entries, reply[0][1])
 
     def claim_sweep(self) -> int:
@@ -166,7 +182,7 @@ class Reader(threading.Thread):
         start: bytes = b"0-0"
         claimed = 0
         while not self.stop_event.is_set():
-            reply = self.client.xautoclaim(
+            reply = self.raw.xautoclaim(
                 self.s.stream,
                 self.s.group,
                 self.s.consumer,
@@ -174,17 +190,18 @@ class Reader(threading.Thread):
                 start_id=start,
                 count=self.s.read_count,
             )
-            # Redis 7: [next, entries, deleted ids]; Redis 6.2: [next, entries] (deleted: empty fields)
+            # Redis 7: [next, entries, deleted ids]; Redis 6.2: [next, entries] (a deleted one: nil)
             next_id = cast(bytes, reply[0])
-            entries = cast(Entries, reply[1])
+            entries = cast(list[tuple[bytes, list[bytes] | None] | None], reply[1])
             deleted = cast(list[bytes], reply[2]) if len(reply) > 2 else []
             if deleted:
                 self.client.xack(self.s.stream, self.s.group, *deleted)
                 self.metrics.vanished.inc(len(deleted))
-            if any(i is None for i, _ in entries):  # Redis 6.2 names no id for a deleted entry
+            if any(e is None for e in entries):  # Redis 6.2 names no id for a deleted entry
                 self._ack_vanished_pending()
-                entries = [(i, f) for i, f in entries if i is not None]
-            fresh = [(i, f) for i, f in entries if i not in self.inflight and f]
+            fresh: Entries = [
+                (e[0], e[1]) for e in entries if e is not None and e[1] and e[0] not in self.inflight
+            ]
             if fresh:
                 claimed += len(fresh)
                 self.metrics.claimed.inc(len(fresh))
@@ -251,13 +268,14 @@ class Reader(threading.Thread):
             if not fields:  # deleted from the stream while pending
                 vanished.append(entry_id)
                 continue
+            device, record, received = contract_fields(fields)
             try:
-                position: Position = decode_entry(
-                    entry_id, fields, now_us=now_us, max_future_us=max_future_us
+                position: Position = decode_values(
+                    entry_id, device, record, received, now_us=now_us, max_future_us=max_future_us
                 )
             except DecodeError as exc:
                 count = deliveries.get(entry_id, 1) if deliveries else 1
-                poison.append(DeadLetter(entry_id, fields, STAGE_DECODE, str(exc), count))
+                poison.append(DeadLetter(entry_id, _fields_dict(fields), STAGE_DECODE, str(exc), count))
                 continue
             append(position)
             if deliveries:

@@ -248,6 +248,9 @@ def test_malformed_sentinels(value: Any, message: str) -> None:
 def test_io_must_be_an_object() -> None:
     with pytest.raises(DecodeError, match=r"record.io must be an object"):
         decode(base(io=[1, 2]))
+    for sentinel in ({"__bigint__": "5"}, {"__bytes__": "AQI="}):  # decodes to a scalar
+        with pytest.raises(DecodeError, match=r"record.io must be an object, got a sentinel"):
+            decode(base(io=sentinel))
 
 
 def test_received_at_must_be_integer_ms() -> None:

@@ -318,6 +318,8 @@ def _attributes(io: Any, check_wide: bool) -> str:
         io = _walk(io, hexify=True, check_wide=check_wide)
     except _SentinelError as exc:
         raise exc.at("record.io") from None
+    if type(io) is not dict:  # io was itself a sentinel: an integer or bytes, not an object
+        raise DecodeError(f"record.io must be an object, got a sentinel for {_show(io)}")
     try:
         return orjson.dumps(io).decode()
     except orjson.JSONEncodeError as exc:

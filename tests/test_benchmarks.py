@@ -1,0 +1,44 @@
+"""The benchmark scripts run from a clean checkout and report what README's speed table quotes.
+
+A smoke run on a few thousand records: it checks the scripts work and that each contender
+wrote exactly its input (the scripts assert it), not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pipeline_benchmark_reports_every_contender(redis_server_url: str, pg_server_url: str) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_pipeline.py"),
+            "--records",
+            "3000",
+            "--devices",
+            "40",
+            "--json",
+            "--redis-url",
+            redis_server_url,
+            "--database-url",
+            pg_server_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout)
+    assert set(summary["rates"]) == {"tpx", "naive", "db"}
+    assert all(rate > 0 for rate in summary["rates"].values())
+    assert summary["tpx_vs_naive"] > 0 and summary["tpx_vs_db_alone"] > 0
+    for contender in ("tpx", "naive", "db"):
+        cpu = summary["cpu_us_per_record"][contender]
+        assert set(cpu) == {"client", "postgres", "redis"} and cpu["client"] > 0

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
+import pytest
 import redis
 from psycopg import sql
 
@@ -261,3 +262,31 @@ def test_schema_search_path_keeps_other_schemas_apart(
         ).fetchall()
         assert found == [(settings.db_schema,)]
         conn.execute(sql.SQL("SELECT 1 FROM {}.positions").format(sql.Identifier(settings.db_schema)))
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_stream_replies_are_read_alike_over_resp2_and_resp3(
+    settings: Settings, rclient: redis.Redis, protocol: int
+) -> None:
+    """The reader parses XREADGROUP and XAUTOCLAIM replies itself: both reply shapes, all three paths."""
+    sep = "&" if "?" in settings.redis_url else "?"
+    s = settings.model_copy(
+        update={
+            "redis_url": f"{settings.redis_url}{sep}protocol={protocol}",
+            "claim_idle_ms": 100,
+            "claim_interval_s": 0.2,
+        }
+    )
+    rclient.xgroup_create(s.stream, s.group, id="0", mkstream=True)
+    add_entries(rclient, s.stream, [record("dead", ts=NOW_MS - 10_000 + i) for i in range(10)])
+    rclient.xreadgroup(s.group, "gone", {s.stream: ">"}, count=10)  # a dead consumer's: claimed
+    add_entries(rclient, s.stream, [record("own", ts=NOW_MS - 10_000 + i) for i in range(10)])
+    rclient.xreadgroup(s.group, s.consumer, {s.stream: ">"}, count=10)  # our own pending: re-read
+    poison = {"device_id": "new", "record": "{not json", "x-extra": "kept"}
+    add_entries(rclient, s.stream, [record("new", ts=NOW_MS - 10_000 + i) for i in range(10)] + [poison])
+    with running(s) as engine:  # the sweep claims the dead consumer's once they are idle 100 ms
+        wait_for(lambda: drained(rclient, s, 30), what="30 rows and nothing pending")
+        assert engine.metrics.claimed._value.get() == 10
+    assert {r[0] for r in rows(s.database_url, s.db_schema)} == {"dead", "own", "new"}
+    [(_, letter)] = rclient.xrange(s.dlq_stream)
+    assert letter[b"x-extra"] == b"kept" and letter[b"record"] == b"{not json"

@@ -45,7 +45,6 @@ DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
 
 _BIGINT: Final = "__bigint__"
 _BYTES: Final = "__bytes__"
-_BIGINT_RE: Final = re.compile(r"-?[0-9]+")
 
 F_DEVICE_ID: Final = b"device_id"
 F_RECORD: Final = b"record"

@@ -15,6 +15,12 @@ It prints records/s for each and the ratios (the machine is shared and noisy:
 ratios from one run mean more than absolute numbers). ``--rss N`` additionally
 drains an N-record backlog through tpx and reports its peak RSS.
 
+Each contender also reports the CPU it costs per record: the client process, every
+local PostgreSQL process and Redis (read from /proc; a remote server reads 0), and
+the records/s that would give if all cores did nothing else (its CPU-bound ceiling).
+tpx's run ends when Redis says every entry was delivered and acknowledged (tpx acks
+only after commit), then its rows are counted once: no polling query competes with it.
+
 Usage:
     python benchmarks/bench_pipeline.py [--records 200000] [--devices 1000] [--repeat 1]
         [--redis-url redis://127.0.0.1:6379/0] [--database-url postgresql://postgres@127.0.0.1/test]

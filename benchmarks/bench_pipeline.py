@@ -8,8 +8,8 @@ schema on the same Postgres:
 (a) tpx end to end: a real ``tpx serve`` subprocess drains the backlog;
 (b) naive: XREADGROUP COUNT 100 -> json.loads -> executemany INSERT .. ON CONFLICT
     -> commit -> XACK, one thread — the consumer most people would write first;
-(c) database alone: the same rows, already in memory, COPY + INSERT .. ON CONFLICT
-    on one connection, batches of 2,000.
+(c) database alone: the same records, already decoded in memory, COPY (tpx's own
+    copy_to_stage) + INSERT .. ON CONFLICT on one connection, batches of 2,000.
 
 It prints records/s for each and the ratios (the machine is shared and noisy:
 ratios from one run mean more than absolute numbers). ``--rss N`` additionally
@@ -45,7 +45,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpx.engine.writer import COPY_SQL, COPY_TYPES, CREATE_STAGE_SQL, INSERT_SQL
+from tpx.engine.writer import CREATE_STAGE_SQL, INSERT_SQL, copy_to_stage
 from tpx.fleet import Fleet
 from tpx.records import decode_entry
 from tpx.schema import migrate
@@ -293,27 +293,15 @@ def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected:
 
 def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
     now_us = time.time_ns() // 1000
-    rows = []
-    for i, e in enumerate(entries):
-        fields = {k.encode(): v.encode() for k, v in e.items()}
-        p = decode_entry(f"{i}-0".encode(), fields, now_us=now_us, max_future_us=86_400_000_000)
-        rows.append(
-            (
-                p.device_id,
-                p.ts_us,
-                p.latitude,
-                p.longitude,
-                p.altitude,
-                p.angle,
-                p.speed,
-                p.satellites,
-                p.priority,
-                p.event_io_id,
-                p.valid,
-                p.attributes,
-                p.received_at_us,
-            )
+    positions = [
+        decode_entry(
+            f"{i}-0".encode(),
+            {k.encode(): v.encode() for k, v in e.items()},
+            now_us=now_us,
+            max_future_us=86_400_000_000,
         )
+        for i, e in enumerate(entries)
+    ]
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     migrate(args.database_url, schema)
     conn = psycopg.connect(args.database_url)
@@ -324,12 +312,9 @@ def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expect
     meter.start()
     started = time.perf_counter()
     try:
-        for i in range(0, len(rows), 2000):
+        for i in range(0, len(positions), 2000):
             with conn.cursor() as cur:
-                with cur.copy(COPY_SQL) as copy:
-                    copy.set_types(COPY_TYPES)
-                    for row in rows[i : i + 2000]:
-                        copy.write_row(row)
+                copy_to_stage(cur, positions[i : i + 2000])
                 cur.execute(INSERT_SQL)
             conn.commit()
         elapsed = time.perf_counter() - started

@@ -31,8 +31,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -269,27 +269,7 @@ class Writer(threading.Thread):
         with self.pool.connection() as conn:
             with conn.cursor() as cur:
                 seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
-                with cur.copy(COPY_SQL) as copy:
-                    copy.set_types(COPY_TYPES)
-                    write_row = copy.write_row
-                    for p in part:
-                        write_row(
-                            (
-                                p.device_id,
-                                p.ts_us,
-                                p.latitude,
-                                p.longitude,
-                                p.altitude,
-                                p.angle,
-                                p.speed,
-                                p.satellites,
-                                p.priority,
-                                p.event_io_id,
-                                p.valid,
-                                p.attributes,
-                                p.received_at_us,
-                            )
-                        )
+                copy_to_stage(cur, part)
                 cur.execute(INSERT_SQL)
                 already: set[tuple[str, int]] = set()
                 if cur.rowcount != len(part):
@@ -343,6 +323,34 @@ class Writer(threading.Thread):
             self.metrics.dead_lettered.labels(STAGE_WRITE).inc(len(letters))
             for letter in letters:
                 log.info("dead-lettered %s (write): %s", letter.entry_id.decode(), letter.error)
+
+
+def copy_to_stage(cur: psycopg.Cursor[Any], positions: Iterable[Position]) -> None:
+    """Binary-COPY ``positions`` into the connection's staging table (``STAGE_COLUMNS`` order).
+
+    The tuple is spelled out: slot reads in a tuple display cost a third of an attrgetter.
+    """
+    with cur.copy(COPY_SQL) as copy:
+        copy.set_types(COPY_TYPES)
+        write_row = copy.write_row
+        for p in positions:
+            write_row(
+                (
+                    p.device_id,
+                    p.ts_us,
+                    p.latitude,
+                    p.longitude,
+                    p.altitude,
+                    p.angle,
+                    p.speed,
+                    p.satellites,
+                    p.priority,
+                    p.event_io_id,
+                    p.valid,
+                    p.attributes,
+                    p.received_at_us,
+                )
+            )
 
 
 def _first_of_each_key(positions: list[Position]) -> tuple[list[Position], list[Position]]:

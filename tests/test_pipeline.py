@@ -18,6 +18,8 @@ from tests.helpers import NOW_MS, add_entries, drained, pending_count, record, r
 from tpx.config import Settings
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
+from tpx.engine.writer import CREATE_STAGE_SQL
+from tpx.schema import migrate
 
 
 @contextlib.contextmanager
@@ -129,6 +131,47 @@ def test_duplicates_within_and_across_batches_first_write_wins(
         state = engine.states.get("dup")
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,)]
     assert state is not None and state.records == 2 and state.duplicates == 2
+
+
+@pytest.mark.parametrize("collation", ['"C"', '"default"'])
+def test_the_staging_table_follows_the_device_id_collation(
+    pg_server_url: str, schema: str, collation: str
+) -> None:
+    """Mixed collations would make the duplicate lookup unable to use the primary key."""
+    migrate(pg_server_url, schema)
+    with psycopg.connect(pg_server_url) as conn:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ALTER COLUMN device_id TYPE text COLLATE {}").format(
+                sql.Identifier(schema, "positions"), sql.SQL(collation)
+            )
+        )
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(CREATE_STAGE_SQL)
+        found = conn.execute(
+            "SELECT attcollation::regcollation::text FROM pg_attribute"
+            " WHERE attrelid = 'tpx_stage'::regclass AND attname = 'device_id'"
+        ).fetchone()
+    assert found == (collation,)
+
+
+def test_a_table_that_kept_its_collation_still_dedupes(settings: Settings, rclient: redis.Redis) -> None:
+    """positions from before migration 002 (device_id in the database's collation): the staging
+    table follows it, so the duplicate lookup still joins on the primary key."""
+    migrate(settings.database_url, settings.db_schema)
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute(
+            sql.SQL('ALTER TABLE {} ALTER COLUMN device_id TYPE text COLLATE "default"').format(
+                sql.Identifier(settings.db_schema, "positions")
+            )
+        )
+    ts = NOW_MS - 60_000
+    add_entries(rclient, settings.stream, [record("kept", ts=ts, lat=1.0), record("kept", ts=ts + 1)])
+    with running(settings) as engine:
+        wait_for(lambda: drained(rclient, settings, 2), what="2 rows")
+        add_entries(rclient, settings.stream, [record("kept", ts=ts, lat=4.0)])  # already stored
+        wait_for(lambda: engine.metrics.duplicates._value.get() == 1, what="1 duplicate counted")
+        wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
+    assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (54.6872,)]
 
 
 def test_restart_rereads_own_pending_entries(settings: Settings, rclient: redis.Redis) -> None:

@@ -200,3 +200,48 @@ def test_timescale_settings_are_validated(env: dict[str, str], message: str) -> 
         load(database_url="postgresql://u:secretpw@h/db", **env)
     text = " ".join(info.value.lines)
     assert message in text and "secretpw" not in text
+
+
+def _device_id_collation(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> object:
+    row = conn.execute(
+        "SELECT attcollation::regcollation::text FROM pg_attribute"
+        " WHERE attrelid = %s::regclass AND attname = 'device_id'",
+        (f"{schema}.positions",),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def test_a_new_install_compares_device_ids_bytewise(pg_server_url: str, schema: str) -> None:
+    migrate(pg_server_url, schema)
+    with psycopg.connect(pg_server_url) as conn:
+        assert _device_id_collation(conn, schema) == '"C"'
+
+
+def test_the_collation_migration_leaves_a_table_with_rows_alone(
+    pg_server_url: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install from before migration 002, holding rows: no index rebuild at start-up, a warning."""
+    migrate(pg_server_url, schema)
+    target = sql.Identifier(schema, "positions")
+    with psycopg.connect(pg_server_url) as conn:
+        conn.execute(
+            sql.SQL('ALTER TABLE {} ALTER COLUMN device_id TYPE text COLLATE "default"').format(target)
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (device_id, ts, latitude, longitude, valid) VALUES ('a', now(), 1, 2, true)"
+            ).format(target)
+        )
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE version >= 2").format(sql.Identifier(schema, MIGRATIONS_TABLE))
+        )
+    caplog.set_level("WARNING", logger="tpx.schema")
+    report = migrate(pg_server_url, schema)
+    assert "002_device_id_collate_c" in report.applied
+    assert report.current_version == latest_version()
+    with psycopg.connect(pg_server_url) as conn:
+        assert _device_id_collation(conn, schema) == '"default"'
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone() == (1,)
+    assert any("keeps its collation (the table holds rows)" in r.getMessage() for r in caplog.records)
+    # the server's routine notices (CREATE .. IF NOT EXISTS on a second run) stay out of the log
+    assert not any("already exists" in r.getMessage() for r in caplog.records)

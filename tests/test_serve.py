@@ -145,7 +145,8 @@ def test_migrate_command(settings: Settings) -> None:
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["applied"] == ["001_positions"] and report["storage"] in ("table", "hypertable")
+    assert report["applied"] == ["001_positions", "002_device_id_collate_c"]
+    assert report["storage"] in ("table", "hypertable")
 
 
 def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, str], tmp_path: Path) -> None:

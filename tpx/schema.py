@@ -176,6 +176,17 @@ def _interval(duration: str) -> str:
     return f"{int(parse_duration(duration))} seconds"
 
 
+#: A migration tells the operator about a step it skipped with ``RAISE NOTICE 'tpx: ...'``.
+NOTICE_PREFIX = "tpx: "
+
+
+def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
+    """Log a migration's own notices; the server's routine ones ("already exists, skipping") stay out."""
+    message = diag.message_primary or ""
+    if message.startswith(NOTICE_PREFIX):
+        log.warning("migration: %s", message.removeprefix(NOTICE_PREFIX))
+
+
 def migrate(
     conninfo: str, schema: str = "public", compress_after: str = "", retain_for: str = ""
 ) -> MigrationReport:
@@ -183,6 +194,7 @@ def migrate(
     report = MigrationReport(schema=schema)
     migrations = load_migrations()
     with psycopg.connect(conninfo, autocommit=False, application_name="tpx-migrate") as conn:
+        conn.add_notice_handler(_log_notice)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))

@@ -415,3 +415,11 @@ def test_contract_fields_gateway_layout() -> None:
     assert contract_fields(flat) == (b"1", b"{}", b"2")
     flat[4] = b"record"  # but a repeated name does: the last one counts
     assert contract_fields(flat) == (b"1", b"record", b"2")
+
+
+def test_a_position_begins_with_the_staging_columns_in_order() -> None:
+    """The writer copies position[:COPIED] as a row: field order is the COPY's column order."""
+    from tpx.records import COPIED, STAGE_COLUMNS, Position
+
+    assert Position._fields[:COPIED] == tuple(name for name, _ in STAGE_COLUMNS)
+    assert Position._fields[COPIED:] == ("entry_id",)

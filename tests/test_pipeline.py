@@ -129,6 +129,8 @@ def test_duplicates_within_and_across_batches_first_write_wins(
         wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="2 duplicates counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
         state = engine.states.get("dup")
+        # the later batch's plain INSERT met the stored key; ON CONFLICT moved it again
+        assert engine.metrics.insert_fallbacks._value.get() == 1
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,)]
     assert state is not None and state.records == 2 and state.duplicates == 2
 
@@ -172,6 +174,36 @@ def test_a_table_that_kept_its_collation_still_dedupes(settings: Settings, rclie
         wait_for(lambda: engine.metrics.duplicates._value.get() == 1, what="1 duplicate counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (54.6872,)]
+
+
+def test_two_engines_writing_the_same_keys_store_each_once(settings: Settings, rclient: redis.Redis) -> None:
+    """Two writers racing on the same keys: one plain INSERT waits for the other, fails, falls back."""
+    other = settings.model_copy(update={"stream": settings.stream + ":twin", "consumer": "twin"})
+    entries = [record(f"race-{i % 50}", ts=NOW_MS - 600_000 + i) for i in range(3000)]
+    try:
+        add_entries(rclient, settings.stream, entries)
+        add_entries(rclient, other.stream, entries)
+        with running(settings) as one, running(other) as two:
+
+            def done() -> float:
+                return sum(
+                    e.metrics.written._value.get() + e.metrics.duplicates._value.get() for e in (one, two)
+                )
+
+            wait_for(lambda: done() == 6000, what="6,000 records written or counted duplicate", timeout=60)
+            wait_for(
+                lambda: pending_count(rclient, settings.stream) + pending_count(rclient, other.stream) == 0,
+                what="both streams acknowledged",
+            )
+            written = one.metrics.written._value.get() + two.metrics.written._value.get()
+            duplicates = one.metrics.duplicates._value.get() + two.metrics.duplicates._value.get()
+            fallbacks = one.metrics.insert_fallbacks._value.get() + two.metrics.insert_fallbacks._value.get()
+    finally:
+        rclient.delete(other.stream, other.stream + ":dlq")
+    assert row_count(settings.database_url, settings.db_schema) == 3000
+    assert (written, duplicates) == (3000, 3000)
+    assert fallbacks >= 1
+    assert rclient.xlen(settings.stream + ":dlq") == 0
 
 
 def test_restart_rereads_own_pending_entries(settings: Settings, rclient: redis.Redis) -> None:

@@ -51,6 +51,11 @@ class Metrics:
         self.retries = Counter(
             "tpx_write_retries", "Batch writes retried after an infrastructure failure", registry=r
         )
+        self.insert_fallbacks = Counter(
+            "tpx_insert_fallbacks",
+            "Batches whose plain INSERT met an already-stored key and were moved again with ON CONFLICT",
+            registry=r,
+        )
         self.ack_failures = Counter(
             "tpx_ack_failures",
             "XACK calls that failed (entries left pending for redelivery)",

@@ -94,8 +94,9 @@ COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
     sql.SQL(", ").join(sql.Identifier(name) for name, _ in STAGE_COLUMNS),
 )
 COPY_TYPES = [pgtype for _, pgtype in STAGE_COLUMNS]
-INSERT_SQL = sql.SQL(
-    """
+#: Staging table -> positions, in key order (two writers meeting the same keys lock them in the
+#: same order). Ends with PLAIN_END or ON_CONFLICT_END.
+_MOVE_SQL = """
 INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed,
                        satellites, priority, event_io_id, valid, attributes,
                        received_at, ingested_at)
@@ -107,9 +108,18 @@ SELECT device_id,
        now()
 FROM {}
 ORDER BY device_id, ts_us
-ON CONFLICT (device_id, ts) DO NOTHING
 """
-).format(sql.Identifier(STAGE_TABLE))
+#: The idempotent form: a key already stored is skipped.
+INSERT_SQL = sql.SQL(_MOVE_SQL + "ON CONFLICT (device_id, ts) DO NOTHING\n").format(
+    sql.Identifier(STAGE_TABLE)
+)
+#: The plain form, tried first (in a savepoint): it fails on a key already stored, and costs
+#: PostgreSQL 18 % fewer instructions per row than ON CONFLICT's speculative insertion (an
+#: extra index descent and a WAL record per row; callgrind, PostgreSQL 15).
+PLAIN_INSERT_SQL = sql.SQL(_MOVE_SQL).format(sql.Identifier(STAGE_TABLE))
+#: After a plain INSERT met a stored key, a writer uses ON CONFLICT for this long (s): duplicates
+#: come in runs (a redelivery after a crash, a gateway resending), and a failed attempt is wasted work.
+PLAIN_INSERT_PAUSE_S = 30.0
 #: After an INSERT that skipped rows: the staged keys whose stored row is not this
 #: transaction's own (xmin), i.e. the duplicates. Run only when rowcount says some were skipped.
 ALREADY_STORED_SQL = sql.SQL(
@@ -159,6 +169,8 @@ class Writer(threading.Thread):
         self.in_flight: list[bytes] = []
         #: entry ids read but not finished, shared with the reader (its claim sweep skips them)
         self.inflight_ids = inflight
+        #: monotonic time until which batches go straight to INSERT .. ON CONFLICT
+        self.plain_paused_until = 0.0
 
     def run(self) -> None:
         while True:
@@ -298,14 +310,33 @@ class Writer(threading.Thread):
             with conn.cursor() as cur:
                 seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
                 copy_to_stage(cur, part)
-                cur.execute(INSERT_SQL)
                 already: set[tuple[str, int]] = set()
-                if cur.rowcount != len(part):
-                    already = set(cur.execute(ALREADY_STORED_SQL).fetchall())
+                if not self._insert_plain(conn, cur):
+                    cur.execute(INSERT_SQL)
+                    if cur.rowcount != len(part):
+                        already = set(cur.execute(ALREADY_STORED_SQL).fetchall())
             conn.commit()
         if cold:
             states.seed(cold, seeds)
         return already
+
+    def _insert_plain(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> bool:
+        """Move the staged rows with a plain INSERT; False when a key was already stored.
+
+        The attempt runs in a savepoint, so a stored key undoes only the attempt: the staged rows
+        stay for the ON CONFLICT form, which runs at the top level (ALREADY_STORED_SQL tells the
+        transaction's own rows by their xmin).
+        """
+        if time.monotonic() < self.plain_paused_until:
+            return False
+        try:
+            with conn.transaction():
+                cur.execute(PLAIN_INSERT_SQL)
+        except psycopg.errors.UniqueViolation:
+            self.plain_paused_until = time.monotonic() + PLAIN_INSERT_PAUSE_S
+            self.metrics.insert_fallbacks.inc()
+            return False
+        return True
 
     # --- acknowledgements and write-stage dead letters ---
 

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from tests.helpers import NOW_MS, add_entries, drained, pending_count, record, row_count, rows, wait_for
 from tpx.config import Settings
+from tpx.engine.reader import Reader
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
 from tpx.engine.writer import CREATE_STAGE_SQL
@@ -341,17 +342,22 @@ def test_schema_search_path_keeps_other_schemas_apart(
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_stream_replies_are_read_alike_over_resp2_and_resp3(
-    settings: Settings, rclient: redis.Redis, protocol: int
+    settings: Settings, rclient: redis.Redis, protocol: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reader parses XREADGROUP and XAUTOCLAIM replies itself: both reply shapes, all three paths."""
+    """The reader parses XREADGROUP and XAUTOCLAIM replies itself: both reply shapes, all four paths
+    (own pending, claimed, new, and new pages asked for ahead: pages of 4 make some full)."""
     sep = "&" if "?" in settings.redis_url else "?"
     s = settings.model_copy(
         update={
             "redis_url": f"{settings.redis_url}{sep}protocol={protocol}",
             "claim_idle_ms": 100,
             "claim_interval_s": 0.2,
+            "read_count": 4,
         }
     )
+    sent_ahead = []
+    send = Reader._send_read_ahead
+    monkeypatch.setattr(Reader, "_send_read_ahead", lambda self: sent_ahead.append(1) or send(self))
     rclient.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(rclient, s.stream, [record("dead", ts=NOW_MS - 10_000 + i) for i in range(10)])
     rclient.xreadgroup(s.group, "gone", {s.stream: ">"}, count=10)  # a dead consumer's: claimed
@@ -362,6 +368,7 @@ def test_stream_replies_are_read_alike_over_resp2_and_resp3(
     with running(s) as engine:  # the sweep claims the dead consumer's once they are idle 100 ms
         wait_for(lambda: drained(rclient, s, 30), what="30 rows and nothing pending")
         assert engine.metrics.claimed._value.get() == 10
+    assert sent_ahead
     assert {r[0] for r in rows(s.database_url, s.db_schema)} == {"dead", "own", "new"}
     [(_, letter)] = rclient.xrange(s.dlq_stream)
     assert letter[b"x-extra"] == b"kept" and letter[b"record"] == b"{not json"

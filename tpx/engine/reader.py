@@ -100,6 +100,8 @@ class Reader(threading.Thread):
         #: entry ids queued or being written by this process (shared with the writers)
         self.inflight = inflight
         self.next_claim = 0.0  # the first sweep runs once own pending entries are re-read
+        #: a connection with an XREADGROUP sent and its reply not read yet (read-ahead)
+        self.ahead: Any = None
 
     # --- the loop ---
 
@@ -114,6 +116,7 @@ class Reader(threading.Thread):
                 self._step()
                 backoff = BACKOFF_MIN_S
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._drop_read_ahead()
                 self.connected.clear()
                 self.cursor = b"0"  # after reconnecting, pick up whatever was left pending
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
@@ -128,8 +131,16 @@ class Reader(threading.Thread):
                     self.s.group,
                     exc,
                 )
+                self._drop_read_ahead()
                 self.connected.clear()
                 self.cursor = b"0"
+        if self.ahead is not None:  # entries already delivered to us: hand them on, not left pending
+            try:
+                entries = self._read_ahead_reply()
+                if entries:
+                    self._decode(entries, None)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("could not read the last page (%s); it stays pending", exc)
         self._flush(force=True)
         log.info("reader stopped")
 
@@ -156,11 +167,59 @@ class Reader(threading.Thread):
                 block = max(1, int(left_ms))
             else:
                 block = IDLE_BLOCK_MS
-            entries = self._read(b">", block=block)
+            entries = self._read_ahead_reply() if self.ahead else self._read(b">", block=block)
             deliveries = None
+            if len(entries) == self.s.read_count and not self.stop_event.is_set():  # a backlog
+                self._send_read_ahead()
         if entries:
             self._decode(entries, deliveries)
         self._flush(force=False)
+
+    def _drop_read_ahead(self) -> None:
+        """Forget an unread reply (its entries stay pending: the pending re-read finds them)."""
+        if self.ahead is not None:
+            conn, self.ahead = self.ahead, None
+            conn.disconnect()
+            self.raw.connection_pool.release(conn)
+
+    def _send_read_ahead(self) -> None:
+        """Ask for the next page now (no BLOCK), so Redis builds it while this one is decoded.
+
+        Redis and the decoder then work at once instead of in turn: +6 % records/s in the
+        pipeline benchmark (8 interleaved pairs, 6 won). The page's entries are delivered (pending)
+        from now on; they are read at the next step, at shutdown, or, after a connection error,
+        by the re-read of own pending entries.
+        """
+        conn: Any = self.raw.connection_pool.get_connection()  # redis-py types it loosely
+        try:
+            conn.send_command(
+                "XREADGROUP",
+                "GROUP",
+                self.s.group,
+                self.s.consumer,
+                "COUNT",
+                self.s.read_count,
+                "STREAMS",
+                self.s.stream,
+                ">",
+            )
+        except BaseException:
+            conn.disconnect()
+            self.raw.connection_pool.release(conn)
+            raise
+        self.ahead = conn
+
+    def _read_ahead_reply(self) -> Entries:
+        """The page asked for by :meth:`_send_read_ahead`."""
+        conn, self.ahead = self.ahead, None
+        try:
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            self.raw.connection_pool.release(conn)
+        return self._entries(reply)
 
     def _read(self, cursor: bytes, block: int | None) -> Entries:
         reply = self.raw.xreadgroup(
@@ -170,6 +229,10 @@ class Reader(threading.Thread):
             count=self.s.read_count,
             block=block,
         )
+        return self._entries(reply)
+
+    @staticmethod
+    def _entries(reply: Any) -> Entries:
         if not reply:
             return []
         # RESP3: {stream: entries}; RESP2: [[stream, entries]]

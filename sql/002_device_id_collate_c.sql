@@ -2,7 +2,7 @@
 -- equality and order are the same as under any deterministic collation of the database, but
 -- every comparison in the primary key's btree and in the writer's sort becomes a memcmp
 -- instead of a locale-aware strcoll: -6 % PostgreSQL instructions per row written
--- (callgrind, benchmarks/README). The column stays `text` (CONTRACT.md §2).
+-- (callgrind; README.md, "Speed"). The column stays `text` (CONTRACT.md §2).
 --
 -- Changing a column's collation rebuilds its indexes under an ACCESS EXCLUSIVE lock, so it
 -- is done here only while positions is empty (a new install). On a table that already holds

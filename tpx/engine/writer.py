@@ -58,7 +58,7 @@ RETRY_MAX_S = 5.0
 ACK_ATTEMPTS = 5
 
 #: The per-connection staging table, created when a pooled connection opens. Two details,
-#: each measured with callgrind on PostgreSQL 15 (benchmarks/README.md, "PostgreSQL per row"):
+#: each measured with callgrind on PostgreSQL 15 (README.md, "Speed"):
 #:
 #: * ``device_id`` takes the collation of ``positions.device_id`` (``"C"`` since migration 002),
 #:   so the INSERT's sort and the duplicate lookup compare like the primary key does; mixing

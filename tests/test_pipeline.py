@@ -126,14 +126,19 @@ def test_duplicates_within_and_across_batches_first_write_wins(
     )
     with running(settings) as engine:
         wait_for(lambda: drained(rclient, settings, 2), what="2 rows")
-        add_entries(rclient, settings.stream, [record("dup", ts=ts, lat=4.0)])  # a later batch
+        # a later batch: one stored key, one new
+        add_entries(
+            rclient, settings.stream, [record("dup", ts=ts, lat=4.0), record("dup", ts=ts + 2, lat=5.0)]
+        )
         wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="2 duplicates counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
         state = engine.states.get("dup")
-        # the later batch's plain INSERT met the stored key; ON CONFLICT moved it again
+        # the later batch's plain INSERT met the stored key and was undone; ON CONFLICT moved both
+        # again, and the new row still counts as written (its xmin is the transaction's own)
         assert engine.metrics.insert_fallbacks._value.get() == 1
-    assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,)]
-    assert state is not None and state.records == 2 and state.duplicates == 2
+        assert engine.metrics.written._value.get() == 3
+    assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,), (5.0,)]
+    assert state is not None and state.records == 3 and state.duplicates == 2
 
 
 @pytest.mark.parametrize("collation", ['"C"', '"default"'])

@@ -190,9 +190,9 @@ class Reader(threading.Thread):
         from now on; they are read at the next step, at shutdown, or, after a connection error,
         by the re-read of own pending entries.
         """
-        conn: Any = self.raw.connection_pool.get_connection()  # redis-py types it loosely
+        self.ahead = self.raw.connection_pool.get_connection()
         try:
-            conn.send_command(
+            self.ahead.send_command(
                 "XREADGROUP",
                 "GROUP",
                 self.s.group,
@@ -204,10 +204,8 @@ class Reader(threading.Thread):
                 ">",
             )
         except BaseException:
-            conn.disconnect()
-            self.raw.connection_pool.release(conn)
+            self._drop_read_ahead()
             raise
-        self.ahead = conn
 
     def _read_ahead_reply(self) -> Entries:
         """The page asked for by :meth:`_send_read_ahead`."""

@@ -1,4 +1,4 @@
-"""Writer threads: COPY a batch into staging, INSERT .. ON CONFLICT, COMMIT, then XACK.
+"""Writer threads: COPY a batch into staging, INSERT into positions, COMMIT, then XACK.
 
 Each writer takes batches from the queue (``get(timeout=...)``, so it notices a
 stop within one timeout), and for each batch:
@@ -8,10 +8,11 @@ stop within one timeout), and for each batch:
 2. on one pooled connection, in one transaction: seeds the state of devices
    this process has not seen yet (one query for all of them), binary-COPYs the
    rows into a per-connection temporary table, and moves them into
-   ``positions`` with ``INSERT .. SELECT .. ON CONFLICT (device_id, ts) DO
-   NOTHING``; only when the row count says some were skipped does it ask which
-   (rows whose ``xmin`` is not this transaction's) — the common batch moves no
-   keys back to Python at all;
+   ``positions`` with a plain ``INSERT .. SELECT`` in a savepoint; only when
+   that meets a key already stored does it move them again with ``ON CONFLICT
+   (device_id, ts) DO NOTHING`` and, when the row count says some were skipped,
+   ask which (rows whose ``xmin`` is not this transaction's) — the common batch
+   moves no keys back to Python at all;
 3. commits, and only then acknowledges exactly the entries of the batch;
 4. updates per-device state and calls the post-commit stages.
 
@@ -95,7 +96,7 @@ COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
 )
 COPY_TYPES = [pgtype for _, pgtype in STAGE_COLUMNS]
 #: Staging table -> positions, in key order (two writers meeting the same keys lock them in the
-#: same order). Ends with PLAIN_END or ON_CONFLICT_END.
+#: same order): PLAIN_INSERT_SQL as it is, INSERT_SQL with ON CONFLICT appended.
 _MOVE_SQL = """
 INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed,
                        satellites, priority, event_io_id, valid, attributes,

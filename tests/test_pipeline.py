@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,8 @@ from psycopg import sql
 
 from tests.helpers import NOW_MS, add_entries, drained, pending_count, record, row_count, rows, wait_for
 from tpx.config import Settings
+from tpx.engine.batch import Batch
+from tpx.engine.metrics import Metrics
 from tpx.engine.reader import Reader
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
@@ -377,3 +381,28 @@ def test_stream_replies_are_read_alike_over_resp2_and_resp3(
     assert {r[0] for r in rows(s.database_url, s.db_schema)} == {"dead", "own", "new"}
     [(_, letter)] = rclient.xrange(s.dlq_stream)
     assert letter[b"x-extra"] == b"kept" and letter[b"record"] == b"{not json"
+
+
+def test_a_page_asked_ahead_that_fails_at_shutdown_does_not_crash_the_reader(
+    settings: Settings, rclient: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply to the read-ahead that is a Redis error (here: the group was deleted after it was
+    sent) is logged at shutdown; the reader stops cleanly instead of dying with a traceback."""
+    s = settings.model_copy(update={"read_count": 4})
+    rclient.xgroup_create(s.stream, s.group, id="0", mkstream=True)
+    add_entries(rclient, s.stream, [record("dev", ts=NOW_MS - 10_000 + i) for i in range(3)])
+    stop = threading.Event()
+    out: queue.Queue[Batch | None] = queue.Queue(maxsize=4)
+    client = redis.Redis.from_url(s.redis_url)
+    reader = Reader(s, client, out, Metrics(), stop, set())
+    rclient.xgroup_destroy(s.stream, s.group)
+    reader._send_read_ahead()  # its reply: NOGROUP
+    stop.set()
+    with caplog.at_level(logging.WARNING, logger="tpx.engine.reader"):
+        reader.run()
+    assert reader.ahead is None
+    assert out.empty()
+    assert any(
+        "came back as an error" in r.getMessage() and "NOGROUP" in r.getMessage() for r in caplog.records
+    )
+    client.close()

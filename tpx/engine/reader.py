@@ -141,6 +141,8 @@ class Reader(threading.Thread):
                     self._decode(entries, None)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("could not read the last page (%s); it stays pending", exc)
+            except redis.ResponseError as exc:  # e.g. the group was deleted meanwhile
+                log.warning("the last page came back as an error (%s); nothing read", exc)
         self._flush(force=True)
         log.info("reader stopped")
 

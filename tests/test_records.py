@@ -245,6 +245,17 @@ def test_malformed_sentinels(value: Any, message: str) -> None:
     assert "record.io.16[0]" in str(info.value)
 
 
+def test_a_bigint_too_long_to_convert_is_a_decode_error() -> None:
+    """CPython refuses to convert more than 4,300 digits (a DoS guard): a poison record, not a crash."""
+    huge = {"__bigint__": "9" * 5000}
+    for record_ in (base(io={"odo": huge}), base(io={"odo": [huge]}), base(ts=huge), base(satellites=huge)):
+        with pytest.raises(DecodeError, match="__bigint__ has 5000 digits, more than the 4300"):
+            decode(record_)
+    assert json.loads(decode(base(io={"odo": {"__bigint__": "9" * 4300}})).attributes) == {
+        "odo": int("9" * 4300)
+    }
+
+
 def test_io_must_be_an_object() -> None:
     with pytest.raises(DecodeError, match=r"record.io must be an object"):
         decode(base(io=[1, 2]))

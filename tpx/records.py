@@ -24,6 +24,7 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
@@ -162,7 +163,13 @@ def _sentinel(value: dict[str, Any], hexify: bool) -> int | bytes | str:
             unsigned = digits[1:] if digits[:1] == "-" else digits
             # isdigit() on an ASCII string means 0-9 only (int() would also take "1_0", " 1", "+1")
             if unsigned.isdigit() and unsigned.isascii():
-                return int(digits)
+                try:
+                    return int(digits)
+                except ValueError:  # longer than sys.get_int_max_str_digits(): CPython's guard
+                    raise _SentinelError(
+                        f"__bigint__ has {len(unsigned)} digits, more than the"
+                        f" {sys.get_int_max_str_digits()} tpx converts"
+                    ) from None
         raise _SentinelError(f"__bigint__ is not a decimal integer: {_show(digits)}")
     encoded = value[_BYTES]
     if type(encoded) is not str:

@@ -9,7 +9,7 @@ schema on the same Postgres:
 (b) naive: XREADGROUP COUNT 100 -> json.loads -> executemany INSERT .. ON CONFLICT
     -> commit -> XACK, one thread — the consumer most people would write first;
 (c) database alone: the same records, already decoded in memory, COPY (tpx's own
-    copy_to_stage) + INSERT .. ON CONFLICT on one connection, batches of 2,000.
+    copy_rows into its staging table) + INSERT .. ON CONFLICT on one connection, batches of 2,000.
 
 It prints records/s for each and the ratios (the machine is shared and noisy:
 ratios from one run mean more than absolute numbers). ``--rss N`` additionally
@@ -45,7 +45,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpx.engine.writer import CREATE_STAGE_SQL, INSERT_SQL, copy_to_stage
+from tpx.engine.writer import CREATE_STAGE_SQL, INSERT_SQL, STAGE_COPY_SQL, copy_rows
 from tpx.fleet import Fleet
 from tpx.records import decode_entry
 from tpx.schema import migrate
@@ -314,7 +314,7 @@ def run_db_alone(args: argparse.Namespace, entries: list[dict[str, str]], expect
     try:
         for i in range(0, len(positions), 2000):
             with conn.cursor() as cur:
-                copy_to_stage(cur, positions[i : i + 2000])
+                copy_rows(cur, STAGE_COPY_SQL, positions[i : i + 2000])
                 cur.execute(INSERT_SQL)
             conn.commit()
         elapsed = time.perf_counter() - started

@@ -137,7 +137,7 @@ def test_duplicates_within_and_across_batches_first_write_wins(
         wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="2 duplicates counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
         state = engine.states.get("dup")
-        # the later batch's plain INSERT met the stored key and was undone; ON CONFLICT moved both
+        # the later batch's plain COPY met the stored key and was undone; ON CONFLICT moved both
         # again, and the new row still counts as written (its xmin is the transaction's own)
         assert engine.metrics.insert_fallbacks._value.get() == 1
         assert engine.metrics.written._value.get() == 3
@@ -187,7 +187,7 @@ def test_a_table_that_kept_its_collation_still_dedupes(settings: Settings, rclie
 
 
 def test_two_engines_writing_the_same_keys_store_each_once(settings: Settings, rclient: redis.Redis) -> None:
-    """Two writers racing on the same keys: one plain INSERT waits for the other, fails, falls back."""
+    """Two writers racing on the same keys: one plain COPY waits for the other, fails, falls back."""
     other = settings.model_copy(update={"stream": settings.stream + ":twin", "consumer": "twin"})
     entries = [record(f"race-{i % 50}", ts=NOW_MS - 600_000 + i) for i in range(3000)]
     try:
@@ -317,20 +317,23 @@ def test_post_commit_stages_see_committed_rows_and_cannot_break_the_pipeline(
 
 def test_write_refusals_are_isolated_and_dead_lettered(settings: Settings, rclient: redis.Redis) -> None:
     s = settings.model_copy(update={"max_deliveries": 1})
-    bad_io = {"s": "nul\u0000inside"}  # jsonb refuses \u0000
+    bad_io = {"s": "nul\u0000inside"}  # jsonb refuses \u0000, in a value or a key
     entries = [record("w", ts=NOW_MS - 1000 + i) for i in range(30)]
     entries[0] = record("w", ts=NOW_MS - 5000, io=bad_io)
-    entries[15] = record("w", ts=NOW_MS - 5001, alt=1e39)  # out of range for real
+    entries[15] = record("w", ts=NOW_MS - 5001, io={"k\u0000": 1})
     entries[29] = record("w", ts=NOW_MS - 5002, io=bad_io)
+    entries[7] = record("w", ts=NOW_MS - 5003, alt=1e39)  # a real cannot hold it: caught at decode
     add_entries(rclient, s.stream, entries)
     with running(s) as engine:
-        wait_for(lambda: drained(rclient, s, 27), what="27 good rows, nothing pending")
+        wait_for(lambda: drained(rclient, s, 26), what="26 good rows, nothing pending")
         assert engine.metrics.dead_lettered.labels("write")._value.get() == 3
     letters = [f for _, f in rclient.xrange(s.dlq_stream)]
-    assert sorted(f[b"dlq_stage"] for f in letters) == [b"write"] * 3
+    assert sorted(f[b"dlq_stage"] for f in letters) == [b"decode"] + [b"write"] * 3
     assert all(f[b"record"] and f[b"device_id"] == b"w" for f in letters)
-    errors = b" ".join(f[b"dlq_error"] for f in letters)
-    assert b"out of range" in errors and b"Unicode" in errors
+    errors = [f[b"dlq_error"] for f in letters if f[b"dlq_stage"] == b"write"]
+    assert all(b"Unicode" in error for error in errors)
+    [decode_error] = [f[b"dlq_error"] for f in letters if f[b"dlq_stage"] == b"decode"]
+    assert b"record.alt out of range for a real" in decode_error
 
 
 def test_schema_search_path_keeps_other_schemas_apart(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -428,9 +429,52 @@ def test_contract_fields_gateway_layout() -> None:
     assert contract_fields(flat) == (b"1", b"record", b"2")
 
 
-def test_a_position_begins_with_the_staging_columns_in_order() -> None:
+def test_a_position_begins_with_the_copied_columns_in_order() -> None:
     """The writer copies position[:COPIED] as a row: field order is the COPY's column order."""
-    from tpx.records import COPIED, STAGE_COLUMNS, Position
+    from tpx.records import COPIED, COPY_COLUMNS, Position
 
-    assert Position._fields[:COPIED] == tuple(name for name, _ in STAGE_COLUMNS)
-    assert Position._fields[COPIED:] == ("entry_id",)
+    names = [name for name, _, _ in COPY_COLUMNS]
+    fields = [f.removesuffix("_pg").removesuffix("_jsonb") for f in Position._fields[:COPIED]]
+    assert fields == names
+    assert Position._fields[COPIED:] == ("ts_us", "entry_id")
+
+
+def test_a_position_carries_postgres_binary_forms() -> None:
+    p = decode(base(io={"a": 1}), received_at=b"1700000000999")
+    assert p.ts_pg == p.ts_us - 946_684_800_000_000 == 1_700_000_000_123_000 - 946_684_800_000_000
+    assert p.attributes_jsonb == b'\x01{"a":1}' and p.attributes == '{"a":1}'
+    assert p.received_at_pg == 1_700_000_000_999_000 - 946_684_800_000_000
+    assert decode(base()).attributes_jsonb == b"\x01{}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "stored"),
+    [
+        ("alt", 3.4e38, 3.4e38),
+        ("alt", -3.4e38, -3.4e38),
+        ("alt", 1e-40, 1e-40),  # a subnormal real: PostgreSQL keeps it too
+        ("speed", 0.0, 0.0),
+        ("angle", 0.0, 0.0),
+        ("alt", -0.0, -0.0),
+    ],
+)
+def test_real_columns_take_what_a_real_holds(key: str, value: float, stored: float) -> None:
+    assert getattr(decode(base(**{key: value})), {"alt": "altitude"}.get(key, key)) == stored
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("alt", 1e39, "record.alt out of range for a real"),
+        ("alt", -1e39, "record.alt out of range for a real"),
+        ("speed", 3.5e38, "record.speed out of range for a real"),
+        ("alt", 1e-50, "record.alt out of range for a real (too close to 0)"),
+        ("speed", 1e-46, "record.speed out of range for a real (too close to 0)"),
+        ("angle", 1e-50, "record.angle out of range for a real (too close to 0)"),
+    ],
+)
+def test_real_columns_refuse_what_postgres_would(key: str, value: float, message: str) -> None:
+    """altitude, angle and speed are copied as 4-byte reals: what PostgreSQL's cast from a double
+    would refuse (overflow, or a non-zero value that becomes 0) is a decode error, not a silent inf or 0."""
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        decode(base(**{key: value}))

@@ -24,6 +24,7 @@ import binascii
 import json
 import math
 import re
+import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -63,17 +64,25 @@ class DecodeError(ValueError):
         super().__init__(" ".join(message.split()))
 
 
+#: 2000-01-01T00:00:00Z in epoch microseconds: PostgreSQL's epoch. A ``timestamptz`` in binary
+#: form is the microseconds since then, so the decoder hands the writer ``ts_us - PG_EPOCH_US``.
+PG_EPOCH_US: Final = 946_684_800_000_000
+#: A ``jsonb`` value in binary form: a version byte, then the JSON text.
+JSONB_VERSION: Final = b"\x01"
+
+
 class Position(NamedTuple):
     """One decoded position record, in the shape the writer copies.
 
-    Times are integer epoch microseconds (exact, cheap to copy and compare);
-    ``attributes`` is JSON text, already serialised. The first 13 fields are the
-    staging table's columns in order (``STAGE_COLUMNS``): the writer copies
-    ``position[:COPIED]`` as it is.
+    The first 13 fields are the ``positions`` columns in binary COPY form, in the order of
+    ``COPY_COLUMNS``: the writer copies ``position[:COPIED]`` as it is. Times are integer
+    microseconds (exact, cheap to copy and compare): ``ts_pg`` and ``received_at_pg`` count
+    from PostgreSQL's epoch (2000-01-01), ``ts_us`` from the Unix epoch. ``attributes_jsonb``
+    is the serialised ``io`` with jsonb's version byte in front; ``attributes`` is its JSON text.
     """
 
     device_id: str
-    ts_us: int
+    ts_pg: int
     latitude: float
     longitude: float
     altitude: float | None
@@ -83,9 +92,20 @@ class Position(NamedTuple):
     priority: int | None
     event_io_id: int | None
     valid: bool
-    attributes: str
-    received_at_us: int | None
+    attributes_jsonb: bytes
+    received_at_pg: int | None
+    ts_us: int
     entry_id: bytes
+
+    @property
+    def attributes(self) -> str:
+        """The decoded ``io`` as JSON text (what ``positions.attributes`` holds)."""
+        return self.attributes_jsonb[1:].decode()
+
+    @property
+    def received_at_us(self) -> int | None:
+        """``received_at`` in epoch microseconds, or None."""
+        return None if self.received_at_pg is None else self.received_at_pg + PG_EPOCH_US
 
 
 #: ``tuple.__new__`` builds a Position without the Python-level ``__new__`` frame NamedTuple adds:
@@ -93,24 +113,27 @@ class Position(NamedTuple):
 _new_position: Callable[[type[Position], tuple[Any, ...]], Position] = tuple.__new__
 
 
-#: Staging-table columns and their COPY types, in the order the writer copies them.
-STAGE_COLUMNS: Final = (
-    ("device_id", "text"),
-    ("ts_us", "int8"),
-    ("latitude", "float8"),
-    ("longitude", "float8"),
-    ("altitude", "float8"),
-    ("angle", "float8"),
-    ("speed", "float8"),
-    ("satellites", "int2"),
-    ("priority", "int2"),
-    ("event_io_id", "int4"),
-    ("valid", "bool"),
-    ("attributes", "text"),
-    ("received_at_us", "int8"),
+#: The ``positions`` columns a Position fills, in its field order, with the type each is
+#: sent as in binary COPY (a value's bytes must be the column type's binary form: ``int8``
+#: microseconds for ``timestamptz``, ``bytea`` for jsonb's version byte + text) and the
+#: column's own type (the staging table's).
+COPY_COLUMNS: Final = (
+    ("device_id", "text", "text"),
+    ("ts", "int8", "timestamptz"),
+    ("latitude", "float8", "double precision"),
+    ("longitude", "float8", "double precision"),
+    ("altitude", "float4", "real"),
+    ("angle", "float4", "real"),
+    ("speed", "float4", "real"),
+    ("satellites", "int2", "smallint"),
+    ("priority", "int2", "smallint"),
+    ("event_io_id", "int4", "integer"),
+    ("valid", "bool", "boolean"),
+    ("attributes", "bytea", "jsonb"),
+    ("received_at", "int8", "timestamptz"),
 )
-#: How many leading fields of a Position are staging-table columns (all but ``entry_id``).
-COPIED: Final = len(STAGE_COLUMNS)
+#: How many leading fields of a Position are copied (all but ``ts_us`` and ``entry_id``).
+COPIED: Final = len(COPY_COLUMNS)
 
 
 # --- helpers ----------------------------------------------------------------
@@ -129,6 +152,11 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 _PLAIN_KEY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,40}")
+#: The longest digit string int() converts (CPython's guard against quadratic conversion).
+_INT_DIGITS: Final = sys.get_int_max_str_digits() or sys.maxsize
+#: Value types the walk looks into (with floats: when orjson may have turned a wide integer into one).
+_WALKED: Final = frozenset((dict, list))
+_WALKED_WIDE: Final = frozenset((dict, list, float))
 #: orjson parses integers in [-2**63, 2**64) exactly and wider ones as floats.
 _WIDE: Final = float(2**63)
 
@@ -285,6 +313,25 @@ def _required_number(rec: dict[str, Any], key: str) -> float:
     return value
 
 
+#: ``real`` (4-byte float) limits: the largest finite value and the smallest normal one.
+#: Binary COPY sends ``altitude``, ``angle`` and ``speed`` as reals, so the decoder refuses what
+#: PostgreSQL's float8 -> real cast would (overflow, or a non-zero value that becomes 0).
+REAL_MAX: Final = 3.4028234663852886e38
+REAL_TINY: Final = 1.1754943508222875e-38
+_REAL: Final = struct.Struct("<f")
+
+
+def _real(key: str, value: float) -> float:
+    """The slow path of the real check (magnitudes outside REAL_TINY..REAL_MAX), exact."""
+    try:
+        (stored,) = _REAL.unpack(_REAL.pack(value))
+    except OverflowError:
+        raise DecodeError(f"record.{key} out of range for a real: {_show(value)}") from None
+    if stored == 0.0 and value != 0.0:
+        raise DecodeError(f"record.{key} out of range for a real (too close to 0): {_show(value)}")
+    return value
+
+
 def _integer(rec: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     value = _scalar(rec, key)
     if value is None:
@@ -322,28 +369,65 @@ def _timestamp_us(value: Any, now_us: int, max_future_us: int) -> int:
     return ts_us
 
 
-def _attributes(io: Any, check_wide: bool) -> str:
+_EMPTY_JSONB: Final = JSONB_VERSION + b"{}"
+
+
+def _walk_io(io: dict[str, Any], check_wide: bool) -> None:
+    """:func:`_walk` for ``io`` itself: most of its values are small integers, passed over with
+    one set lookup each, and the usual sentinels are replaced inline (anything else, including
+    every malformed sentinel, takes the general path and its precise error)."""
+    walked = _WALKED_WIDE if check_wide else _WALKED
+    for k, v in io.items():
+        if type(v) not in walked:
+            continue
+        if type(v) is dict and len(v) == 1:
+            arg = v.get(_BIGINT)
+            if arg is not None:
+                if type(arg) is str and arg.isdigit() and arg.isascii() and len(arg) <= _INT_DIGITS:
+                    io[k] = int(arg)  # replacing a value while iterating is allowed
+                    continue
+            else:
+                arg = v.get(_BYTES)
+                if type(arg) is str:
+                    try:
+                        io[k] = binascii.a2b_base64(arg, strict_mode=True).hex()
+                        continue
+                    except (binascii.Error, ValueError):
+                        pass
+        try:
+            new = _walk(v, hexify=True, check_wide=check_wide)
+        except _SentinelError as exc:
+            exc.path.append(f".{_key(k)}")
+            raise
+        if new is not v:
+            io[k] = new
+
+
+def _attributes(io: Any, check_wide: bool) -> bytes:
+    """``io`` with its sentinels replaced, serialised in jsonb's binary form."""
     if io is None:
-        return "{}"
+        return _EMPTY_JSONB
     if type(io) is not dict:
         raise DecodeError(f"record.io must be an object, got {_show(io)}")
+    if _BIGINT in io or _BYTES in io:  # io is itself a sentinel: an integer or bytes, not an object
+        try:
+            scalar = _walk(io, hexify=True, check_wide=check_wide)
+        except _SentinelError as exc:
+            raise exc.at("record.io") from None
+        raise DecodeError(f"record.io must be an object, got a sentinel for {_show(scalar)}")
     try:
-        io = _walk(io, hexify=True, check_wide=check_wide)
+        _walk_io(io, check_wide)
     except _SentinelError as exc:
         raise exc.at("record.io") from None
-    if type(io) is not dict:  # io was itself a sentinel: an integer or bytes, not an object
-        raise DecodeError(f"record.io must be an object, got a sentinel for {_show(io)}")
     try:
-        return orjson.dumps(io).decode()
+        return JSONB_VERSION + orjson.dumps(io)
     except orjson.JSONEncodeError as exc:
         if "Integer exceeds 64-bit range" not in str(exc):
             raise DecodeError(f"record.io cannot be stored: {exc}") from None
     try:  # integers wider than 64 bits: the stdlib writes them exactly
-        text = json.dumps(io, ensure_ascii=False, separators=(",", ":"))
-        text.encode("utf-8")
+        return JSONB_VERSION + json.dumps(io, ensure_ascii=False, separators=(",", ":")).encode()
     except (ValueError, UnicodeEncodeError) as exc:
         raise DecodeError(f"record.io cannot be stored: {exc}") from None
-    return text
 
 
 # --- the decoder ------------------------------------------------------------
@@ -460,20 +544,29 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
     if not -180.0 <= lon <= 180.0:
         raise DecodeError(f"record.lon out of range -180..180: {_show(get('lon'))}")
     alt = get("alt")
-    if alt is not None and type(alt) is not float:
-        alt = _number(rec, "alt", required=False)
+    if alt is not None:
+        if type(alt) is not float:
+            alt = _number(rec, "alt", required=False)
+        if alt and not (REAL_TINY <= alt <= REAL_MAX or -REAL_MAX <= alt <= -REAL_TINY):
+            alt = _real("alt", alt)  # the rare magnitudes, checked exactly
     angle = get("angle")
     if angle is not None:
         if type(angle) is not float:
             angle = _number(rec, "angle", required=False)
-        if angle is not None and not 0.0 <= angle <= 360.0:
-            raise DecodeError(f"record.angle out of range 0..360: {_show(get('angle'))}")
+        if angle is not None:
+            if not 0.0 <= angle <= 360.0:
+                raise DecodeError(f"record.angle out of range 0..360: {_show(get('angle'))}")
+            if 0.0 < angle < REAL_TINY:
+                angle = _real("angle", angle)
     speed = get("speed")
     if speed is not None:
         if type(speed) is not float:
             speed = _number(rec, "speed", required=False)
-        if speed is not None and speed < 0.0:
-            raise DecodeError(f"record.speed must be >= 0: {_show(get('speed'))}")
+        if speed is not None:
+            if speed < 0.0:
+                raise DecodeError(f"record.speed must be >= 0: {_show(get('speed'))}")
+            if speed and not REAL_TINY <= speed <= REAL_MAX:
+                speed = _real("speed", speed)
     satellites = get("satellites")
     if satellites is not None and (type(satellites) is not int or not 0 <= satellites <= 255):
         satellites = _integer(rec, "satellites", 0, 255)
@@ -487,18 +580,18 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
         event_io_id = _integer(rec, "event_io_id", INT32_MIN, INT32_MAX)
     attributes = _attributes(get("io"), check_wide=fast)
 
-    received_at_us = None
+    received_at_pg = None
     if received is not None:
         if not (received.isdigit() and len(received) <= 15):  # bytes.isdigit(): ASCII 0-9 only
             raise DecodeError(f"received_at must be integer epoch milliseconds: {_show(received)}")
-        received_at_us = int(received) * 1000
+        received_at_pg = int(received) * 1000 - PG_EPOCH_US
 
     valid = satellites != 0 and not (lat == 0.0 and lon == 0.0)
     return _new_position(
         Position,
         (
             device.decode("ascii"),
-            ts_us,
+            ts_us - PG_EPOCH_US,
             lat,
             lon,
             alt,
@@ -509,7 +602,8 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
             event_io_id,
             valid,
             attributes,
-            received_at_us,
+            received_at_pg,
+            ts_us,
             entry_id,
         ),
     )

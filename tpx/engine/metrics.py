@@ -53,7 +53,7 @@ class Metrics:
         )
         self.insert_fallbacks = Counter(
             "tpx_insert_fallbacks",
-            "Batches whose plain INSERT met an already-stored key and were moved again with ON CONFLICT",
+            "Batches whose plain COPY met an already-stored key and went again with ON CONFLICT",
             registry=r,
         )
         self.ack_failures = Counter(

@@ -1,4 +1,4 @@
-"""Writer threads: COPY a batch into staging, INSERT into positions, COMMIT, then XACK.
+"""Writer threads: COPY a batch into positions, COMMIT, then XACK.
 
 Each writer takes batches from the queue (``get(timeout=...)``, so it notices a
 stop within one timeout), and for each batch:
@@ -6,13 +6,13 @@ stop within one timeout), and for each batch:
 1. drops records that repeat an earlier (device_id, ts) of the same batch
    (first write wins; they count as duplicates);
 2. on one pooled connection, in one transaction: seeds the state of devices
-   this process has not seen yet (one query for all of them), binary-COPYs the
-   rows into a per-connection temporary table, and moves them into
-   ``positions`` with a plain ``INSERT .. SELECT`` in a savepoint; only when
-   that meets a key already stored does it move them again with ``ON CONFLICT
-   (device_id, ts) DO NOTHING`` and, when the row count says some were skipped,
-   ask which (rows whose ``xmin`` is not this transaction's) — the common batch
-   moves no keys back to Python at all;
+   this process has not seen yet (one query for all of them), then binary-COPYs
+   the rows straight into ``positions`` in a savepoint. Only when that meets a
+   key already stored is the attempt undone and the rows go the idempotent
+   way: binary COPY into a per-connection temporary table, ``INSERT .. SELECT
+   .. ON CONFLICT (device_id, ts) DO NOTHING`` and, when the row count says
+   some were skipped, a query for which (rows whose ``xmin`` is not this
+   transaction's) — the common batch moves no keys back to Python at all;
 3. commits, and only then acknowledges exactly the entries of the batch;
 4. updates per-device state and calls the post-commit stages.
 
@@ -48,7 +48,7 @@ from tpx.engine.stages import Committed, PostCommitStage
 from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
 from tpx.failpoints import failpoint
-from tpx.records import COPIED, STAGE_COLUMNS, Position
+from tpx.records import COPIED, COPY_COLUMNS, Position
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,25 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
 ACK_ATTEMPTS = 5
 
-#: The per-connection staging table, created when a pooled connection opens. Two details,
-#: each measured with callgrind on PostgreSQL 15 (README.md, "Speed"):
+#: COPY straight into ``positions``, tried first (in a savepoint): it fails on a key already
+#: stored. Two details, each measured with callgrind on PostgreSQL 15 (README.md, "Speed"):
 #:
-#: * ``device_id`` takes the collation of ``positions.device_id`` (``"C"`` since migration 002),
-#:   so the INSERT's sort and the duplicate lookup compare like the primary key does; mixing
-#:   two collations would be an error in the join, or would keep the index out of it;
-#: * ``staged_at`` has a volatile default and is never copied. That makes COPY insert row by
-#:   row through one tuple slot: its multi-insert path creates a slot per buffered row (a
-#:   binary COPY never reaches the buffer's byte limit, so up to 1,000 per batch), and each
-#:   slot costs resource-owner bookkeeping that grows with the count: -10 % instructions per
-#:   row written, the default's clock read included.
+#: * the rows are in the columns' binary form (``Position[:COPIED]``) and ``ingested_at`` takes
+#:   its default, ``now()``: no staging table and no ``INSERT .. SELECT`` per batch, 17 % fewer
+#:   instructions per row than copying into a staging table and moving the rows from there;
+#: * ``WHERE random() >= 0`` is always true, and volatile: that makes COPY insert row by row
+#:   through one tuple slot. Its multi-insert path creates a slot per buffered row (up to 1,000),
+#:   whose resource-owner bookkeeping grows with their number and costs more than it saves.
+COPY_SQL = sql.SQL("COPY positions ({}) FROM STDIN (FORMAT BINARY) WHERE random() >= 0").format(
+    sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS)
+)
+COPY_TYPES = [copy_type for _, copy_type, _ in COPY_COLUMNS]
+#: The per-connection staging table for the idempotent form (a batch that met a stored key),
+#: created when a pooled connection opens; the same rows are copied into it. ``device_id``
+#: takes the collation of ``positions.device_id`` (``"C"`` since migration 002), so the sort
+#: and the duplicate lookup compare like the primary key does (mixing two collations would be
+#: an error in the join, or keep the index out of it); ``staged_at`` is never copied, and its
+#: volatile default makes this COPY go through one tuple slot too.
 CREATE_STAGE_SQL = sql.SQL(
     """
 DO $stage$
@@ -86,49 +94,39 @@ $stage$
 ).format(
     sql.Identifier(STAGE_TABLE),
     sql.SQL(", ").join(
-        sql.SQL(f"{name} {pgtype}" + (" COLLATE %s" if name == "device_id" else ""))
-        for name, pgtype in STAGE_COLUMNS
+        sql.SQL(f"{name} {column_type}" + (" COLLATE %s" if name == "device_id" else ""))
+        for name, _, column_type in COPY_COLUMNS
     ),
 )
-COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+STAGE_COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
     sql.Identifier(STAGE_TABLE),
-    sql.SQL(", ").join(sql.Identifier(name) for name, _ in STAGE_COLUMNS),
+    sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
 )
-COPY_TYPES = [pgtype for _, pgtype in STAGE_COLUMNS]
 #: Staging table -> positions, in key order (two writers meeting the same keys lock them in the
-#: same order): PLAIN_INSERT_SQL as it is, INSERT_SQL with ON CONFLICT appended.
-_MOVE_SQL = """
-INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed,
-                       satellites, priority, event_io_id, valid, attributes,
-                       received_at, ingested_at)
-SELECT device_id,
-       timestamptz 'epoch' + ts_us * interval '1 microsecond',
-       latitude, longitude, altitude, angle, speed,
-       satellites, priority, event_io_id, valid, attributes::jsonb,
-       timestamptz 'epoch' + received_at_us * interval '1 microsecond',
-       now()
-FROM {}
-ORDER BY device_id, ts_us
+#: same order); a key already stored is skipped.
+INSERT_SQL = sql.SQL(
+    """
+INSERT INTO positions ({columns}, ingested_at)
+SELECT {columns}, now()
+FROM {stage}
+ORDER BY device_id, ts
+ON CONFLICT (device_id, ts) DO NOTHING
 """
-#: The idempotent form: a key already stored is skipped.
-INSERT_SQL = sql.SQL(_MOVE_SQL + "ON CONFLICT (device_id, ts) DO NOTHING\n").format(
-    sql.Identifier(STAGE_TABLE)
+).format(
+    columns=sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
+    stage=sql.Identifier(STAGE_TABLE),
 )
-#: The plain form, tried first (in a savepoint): it fails on a key already stored, and costs
-#: PostgreSQL 18 % fewer instructions per row than ON CONFLICT's speculative insertion (an
-#: extra index descent and a WAL record per row; callgrind, PostgreSQL 15).
-PLAIN_INSERT_SQL = sql.SQL(_MOVE_SQL).format(sql.Identifier(STAGE_TABLE))
-#: After a plain INSERT met a stored key, a writer uses ON CONFLICT for this long (s): duplicates
-#: come in runs (a redelivery after a crash, a gateway resending), and a failed attempt is wasted work.
-PLAIN_INSERT_PAUSE_S = 30.0
+#: After a plain COPY met a stored key, a writer uses the staging table and ON CONFLICT for this
+#: long (s): duplicates come in runs (a redelivery after a crash, a gateway resending), and a
+#: failed attempt is wasted work.
+PLAIN_COPY_PAUSE_S = 30.0
 #: After an INSERT that skipped rows: the staged keys whose stored row is not this
 #: transaction's own (xmin), i.e. the duplicates. Run only when rowcount says some were skipped.
 ALREADY_STORED_SQL = sql.SQL(
     """
-SELECT s.device_id, s.ts_us
+SELECT s.device_id, (extract(epoch FROM s.ts) * 1000000)::int8
 FROM {} AS s
-JOIN positions AS p
-  ON p.device_id = s.device_id AND p.ts = timestamptz 'epoch' + s.ts_us * interval '1 microsecond'
+JOIN positions AS p ON p.device_id = s.device_id AND p.ts = s.ts
 WHERE p.xmin <> (pg_current_xact_id()::text::bigint % 4294967296)::text::xid
 """
 ).format(sql.Identifier(STAGE_TABLE))
@@ -310,9 +308,9 @@ class Writer(threading.Thread):
         with self.pool.connection() as conn:
             with conn.cursor() as cur:
                 seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
-                copy_to_stage(cur, part)
                 already: set[tuple[str, int]] = set()
-                if not self._insert_plain(conn, cur):
+                if not self._copy_plain(conn, cur, part):
+                    copy_rows(cur, STAGE_COPY_SQL, part)
                     cur.execute(INSERT_SQL)
                     if cur.rowcount != len(part):
                         already = set(cur.execute(ALREADY_STORED_SQL).fetchall())
@@ -321,20 +319,22 @@ class Writer(threading.Thread):
             states.seed(cold, seeds)
         return already
 
-    def _insert_plain(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> bool:
-        """Move the staged rows with a plain INSERT; False when a key was already stored.
+    def _copy_plain(
+        self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], part: list[Position]
+    ) -> bool:
+        """COPY the rows straight into ``positions``; False when a key was already stored.
 
-        The attempt runs in a savepoint, so a stored key undoes only the attempt: the staged rows
-        stay for the ON CONFLICT form, which runs at the top level (ALREADY_STORED_SQL tells the
-        transaction's own rows by their xmin).
+        The attempt runs in a savepoint, so a stored key undoes only the attempt; the caller then
+        copies the rows into the staging table and moves them with ON CONFLICT at the top level
+        (ALREADY_STORED_SQL tells the transaction's own rows by their xmin).
         """
         if time.monotonic() < self.plain_paused_until:
             return False
         try:
             with conn.transaction():
-                cur.execute(PLAIN_INSERT_SQL)
+                copy_rows(cur, COPY_SQL, part)
         except psycopg.errors.UniqueViolation:
-            self.plain_paused_until = time.monotonic() + PLAIN_INSERT_PAUSE_S
+            self.plain_paused_until = time.monotonic() + PLAIN_COPY_PAUSE_S
             self.metrics.insert_fallbacks.inc()
             return False
         return True
@@ -385,12 +385,13 @@ class Writer(threading.Thread):
                 log.info("dead-lettered %s (write): %s", letter.entry_id.decode(), letter.error)
 
 
-def copy_to_stage(cur: psycopg.Cursor[Any], positions: Iterable[Position]) -> None:
-    """Binary-COPY ``positions`` into the connection's staging table (``STAGE_COLUMNS`` order).
+def copy_rows(cur: psycopg.Cursor[Any], statement: sql.Composed, positions: Iterable[Position]) -> None:
+    """Binary-COPY ``positions`` with ``statement`` (COPY_SQL or STAGE_COPY_SQL).
 
-    A Position's leading fields are the staging columns, in order: a row is a slice of it.
+    A Position's leading fields are the ``COPY_COLUMNS`` in their binary form, in order: a row
+    is a slice of it.
     """
-    with cur.copy(COPY_SQL) as copy:
+    with cur.copy(statement) as copy:
         copy.set_types(COPY_TYPES)
         write_row = copy.write_row
         for p in positions:

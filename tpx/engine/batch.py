@@ -17,6 +17,14 @@ class Batch:
     started: float = field(default_factory=time.monotonic)
     #: Delivery counts of redelivered entries (absent: 1); used for write-stage dead letters.
     deliveries: dict[bytes, int] = field(default_factory=dict)
+    #: The positions' entry ids, in order, when the reader already listed them (else None).
+    ids: list[bytes] | None = None
+
+    def entry_ids(self) -> list[bytes]:
+        """The positions' entry ids, in order (listed once per batch)."""
+        if self.ids is None:
+            self.ids = [p.entry_id for p in self.positions]
+        return self.ids
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -367,7 +367,7 @@ class Reader(threading.Thread):
                     for p in head.positions
                     if p.entry_id in batch.deliveries
                 }
-            ids = [p.entry_id for p in head.positions]
+            ids = head.entry_ids()
             self.inflight.update(ids)
             if not self._put(head):
                 self.inflight.difference_update(ids)

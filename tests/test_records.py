@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpx.records import DecodeError, Position, contract_fields, decode_entry
+from tpx.records import DecodeError, Position, contract_fields, decode_entry, decode_flat
 
 NOW_US = 1_795_000_000_000_000  # 2026-11-18
 DAY_US = 86_400_000_000
@@ -427,6 +427,33 @@ def test_contract_fields_gateway_layout() -> None:
     assert contract_fields(flat) == (b"1", b"{}", b"2")
     flat[4] = b"record"  # but a repeated name does: the last one counts
     assert contract_fields(flat) == (b"1", b"record", b"2")
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [b"device_id", b"record", b"codec", b"received_at"],  # the gateway's layout
+        [b"record", b"device_id", b"received_at", b"codec"],
+        [b"device_id", b"record", b"received_at", b"x-trace"],
+        [b"device_id", b"record", b"record", b"received_at"],  # a repeated name: the last counts
+        [b"device_id", b"record"],
+    ],
+)
+def test_the_flat_field_list_decodes_like_the_fields(names: list[bytes]) -> None:
+    """decode_flat (the reader's path) reads the list Redis sends; it agrees with decode_entry."""
+    values = {
+        b"device_id": b"356307042441013",
+        b"record": json.dumps(base(io={"16": {"__bigint__": "7"}})).encode(),
+        b"codec": b"8E",
+        b"received_at": b"1700000000999",
+        b"x-trace": b"abc",
+    }
+    flat = [part for name in names for part in (name, values[name])]
+    if names.count(b"record") == 2:
+        flat[5] = json.dumps(base(lat=1.5)).encode()
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    expected = decode_entry(b"1-0", fields, now_us=NOW_US, max_future_us=DAY_US)
+    assert decode_flat(b"1-0", flat, now_us=NOW_US, max_future_us=DAY_US) == expected
 
 
 def test_a_position_begins_with_the_copied_columns_in_order() -> None:

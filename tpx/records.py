@@ -478,6 +478,33 @@ def contract_fields(flat: Sequence[bytes]) -> tuple[bytes | None, bytes | None, 
     return device, record, received
 
 
+#: The field names of an entry as the gateway writes them, in its order (values in between).
+_GATEWAY_NAMES: Final = [F_DEVICE_ID, F_RECORD, b"codec", F_RECEIVED_AT]
+
+
+def decode_flat(entry_id: bytes, flat: list[bytes], *, now_us: int, max_future_us: int) -> Position:
+    """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...).
+
+    The reader's path: the gateway's layout is recognised by one C-level comparison, and the
+    decoder is entered without the intermediate calls of :func:`contract_fields` and
+    :func:`decode_values` (about 2 % of the decoder's instructions).
+    """
+    device: bytes | None
+    raw: bytes | None
+    received: bytes | None
+    if flat[::2] == _GATEWAY_NAMES:
+        device, raw, received = flat[1], flat[3], flat[7]
+    else:
+        device, raw, received = contract_fields(flat)
+    try:
+        try:
+            return _decode(entry_id, device, raw, received, now_us, max_future_us, True)
+        except _WideIntegerError:
+            return _decode(entry_id, device, raw, received, now_us, max_future_us, False)
+    except RecursionError:
+        raise DecodeError("record: nested too deeply") from None
+
+
 def decode_values(
     entry_id: bytes,
     device: bytes | None,

@@ -35,7 +35,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
-from tpx.records import DecodeError, Position, contract_fields, decode_values
+from tpx.records import DecodeError, Position, decode_flat
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,8 @@ class Reader(threading.Thread):
             if not fields:  # deleted from the stream while pending
                 vanished.append(entry_id)
                 continue
-            device, record, received = contract_fields(fields)
             try:
-                position: Position = decode_values(
-                    entry_id, device, record, received, now_us=now_us, max_future_us=max_future_us
-                )
+                position: Position = decode_flat(entry_id, fields, now_us=now_us, max_future_us=max_future_us)
             except DecodeError as exc:
                 count = deliveries.get(entry_id, 1) if deliveries else 1
                 poison.append(DeadLetter(entry_id, _fields_dict(fields), STAGE_DECODE, str(exc), count))

@@ -186,13 +186,17 @@ def test_a_table_that_kept_its_collation_still_dedupes(settings: Settings, rclie
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (54.6872,)]
 
 
-def test_two_engines_writing_the_same_keys_store_each_once(settings: Settings, rclient: redis.Redis) -> None:
-    """Two writers racing on the same keys: one plain COPY waits for the other, fails, falls back."""
+@pytest.mark.parametrize("order", ["same", "reversed"])
+def test_two_engines_writing_the_same_keys_store_each_once(
+    settings: Settings, rclient: redis.Redis, order: str
+) -> None:
+    """Two writers racing on the same keys: one plain COPY waits for the other, fails, falls back.
+    In opposite orders they can also deadlock: PostgreSQL aborts one, which retries its batch."""
     other = settings.model_copy(update={"stream": settings.stream + ":twin", "consumer": "twin"})
     entries = [record(f"race-{i % 50}", ts=NOW_MS - 600_000 + i) for i in range(3000)]
     try:
         add_entries(rclient, settings.stream, entries)
-        add_entries(rclient, other.stream, entries)
+        add_entries(rclient, other.stream, entries if order == "same" else entries[::-1])
         with running(settings) as one, running(other) as two:
 
             def done() -> float:
@@ -214,6 +218,50 @@ def test_two_engines_writing_the_same_keys_store_each_once(settings: Settings, r
     assert (written, duplicates) == (3000, 3000)
     assert fallbacks >= 1
     assert rclient.xlen(settings.stream + ":dlq") == 0
+
+
+def test_a_writer_aborted_by_a_deadlock_retries_its_batch(settings: Settings, rclient: redis.Redis) -> None:
+    """Another transaction holds key b and then asks for key a while the writer's COPY holds a and
+    waits for b: PostgreSQL aborts the writer (its deadlock_timeout is the shorter), the writer
+    retries its batch like any transient failure, finds both keys stored, and counts duplicates."""
+    migrate(settings.database_url, settings.db_schema)
+    ts_a, ts_b = NOW_MS - 60_000, NOW_MS - 59_000
+    insert = sql.SQL(
+        "INSERT INTO {}.positions (device_id, ts, latitude, longitude, valid)"
+        " VALUES ('dl', to_timestamp(%s / 1000.0), 7.0, 7.0, true)"
+    ).format(sql.Identifier(settings.db_schema))
+    other = psycopg.connect(settings.database_url)
+    other.execute("SET deadlock_timeout = '60s'")  # the writer's check (1 s) runs first
+    other.execute(insert, (ts_b,))  # holds b, uncommitted
+    add_entries(rclient, settings.stream, [record("dl", ts=ts_a), record("dl", ts=ts_b)])
+
+    def writer_waits_for_a_lock() -> bool:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'tpx:test-consumer' AND wait_event_type = 'Lock'"
+            ).fetchone()
+        return found is not None and found[0] > 0
+
+    def then_ask_for_a() -> None:
+        other.execute(insert, (ts_a,))  # waits for the writer's a until the writer is aborted
+        other.commit()
+
+    try:
+        with running(settings) as engine:
+            wait_for(writer_waits_for_a_lock, what="the writer's COPY waiting for key b")
+            asker = threading.Thread(target=then_ask_for_a, name="test-other-transaction")
+            asker.start()
+            asker.join(timeout=30)
+            assert not asker.is_alive()
+            wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="both counted duplicate")
+            wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="both acknowledged")
+            assert engine.metrics.retries._value.get() >= 1
+            assert engine.metrics.written._value.get() == 0
+    finally:
+        other.close()
+    assert rows(settings.database_url, settings.db_schema, "latitude") == [(7.0,), (7.0,)]
+    assert rclient.xlen(settings.dlq_stream) == 0
 
 
 def test_restart_rereads_own_pending_entries(settings: Settings, rclient: redis.Redis) -> None:

@@ -69,6 +69,11 @@ ACK_ATTEMPTS = 5
 #: * ``WHERE random() >= 0`` is always true, and volatile: that makes COPY insert row by row
 #:   through one tuple slot. Its multi-insert path creates a slot per buffered row (up to 1,000),
 #:   whose resource-owner bookkeeping grows with their number and costs more than it saves.
+#:
+#: The rows go in batch order, not key order: two transactions that meet the same keys in opposite
+#: orders (duplicates resent out of order, at the same moment) deadlock, PostgreSQL aborts one after
+#: ``deadlock_timeout``, and that writer retries its batch like any transient failure. Sorting in
+#: Python would cost the client more than that rare wait (it made no difference to PostgreSQL).
 COPY_SQL = sql.SQL("COPY positions ({}) FROM STDIN (FORMAT BINARY) WHERE random() >= 0").format(
     sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS)
 )

@@ -429,6 +429,31 @@ def test_contract_fields_gateway_layout() -> None:
     assert contract_fields(flat) == (b"1", b"record", b"2")
 
 
+FIELD_VALUES = st.sampled_from(
+    [
+        b"356307042441013",
+        json.dumps({"ts": 1_700_000_000_123, "lat": 1.5, "lon": 2.5}).encode(),
+        json.dumps({"ts": 1_700_000_000_124, "lat": 91, "lon": 2.5}).encode(),
+        b"1700000000999",
+        b"8E",
+    ]
+)
+
+
+@given(st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES | st.binary(max_size=4)), max_size=6))
+def test_decode_flat_decodes_a_flat_list_as_decode_entry_does(pairs: list[tuple[bytes, bytes]]) -> None:
+    """The reader's path: any layout, repeats and junk give the same position or the same error."""
+    flat = [item for pair in pairs for item in pair]
+
+    def outcome(decode_: Any, fields: Any) -> Any:
+        try:
+            return decode_(b"1-0", fields, now_us=NOW_US, max_future_us=DAY_US)
+        except DecodeError as exc:
+            return str(exc)
+
+    assert outcome(decode_flat, flat) == outcome(decode_entry, dict(pairs))
+
+
 @pytest.mark.parametrize(
     "names",
     [

@@ -26,7 +26,7 @@ import math
 import re
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -483,26 +483,53 @@ _GATEWAY_NAMES: Final = [F_DEVICE_ID, F_RECORD, b"codec", F_RECEIVED_AT]
 
 
 def decode_flat(entry_id: bytes, flat: list[bytes], *, now_us: int, max_future_us: int) -> Position:
-    """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...).
+    """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...)."""
+    out: list[Position] = []
+    failures, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us)
+    if failures:
+        raise DecodeError(failures[0][2])
+    return out[0]
 
-    The reader's path: the gateway's layout is recognised by one C-level comparison, and the
-    decoder is entered without the intermediate calls of :func:`contract_fields` and
-    :func:`decode_values` (about 2 % of the decoder's instructions).
+
+def decode_page(
+    entries: Iterable[tuple[bytes, list[bytes] | None]],
+    out: list[Position],
+    now_us: int,
+    max_future_us: int,
+) -> tuple[list[tuple[bytes, list[bytes], str]], list[bytes]]:
+    """Decode a page of stream entries as Redis sends them: ``(id, [name, value, ...])``.
+
+    Positions are appended to ``out``; returns the entries that are not valid records
+    (id, fields, the decode error's message) and the ids whose fields are None (deleted
+    from the stream while pending). The reader's path: the gateway's layout is recognised
+    by one C-level comparison of the names and the decoder is entered with no call in
+    between (-7 % decoder instructions against a call per entry through contract_fields and
+    decode_values).
     """
+    append = out.append
+    failures: list[tuple[bytes, list[bytes], str]] = []
+    vanished: list[bytes] = []
     device: bytes | None
     raw: bytes | None
     received: bytes | None
-    if flat[::2] == _GATEWAY_NAMES:
-        device, raw, received = flat[1], flat[3], flat[7]
-    else:
-        device, raw, received = contract_fields(flat)
-    try:
+    for entry_id, flat in entries:
+        if flat is None:
+            vanished.append(entry_id)
+            continue
+        if flat[::2] == _GATEWAY_NAMES:
+            device, raw, received = flat[1], flat[3], flat[7]
+        else:
+            device, raw, received = contract_fields(flat)
         try:
-            return _decode(entry_id, device, raw, received, now_us, max_future_us, True)
-        except _WideIntegerError:
-            return _decode(entry_id, device, raw, received, now_us, max_future_us, False)
-    except RecursionError:
-        raise DecodeError("record: nested too deeply") from None
+            try:
+                append(_decode(entry_id, device, raw, received, now_us, max_future_us, True))
+            except _WideIntegerError:
+                append(_decode(entry_id, device, raw, received, now_us, max_future_us, False))
+        except DecodeError as exc:
+            failures.append((entry_id, flat, str(exc)))
+        except RecursionError:
+            failures.append((entry_id, flat, "record: nested too deeply"))
+    return failures, vanished
 
 
 def decode_values(

@@ -35,7 +35,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
-from tpx.records import DecodeError, Position, decode_flat
+from tpx.records import decode_page
 
 log = logging.getLogger(__name__)
 
@@ -319,27 +319,25 @@ class Reader(threading.Thread):
         return {cast(bytes, row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> None:
-        now_us = self.clock_us()
-        max_future_us = self.max_future_us
         batch = self.batch
-        append = batch.positions.append
-        poison: list[DeadLetter] = []
-        vanished: list[bytes] = []
-        if not batch.positions:
+        positions = batch.positions
+        if not positions:
             batch.started = time.monotonic()
-        for entry_id, fields in entries:
-            if not fields:  # deleted from the stream while pending
-                vanished.append(entry_id)
-                continue
-            try:
-                position: Position = decode_flat(entry_id, fields, now_us=now_us, max_future_us=max_future_us)
-            except DecodeError as exc:
-                count = deliveries.get(entry_id, 1) if deliveries else 1
-                poison.append(DeadLetter(entry_id, _fields_dict(fields), STAGE_DECODE, str(exc), count))
-                continue
-            append(position)
-            if deliveries:
-                batch.deliveries[entry_id] = deliveries.get(entry_id, 1)
+        start = len(positions)
+        failures, vanished = decode_page(entries, positions, self.clock_us(), self.max_future_us)
+        if deliveries:  # a page re-read or claimed: keep the counts for write-stage dead letters
+            for p in positions[start:]:
+                batch.deliveries[p.entry_id] = deliveries.get(p.entry_id, 1)
+        poison = [
+            DeadLetter(
+                entry_id,
+                _fields_dict(fields),
+                STAGE_DECODE,
+                error,
+                deliveries.get(entry_id, 1) if deliveries else 1,
+            )
+            for entry_id, fields, error in failures
+        ]
         self.metrics.read.inc(len(entries))
         if poison:
             dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, poison)

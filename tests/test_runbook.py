@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -171,13 +170,38 @@ def test_alert_rules_use_only_exported_metrics(
     assert not undocumented, f"metrics missing from OPERATIONS.md: {undocumented}"
 
 
+def _json_pipelines() -> list[str]:
+    """Every `tpx ... --json | python3 -c '...'` pipeline in OPERATIONS.md (inside `$(...)` too)."""
+    found = []
+    for line in RUNBOOK.splitlines():
+        if "--json | python3" not in line:
+            continue
+        command = line.strip()
+        if "$(" in command:  # ID=$(tpx ... | python3 -c '...')
+            command = command[command.index("$(") + 2 : command.rindex(")")]
+        found.append(command.split("  #", 1)[0].strip())
+    return found
+
+
 def test_runbook_json_examples_are_valid(
     settings: Settings, rclient: redis.Redis, env: dict[str, str]
 ) -> None:
-    """The --json the runbook pipes into python is what `tpx status --json` prints."""
+    """Each --json pipeline the runbook pastes into python runs against real output.
+
+    A key the runbook reads that the command no longer prints is a KeyError in the pipeline:
+    a non-zero exit and a traceback, so this fails.
+    """
+    pipelines = _json_pipelines()
+    assert len(pipelines) >= 2, pipelines  # tpx status --json, tpx dlq list --json
+    _dead_letters(settings, rclient)  # so `dlq list --json` has a first entry to read
     full_env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(
-        ["tpx", "status", "--json"], env=full_env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0
-    assert {"lag", "pending", "oldest_pending_age_s"} <= set(json.loads(out.stdout))
+    for command in pipelines:
+        out = subprocess.run(
+            ["bash", "-c", f"set -euo pipefail; {command}"],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and "Traceback" not in out.stderr, f"{command}\n{out.stderr}"
+        assert out.stdout.strip(), f"{command} printed nothing"

@@ -71,10 +71,13 @@ def test_valid_rows_written_and_poison_dead_lettered(settings: Settings, rclient
     assert third[b"dlq_deliveries"] == b"1"
     assert third[b"dlq_consumer"] == b"test-consumer"
     assert abs(int(third[b"dlq_at"]) - time.time() * 1000) < 120_000
+    # each reason names the offending field and value (CONTRACT.md §3)
     assert (
-        b"device_id" in by_source[ids[101 + 0]][b"dlq_error"]
-        or b"record" in by_source[ids[101]][b"dlq_error"]
+        by_source[ids[100]][b"dlq_error"].startswith(b"device_id is invalid")
+        and b'"bad device"' in (by_source[ids[100]][b"dlq_error"])
     )
+    assert by_source[ids[101]][b"dlq_error"].startswith(b"record: not valid JSON")
+    assert b"record.io.a: __bytes__ is not valid base64" in by_source[ids[203]][b"dlq_error"]
     assert b"device_id is missing" in by_source[ids[204]][b"dlq_error"]
 
 

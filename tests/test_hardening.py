@@ -344,7 +344,7 @@ def test_refused_record_is_redelivered_then_dead_lettered(settings: Settings, rc
     with running(s) as engine:
         wait_for(lambda: rclient.xlen(s.dlq_stream) == 1, timeout=30, what="the refused record in the DLQ")
         wait_for(lambda: pending_count(rclient, s.stream) == 0, what="nothing pending")
-        assert engine.metrics.claimed._value.get() >= 1
+        assert engine.metrics.count(engine.metrics.claimed) >= 1
     letter = rclient.xrange(s.dlq_stream)[0][1]
     assert letter[b"dlq_stage"] == b"write" and letter[b"dlq_deliveries"] == b"2"
     assert b"Unicode" in letter[b"dlq_error"] or b"\\u0000" in letter[b"dlq_error"]
@@ -364,7 +364,7 @@ def test_pending_entry_deleted_from_the_stream_is_acknowledged(
     time.sleep(0.15)  # let the dead consumer's entries pass the idle threshold
     with running(s) as engine:
         wait_for(lambda: pending_count(rclient, s.stream) == 0, what="nothing pending")
-        assert engine.metrics.vanished._value.get() == 1
+        assert engine.metrics.count(engine.metrics.vanished) == 1
     assert row_count(s.database_url, s.db_schema) == 4
 
 

@@ -55,7 +55,7 @@ def test_valid_rows_written_and_poison_dead_lettered(settings: Settings, rclient
     ids = add_entries(rclient, settings.stream, entries)
     with running(settings) as engine:
         wait_for(lambda: drained(rclient, settings, 300), what="300 rows and nothing pending")
-        assert engine.metrics.written._value.get() == 300
+        assert engine.metrics.count(engine.metrics.written) == 300
 
     assert len(set(rows(settings.database_url, settings.db_schema))) == 300
     letters = rclient.xrange(settings.dlq_stream)
@@ -137,13 +137,13 @@ def test_duplicates_within_and_across_batches_first_write_wins(
         add_entries(
             rclient, settings.stream, [record("dup", ts=ts, lat=4.0), record("dup", ts=ts + 2, lat=5.0)]
         )
-        wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="2 duplicates counted")
+        wait_for(lambda: engine.metrics.count(engine.metrics.duplicates) == 2, what="2 duplicates counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
         state = engine.states.get("dup")
         # the later batch's plain COPY met the stored key and was undone; ON CONFLICT moved both
         # again, and the new row still counts as written (its xmin is the transaction's own)
-        assert engine.metrics.insert_fallbacks._value.get() == 1
-        assert engine.metrics.written._value.get() == 3
+        assert engine.metrics.count(engine.metrics.insert_fallbacks) == 1
+        assert engine.metrics.count(engine.metrics.written) == 3
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (3.0,), (5.0,)]
     assert state is not None and state.records == 3 and state.duplicates == 2
 
@@ -184,7 +184,7 @@ def test_a_table_that_kept_its_collation_still_dedupes(settings: Settings, rclie
     with running(settings) as engine:
         wait_for(lambda: drained(rclient, settings, 2), what="2 rows")
         add_entries(rclient, settings.stream, [record("kept", ts=ts, lat=4.0)])  # already stored
-        wait_for(lambda: engine.metrics.duplicates._value.get() == 1, what="1 duplicate counted")
+        wait_for(lambda: engine.metrics.count(engine.metrics.duplicates) == 1, what="1 duplicate counted")
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="all acknowledged")
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(1.0,), (54.6872,)]
 
@@ -204,7 +204,8 @@ def test_two_engines_writing_the_same_keys_store_each_once(
 
             def done() -> float:
                 return sum(
-                    e.metrics.written._value.get() + e.metrics.duplicates._value.get() for e in (one, two)
+                    e.metrics.count(e.metrics.written) + e.metrics.count(e.metrics.duplicates)
+                    for e in (one, two)
                 )
 
             wait_for(lambda: done() == 6000, what="6,000 records written or counted duplicate", timeout=60)
@@ -212,9 +213,11 @@ def test_two_engines_writing_the_same_keys_store_each_once(
                 lambda: pending_count(rclient, settings.stream) + pending_count(rclient, other.stream) == 0,
                 what="both streams acknowledged",
             )
-            written = one.metrics.written._value.get() + two.metrics.written._value.get()
-            duplicates = one.metrics.duplicates._value.get() + two.metrics.duplicates._value.get()
-            fallbacks = one.metrics.insert_fallbacks._value.get() + two.metrics.insert_fallbacks._value.get()
+            written = one.metrics.count(one.metrics.written) + two.metrics.count(two.metrics.written)
+            duplicates = one.metrics.count(one.metrics.duplicates) + two.metrics.count(two.metrics.duplicates)
+            fallbacks = one.metrics.count(one.metrics.insert_fallbacks) + two.metrics.count(
+                two.metrics.insert_fallbacks
+            )
     finally:
         rclient.delete(other.stream, other.stream + ":dlq")
     assert row_count(settings.database_url, settings.db_schema) == 3000
@@ -257,10 +260,12 @@ def test_a_writer_aborted_by_a_deadlock_retries_its_batch(settings: Settings, rc
             asker.start()
             asker.join(timeout=30)
             assert not asker.is_alive()
-            wait_for(lambda: engine.metrics.duplicates._value.get() == 2, what="both counted duplicate")
+            wait_for(
+                lambda: engine.metrics.count(engine.metrics.duplicates) == 2, what="both counted duplicate"
+            )
             wait_for(lambda: pending_count(rclient, settings.stream) == 0, what="both acknowledged")
-            assert engine.metrics.retries._value.get() >= 1
-            assert engine.metrics.written._value.get() == 0
+            assert engine.metrics.count(engine.metrics.retries) >= 1
+            assert engine.metrics.count(engine.metrics.written) == 0
     finally:
         other.close()
     assert rows(settings.database_url, settings.db_schema, "latitude") == [(7.0,), (7.0,)]
@@ -363,7 +368,7 @@ def test_post_commit_stages_see_committed_rows_and_cannot_break_the_pipeline(
     with running(settings, stages=[Exploding(), recorder]) as engine:
         wait_for(lambda: drained(rclient, settings, 20), what="20 rows despite a failing stage")
         wait_for(lambda: sum(len(c.inserted) for c in recorder.seen) == 20, what="stage saw 20 rows")
-        assert engine.metrics.stage_errors.labels("exploding")._value.get() >= 1
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="exploding") >= 1
 
 
 def test_write_refusals_are_isolated_and_dead_lettered(settings: Settings, rclient: redis.Redis) -> None:
@@ -377,7 +382,7 @@ def test_write_refusals_are_isolated_and_dead_lettered(settings: Settings, rclie
     add_entries(rclient, s.stream, entries)
     with running(s) as engine:
         wait_for(lambda: drained(rclient, s, 26), what="26 good rows, nothing pending")
-        assert engine.metrics.dead_lettered.labels("write")._value.get() == 3
+        assert engine.metrics.count(engine.metrics.dead_lettered, stage="write") == 3
     letters = [f for _, f in rclient.xrange(s.dlq_stream)]
     assert sorted(f[b"dlq_stage"] for f in letters) == [b"decode"] + [b"write"] * 3
     assert all(f[b"record"] and f[b"device_id"] == b"w" for f in letters)
@@ -430,7 +435,7 @@ def test_stream_replies_are_read_alike_over_resp2_and_resp3(
     add_entries(rclient, s.stream, [record("new", ts=NOW_MS - 10_000 + i) for i in range(10)] + [poison])
     with running(s) as engine:  # the sweep claims the dead consumer's once they are idle 100 ms
         wait_for(lambda: drained(rclient, s, 30), what="30 rows and nothing pending")
-        assert engine.metrics.claimed._value.get() == 10
+        assert engine.metrics.count(engine.metrics.claimed) == 10
     assert sent_ahead
     assert {r[0] for r in rows(s.database_url, s.db_schema)} == {"dead", "own", "new"}
     [(_, letter)] = rclient.xrange(s.dlq_stream)

@@ -154,13 +154,13 @@ class Demo:
         finally:
             client.close()
         seconds = time.monotonic() - self.started
-        written = int(m.written._value.get())
-        dead = int(sum(m.dead_lettered.labels(stage)._value.get() for stage in ("decode", "write")))
+        written = int(m.count(m.written))
+        dead = int(sum(m.count(m.dead_lettered, stage=stage) for stage in ("decode", "write")))
         return DemoSummary(
             seconds=seconds,
             produced=self.produced,
             written=written,
-            duplicates=int(m.duplicates._value.get()),
+            duplicates=int(m.count(m.duplicates)),
             dead_lettered=dead,
             pending=st.pending,
             lag=st.lag,

@@ -54,8 +54,8 @@ class Heartbeat(threading.Thread):
 
     def document(self) -> dict[str, Any]:
         now = time.monotonic()
-        read = self.metrics.read._value.get()
-        written = self.metrics.written._value.get()
+        read = self.metrics.count(self.metrics.read)
+        written = self.metrics.count(self.metrics.written)
         rates = {"read_per_s": 0.0, "written_per_s": 0.0}
         if self._last is not None:
             then, read0, written0 = self._last

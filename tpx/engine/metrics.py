@@ -89,6 +89,12 @@ class Metrics:
             return None
         return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.95))]
 
+    def count(self, counter: Counter, **labels: str) -> float:
+        """A counter's current value, read through the registry's public API (0 before any event)."""
+        family = next(iter(counter.describe())).name  # its own name, without ``_total``
+        value = self.registry.get_sample_value(f"{family}_total", labels)
+        return value if value is not None else 0.0
+
     def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         """A value computed when Prometheus scrapes (queue depth, cache size...)."""
         Gauge(name, doc, registry=self.registry).set_function(fn)

@@ -134,9 +134,9 @@ def claim_dead_consumer(
                 break
     finally:
         pool.close()
-    report.written = int(metrics.written._value.get())
-    report.duplicates = int(metrics.duplicates._value.get())
-    report.dead_lettered += int(metrics.dead_lettered.labels("write")._value.get())
+    report.written = int(metrics.count(metrics.written))
+    report.duplicates = int(metrics.count(metrics.duplicates))
+    report.dead_lettered += int(metrics.count(metrics.dead_lettered, stage="write"))
     left = _consumers(client, settings)
     report.left_pending = left.get(claimer, 0)
     if left.get(consumer, 0) == 0:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from tpx.schema import MIGRATIONS_TABLE, current_version, latest_version, load_migrations, migrate
 
@@ -114,9 +119,18 @@ def _sharedir(dsn: str) -> Path | None:
     return Path(row[0]) / "extension" if row else None
 
 
+#: A database sets this (ALTER DATABASE ... SET) to let the fake timescaledb's script succeed there.
+FAKE_CREATABLE_GUC = "tpx_test.fake_timescaledb"
+
+
 @pytest.fixture
-def broken_timescaledb(pg_server_url: str):
-    """An installed `timescaledb` extension that cannot be created (as when it is not preloaded)."""
+def fake_timescaledb(pg_server_url: str) -> Iterator[None]:
+    """A `timescaledb` the server lists in pg_available_extensions (control file + script).
+
+    The extension directory is the installation's, seen by every database, so the script is
+    harmless elsewhere: it raises an ERROR (as the old fake did) unless the database sets
+    ``tpx_test.fake_timescaledb = 'create'``, where it creates one trivial function.
+    """
     try:
         ext = _sharedir(pg_server_url)
     except psycopg.errors.InsufficientPrivilege:
@@ -126,28 +140,148 @@ def broken_timescaledb(pg_server_url: str):
     control = ext / "timescaledb.control"
     script = ext / "timescaledb--0.0.1.sql"
     if control.exists():
-        pytest.skip("a real timescaledb is installed")
+        pytest.skip("a timescaledb is installed (real, or another test's fake)")
     try:
+        # like the real control file: not relocatable, no fixed schema
         control.write_text("default_version = '0.0.1'\nrelocatable = false\n")
         script.write_text(
-            "DO $$ BEGIN RAISE EXCEPTION 'extension \"timescaledb\" must be preloaded'; END $$;\n"
+            "DO $$ BEGIN\n"
+            f"  IF current_setting('{FAKE_CREATABLE_GUC}', true) IS DISTINCT FROM 'create' THEN\n"
+            "    RAISE EXCEPTION 'extension \"timescaledb\" must be preloaded';\n"
+            "  END IF;\n"
+            "END $$;\n"
+            "CREATE FUNCTION tpx_fake_timescaledb() RETURNS int LANGUAGE sql AS 'SELECT 1';\n"
         )
     except OSError:
         pytest.skip("extension directory is not writable here")
-    yield
-    control.unlink(missing_ok=True)
-    script.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        control.unlink(missing_ok=True)
+        script.unlink(missing_ok=True)
 
 
-def test_installed_but_unloadable_timescaledb_falls_back(
-    pg_server_url: str, schema: str, broken_timescaledb: None
+@pytest.fixture
+def private_db(pg_server_url: str) -> Iterator[str]:
+    """A database of this test's own (for database-wide state: event triggers, settings)."""
+    name = f"tpx_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(pg_server_url, dbname=name)
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _kill_session_on_create_extension(dsn: str) -> None:
+    """Make ``CREATE EXTENSION`` end the session, as TimescaleDB does when it is not preloaded.
+
+    The real server answers ``FATAL:  extension "timescaledb" must be preloaded`` (HINT: Please
+    preload the timescaledb library via shared_preload_libraries) and closes the connection; no
+    savepoint survives that. Here the session terminates itself; psycopg reports
+    ``AdminShutdown: terminating connection due to administrator command`` (SQLSTATE 57P01) and
+    the connection is broken, exactly what the real FATAL leaves.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION kill_on_create_extension() RETURNS event_trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF tg_tag = 'CREATE EXTENSION' THEN"
+            " PERFORM pg_terminate_backend(pg_backend_pid()); END IF; END $$"
+        )
+        conn.execute(
+            "CREATE EVENT TRIGGER kill_on_create_extension ON ddl_command_start"
+            " EXECUTE FUNCTION kill_on_create_extension()"
+        )
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.OperationalError) as info:
+        conn.execute("CREATE EXTENSION timescaledb SCHEMA public")
+    assert "terminating connection due to administrator command" in str(info.value)
+    assert conn.broken
+
+
+def _migrate_cmd(dsn: str, schema: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tpx", "migrate", "--database-url", dsn, "--db-schema", schema, *args]
+    environ = {**os.environ, "TPX_LOG_FORMAT": "json", **env}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=environ)
+
+
+def _warnings(stderr: str) -> list[str]:
+    """The WARNING log lines (JSON) a command wrote to stderr."""
+    found = []
+    for line in stderr.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") == "WARNING":
+            found.append(str(entry["message"]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        # the real server's state right after installing the package: tpx must not even try
+        ("not preloaded", "installed but not preloaded"),
+        # the check let it through (timescaledb.allow_install_without_preload = on) and the
+        # session still dies in CREATE EXTENSION: nothing committed is lost, the reason is named
+        ("session lost", "terminating connection due to administrator command"),
+        # an ordinary ERROR (e.g. no privilege): rolled back on its own connection
+        ("error", 'CREATE EXTENSION timescaledb failed: extension "timescaledb" must be preloaded'),
+    ],
+)
+def test_timescaledb_that_cannot_load_leaves_a_migrated_plain_table(
+    private_db: str, fake_timescaledb: None, case: str, reason: str
 ) -> None:
-    report = migrate(pg_server_url, schema)
-    assert report.storage == "table"
-    assert "must be preloaded" in report.storage_reason
-    with psycopg.connect(pg_server_url) as conn:
+    if case != "error":
+        _kill_session_on_create_extension(private_db)
+    if case != "not preloaded":
+        with psycopg.connect(private_db, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET timescaledb.allow_install_without_preload = 'on'").format(
+                    sql.Identifier(conn.info.dbname)
+                )
+            )
+    schema = "tpx_fleet"
+    for attempt in (1, 2):  # a second start, on a migrated database, must succeed too
+        done = _migrate_cmd(private_db, schema, "--json")
+        assert done.returncode == 0, (attempt, done.stdout, done.stderr)
+        report = json.loads(done.stdout)
+        assert report["storage"] == "table" and reason in report["storage_reason"], report
+        warnings = [w for w in _warnings(done.stderr) if "timescaledb" in w.lower()]
+        assert len(warnings) == 1, done.stderr
+        assert reason in warnings[0]
+        assert "shared_preload_libraries" in warnings[0] and "restart PostgreSQL" in warnings[0]
+        assert "OPERATIONS.md" in warnings[0]
+    with psycopg.connect(private_db) as conn:
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (f"{schema}.positions",))
+        assert kind.fetchone() == ("r",)
+        applied = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, MIGRATIONS_TABLE))
+        ).fetchone()
+        assert applied == (len(load_migrations()),)
         assert conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() is None
-        conn.execute(sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(schema)))
+
+
+def test_timescaledb_is_created_outside_tpx_schema(private_db: str, fake_timescaledb: None) -> None:
+    """Dropping tpx's schema must not drop the extension other tables in the database may use."""
+    with psycopg.connect(private_db, autocommit=True) as conn:
+        db = sql.Identifier(conn.info.dbname)
+        creatable = sql.Identifier(FAKE_CREATABLE_GUC)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET {} = 'create'").format(db, creatable))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET timescaledb.allow_install_without_preload = 'on'").format(db)
+        )
+        # as where an operator points the database's search_path at tpx's schema
+        conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = tpx_fleet, public").format(db))
+    migrate(private_db, "tpx_fleet")
+    with psycopg.connect(private_db, autocommit=True) as conn:
+        where = conn.execute(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'timescaledb'"
+        ).fetchone()
+        assert where == ("public",)
+        conn.execute("DROP SCHEMA tpx_fleet CASCADE")
+        assert conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() == (1,)
 
 
 def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> None:
@@ -183,6 +317,21 @@ def test_timescale_policies_are_ignored_without_a_hypertable(pg_server_url: str,
     report = migrate(pg_server_url, schema, compress_after="14d", retain_for="365d")
     assert report.storage == "table"
     assert report.policies == ["TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"]
+
+
+def test_migrate_command_applies_the_timescale_settings(pg_server_url: str, schema: str) -> None:
+    """A rolling deploy runs `tpx migrate` alone: it must read TPX_COMPRESS_AFTER / --retain-for too."""
+    with psycopg.connect(pg_server_url) as conn:
+        if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone():
+            pytest.skip("this server lists a timescaledb extension")
+    ignored = "TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"
+    as_json = _migrate_cmd(pg_server_url, schema, "--json", TPX_COMPRESS_AFTER="14d")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["policies"] == [ignored]
+    assert [w for w in _warnings(as_json.stderr) if "ignored" in w] == [f"timescaledb: {ignored}"]
+    as_text = _migrate_cmd(pg_server_url, schema, "--retain-for", "365d")
+    assert as_text.returncode == 0, as_text.stderr
+    assert f"timescaledb: {ignored}" in as_text.stdout.splitlines()
 
 
 @pytest.mark.parametrize(

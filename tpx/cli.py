@@ -163,16 +163,28 @@ def serve(
 def migrate_cmd(
     database_url: DatabaseUrl = None,
     db_schema: Schema = None,
+    compress_after: Annotated[
+        str | None,
+        typer.Option("--compress-after", help=f"TimescaleDB: e.g. 14d [env {env_name('compress_after')}]"),
+    ] = None,
+    retain_for: Annotated[
+        str | None,
+        typer.Option("--retain-for", help=f"TimescaleDB: e.g. 365d [env {env_name('retain_for')}]"),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Apply pending schema migrations and exit (safe to run concurrently).
+    """Apply pending schema migrations and the TimescaleDB policies, then exit (safe to run concurrently).
 
-    Example: tpx migrate --database-url postgresql://postgres@127.0.0.1/fleet
+    Example: tpx migrate --database-url postgresql://postgres@127.0.0.1/fleet --compress-after 14d
     """
-    from tpx.schema import migrate
+    from tpx import logs
+    from tpx.schema import migrate_for
 
-    s = settings_from(database_url=database_url, db_schema=db_schema)
-    report = guarded(lambda: migrate(s.database_url, s.db_schema), s)
+    s = settings_from(
+        database_url=database_url, db_schema=db_schema, compress_after=compress_after, retain_for=retain_for
+    )
+    logs.setup(s.log_level, s.log_format, s.consumer, stream=sys.stderr)  # stdout is the report
+    report = guarded(lambda: migrate_for(s), s)
     if as_json:
         typer.echo(
             json.dumps(
@@ -182,6 +194,8 @@ def migrate_cmd(
                     "version": report.current_version,
                     "storage": report.storage,
                     "storage_reason": report.storage_reason,
+                    "storage_hint": report.storage_hint,
+                    "policies": report.policies,
                 }
             )
         )
@@ -192,6 +206,8 @@ def migrate_cmd(
     else:
         typer.echo(f"schema {report.schema} is up to date")
     typer.echo(f"version {report.current_version}; {report.storage_line()}")
+    for policy in report.policies:
+        typer.echo(f"timescaledb: {policy}")
 
 
 # --- config -------------------------------------------------------------------

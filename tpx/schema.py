@@ -2,15 +2,21 @@
 
 The runner owns exactly two tables in its schema: ``positions`` and
 ``tpx_schema_migrations`` (what it applied, when, with which checksum). It never
-touches any other table. Everything happens in one transaction that first takes
-a transaction-level advisory lock, so two instances starting at once apply each
+touches any other table. The files run in one transaction that first takes a
+transaction-level advisory lock, so two instances starting at once apply each
 migration exactly once: the second waits, then finds nothing left to do.
 
-After the files, ``positions`` becomes a TimescaleDB hypertable on ``ts`` when
-the extension is installed on the server and can be created and loaded. When it
-cannot (not installed, not preloaded, not allow-listed, no privilege), every
-attempt runs inside a savepoint, is rolled back, and ``positions`` stays an
-ordinary table; :class:`MigrationReport` says which and why.
+That transaction is committed before TimescaleDB is touched. The TimescaleDB
+step (create the extension, make ``positions`` a hypertable on ``ts``, add the
+policies) runs afterwards on a connection of its own, under the same lock:
+TimescaleDB answers some mistakes with a FATAL that ends the session (``extension
+"timescaledb" must be preloaded``), which no savepoint survives, so the step
+must have nothing to lose. Where TimescaleDB cannot be used (not installed, not
+preloaded, no privilege, the session ended), ``positions`` stays an ordinary
+table and :class:`MigrationReport` says why and what to do about it.
+
+:func:`migrate_for` is the one entry point of ``tpx migrate`` and ``tpx serve``:
+it reads every setting migrations use and logs the report the same way for both.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -28,10 +35,30 @@ from psycopg.abc import Query
 
 from tpx.errors import first_line
 
+if TYPE_CHECKING:
+    from tpx.config import Settings
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "tpx_schema_migrations"
 _FILE_RE = re.compile(r"(\d{3,})_([a-z0-9_]+)\.sql")
+
+#: Where ``CREATE EXTENSION timescaledb`` puts the extension. Its control file fixes no schema
+#: (``relocatable = false``: relocatable during installation only), so without ``SCHEMA`` it lands
+#: in the first schema of search_path, tpx's, and ``DROP SCHEMA ... CASCADE`` would drop it.
+EXTENSION_SCHEMA = "public"
+
+#: What an operator does when TimescaleDB is installed but not loadable; the conversion itself is
+#: the next migrate (``create_hypertable(..., migrate_data => true)``), described in OPERATIONS.md.
+HINT_PRELOAD = (
+    "to get the hypertable: add timescaledb to shared_preload_libraries in postgresql.conf,"
+    " restart PostgreSQL, then run `tpx migrate` again to convert positions"
+    ' (OPERATIONS.md, "TimescaleDB")'
+)
+#: The same, for any other reason the TimescaleDB step failed.
+HINT_RETRY = 'fix that, then run `tpx migrate` again to convert positions (OPERATIONS.md, "TimescaleDB")'
+#: Said when compression/retention settings are given but there is no hypertable to apply them to.
+POLICIES_IGNORED = "TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,8 @@ class MigrationReport:
     applied: list[str] = field(default_factory=list)
     storage: str = "table"  # "hypertable" or "table"
     storage_reason: str = ""
+    #: What the operator can do to get the hypertable ("" when there is nothing to do).
+    storage_hint: str = ""
     current_version: int = 0
     policies: list[str] = field(default_factory=list)
 
@@ -92,60 +121,125 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _try(conn: psycopg.Connection[tuple[object, ...]], statement: Query) -> str | None:
-    """Run one statement in a savepoint; return None on success or the error's first line."""
+class _SessionEndedError(Exception):
+    """The server ended the session (a FATAL, or the connection dropped) during ``what``."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"the PostgreSQL session ended during {what}: {message}")
+
+
+def _try(conn: psycopg.Connection[tuple[object, ...]], what: str, statement: Query) -> str | None:
+    """Run one statement in a savepoint; return None on success or the error's first line.
+
+    A FATAL ends the session and no savepoint survives it: that raises :class:`_SessionEndedError`
+    (the connection is closed, so nothing else tries to use it).
+    """
+    conn.execute("SAVEPOINT tpx_try")
     try:
-        with conn.transaction():
-            conn.execute(statement)
+        conn.execute(statement)
     except psycopg.Error as exc:
+        if conn.broken or (exc.diag.severity_nonlocalized or "") in ("FATAL", "PANIC"):
+            conn.close()
+            raise _SessionEndedError(what, first_line(exc)) from exc
+        conn.execute("ROLLBACK TO SAVEPOINT tpx_try")
         return first_line(exc)
+    conn.execute("RELEASE SAVEPOINT tpx_try")
     return None
 
 
-def _timescale(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> tuple[str, str]:
-    """Make positions a hypertable when we can; return (storage, reason)."""
+def _preloaded(libraries: str) -> bool:
+    """Whether a ``shared_preload_libraries`` value lists timescaledb (``$libdir/...`` too)."""
+    names = (entry.strip().strip('"').rsplit("/", 1)[-1] for entry in libraries.split(","))
+    return "timescaledb" in names
+
+
+def _preload_problem(conn: psycopg.Connection[tuple[object, ...]]) -> str | None:
+    """Why loading TimescaleDB would end the session ("must be preloaded"), or None.
+
+    TimescaleDB's loader refuses with a FATAL unless the library is in shared_preload_libraries
+    or ``timescaledb.allow_install_without_preload`` is on. A role that may not read
+    shared_preload_libraries gets None: the attempt then runs, on a session with nothing to lose.
+    """
+    row = conn.execute("SELECT current_setting('timescaledb.allow_install_without_preload', true)").fetchone()
+    if row is not None and row[0] == "on":
+        return None
+    conn.execute("SAVEPOINT tpx_preload")
+    try:
+        row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        conn.execute("ROLLBACK TO SAVEPOINT tpx_preload")
+        return None
+    conn.execute("RELEASE SAVEPOINT tpx_preload")
+    if row is not None and _preloaded(str(row[0])):
+        return None
+    return "timescaledb is installed but not preloaded (shared_preload_libraries does not list it)"
+
+
+@dataclass
+class _Storage:
+    storage: str
+    reason: str = ""
+    hint: str = ""
+    policies: list[str] = field(default_factory=list)
+
+
+def _hypertable(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> tuple[_Storage, str]:
+    """Make positions a hypertable when we can; return the outcome and the extension's schema."""
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+    if row is None:
+        return _Storage("table", "the timescaledb extension is not installed on the server"), ""
+    problem = _preload_problem(conn)
+    if problem is not None:
+        return _Storage("table", problem, HINT_PRELOAD), ""
     row = conn.execute(
-        "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+        " WHERE e.extname = 'timescaledb'"
     ).fetchone()
     if row is None:
-        return "table", "the timescaledb extension is not installed on the server"
-    installed = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
-    if installed is None:
-        error = _try(conn, "CREATE EXTENSION IF NOT EXISTS timescaledb")
+        error = _try(
+            conn,
+            "CREATE EXTENSION timescaledb",
+            sql.SQL("CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA {}").format(
+                sql.Identifier(EXTENSION_SCHEMA)
+            ),
+        )
         if error is not None:
-            return "table", f"CREATE EXTENSION timescaledb failed: {error}"
-    exists = (
-        conn.execute(
-            "SELECT 1 FROM timescaledb_information.hypertables"
-            " WHERE hypertable_schema = %s AND hypertable_name = 'positions'",
-            (schema,),
-        ).fetchone()
-        if _try(conn, "SELECT 1 FROM timescaledb_information.hypertables LIMIT 1") is None
-        else None
-    )
-    if exists is not None:
-        return "hypertable", ""
-    target = sql.Literal(f"{sql.Identifier(schema).as_string(None)}.positions")
+            hint = HINT_PRELOAD if "preload" in error else HINT_RETRY
+            return _Storage("table", f"CREATE EXTENSION timescaledb failed: {error}", hint), ""
+        extension_schema = EXTENSION_SCHEMA
+    else:
+        extension_schema = str(row[0])
     error = _try(
         conn,
-        sql.SQL(
-            "SELECT create_hypertable({}::regclass, 'ts', migrate_data => true, if_not_exists => true)"
-        ).format(target),
+        "create_hypertable",
+        sql.SQL("SELECT {}({}::regclass, 'ts', migrate_data => true, if_not_exists => true)").format(
+            sql.Identifier(extension_schema, "create_hypertable"), sql.Literal(_qualified(schema))
+        ),
     )
     if error is not None:
-        return "table", f"create_hypertable failed: {error}"
-    return "hypertable", ""
+        return _Storage("table", f"create_hypertable failed: {error}", HINT_RETRY), extension_schema
+    return _Storage("hypertable"), extension_schema
+
+
+def _qualified(schema: str) -> str:
+    """``"schema".positions``, as text for a regclass literal."""
+    return f"{sql.Identifier(schema).as_string(None)}.positions"
 
 
 def _policies(
-    conn: psycopg.Connection[tuple[object, ...]], schema: str, compress_after: str, retain_for: str
+    conn: psycopg.Connection[tuple[object, ...]],
+    schema: str,
+    extension_schema: str,
+    compress_after: str,
+    retain_for: str,
 ) -> list[str]:
     """Compression and retention policies for the hypertable; returns what was done or refused."""
     done = []
-    target = f"{sql.Identifier(schema).as_string(None)}.positions"
+    target = sql.Literal(_qualified(schema))
     if compress_after:
         error = _try(
             conn,
+            "ALTER TABLE positions SET (timescaledb.compress)",
             sql.SQL(
                 "ALTER TABLE {}.positions SET (timescaledb.compress,"
                 " timescaledb.compress_segmentby = 'device_id', timescaledb.compress_orderby = 'ts DESC')"
@@ -154,20 +248,44 @@ def _policies(
         if error is None:
             error = _try(
                 conn,
-                sql.SQL(
-                    "SELECT add_compression_policy({}::regclass, {}::interval, if_not_exists => true)"
-                ).format(sql.Literal(target), sql.Literal(_interval(compress_after))),
+                "add_compression_policy",
+                sql.SQL("SELECT {}({}::regclass, {}::interval, if_not_exists => true)").format(
+                    sql.Identifier(extension_schema, "add_compression_policy"),
+                    target,
+                    sql.Literal(_interval(compress_after)),
+                ),
             )
         done.append(f"compression after {compress_after}" + (f" FAILED: {error}" if error else ""))
     if retain_for:
         error = _try(
             conn,
-            sql.SQL("SELECT add_retention_policy({}::regclass, {}::interval, if_not_exists => true)").format(
-                sql.Literal(target), sql.Literal(_interval(retain_for))
+            "add_retention_policy",
+            sql.SQL("SELECT {}({}::regclass, {}::interval, if_not_exists => true)").format(
+                sql.Identifier(extension_schema, "add_retention_policy"),
+                target,
+                sql.Literal(_interval(retain_for)),
             ),
         )
         done.append(f"retention {retain_for}" + (f" FAILED: {error}" if error else ""))
     return done
+
+
+def _timescale(conninfo: str, schema: str, compress_after: str, retain_for: str) -> _Storage:
+    """The TimescaleDB step, on its own connection and transaction: a lost session loses nothing."""
+    try:
+        with psycopg.connect(conninfo, autocommit=False, application_name="tpx-migrate") as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
+            outcome, extension_schema = _hypertable(conn, schema)
+            if outcome.storage == "hypertable":
+                outcome.policies = _policies(conn, schema, extension_schema, compress_after, retain_for)
+            conn.commit()
+    except _SessionEndedError as exc:
+        return _Storage("table", str(exc), HINT_PRELOAD)
+    except psycopg.OperationalError as exc:  # the connection dropped between statements
+        return _Storage("table", f"the PostgreSQL session ended: {first_line(exc)}", HINT_RETRY)
+    if outcome.storage != "hypertable" and (compress_after or retain_for):
+        outcome.policies = [POLICIES_IGNORED]
+    return outcome
 
 
 def _interval(duration: str) -> str:
@@ -190,7 +308,7 @@ def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
 def migrate(
     conninfo: str, schema: str = "public", compress_after: str = "", retain_for: str = ""
 ) -> MigrationReport:
-    """Apply pending migrations to ``schema``; safe to run from several processes at once."""
+    """Apply pending migrations to ``schema``, then the TimescaleDB step; safe to run concurrently."""
     report = MigrationReport(schema=schema)
     migrations = load_migrations()
     with psycopg.connect(conninfo, autocommit=False, application_name="tpx-migrate") as conn:
@@ -231,13 +349,27 @@ def migrate(
                 (migration.version, migration.name, migration.checksum),
             )
             report.applied.append(f"{migration.version:03d}_{migration.name}")
-        report.storage, report.storage_reason = _timescale(conn, schema)
-        if report.storage == "hypertable":
-            report.policies = _policies(conn, schema, compress_after, retain_for)
-        elif compress_after or retain_for:
-            report.policies = ["TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"]
         report.current_version = max([*applied, *(m.version for m in migrations)], default=0)
         conn.commit()
+    outcome = _timescale(conninfo, schema, compress_after, retain_for)
+    report.storage, report.storage_reason, report.storage_hint = outcome.storage, outcome.reason, outcome.hint
+    report.policies = outcome.policies
+    return report
+
+
+def migrate_for(settings: Settings) -> MigrationReport:
+    """Migrate with every setting migrations use and log the outcome: `tpx migrate` and `tpx serve`."""
+    report = migrate(settings.database_url, settings.db_schema, settings.compress_after, settings.retain_for)
+    for name in report.applied:
+        log.info("applied migration %s", name)
+    summary = f"schema {report.schema} at version {report.current_version}; {report.storage_line()}"
+    if report.storage_hint:
+        log.warning("%s; %s", summary, report.storage_hint)
+    else:
+        log.info("%s", summary)
+    for policy in report.policies:
+        failed = policy == POLICIES_IGNORED or " FAILED: " in policy
+        log.log(logging.WARNING if failed else logging.INFO, "timescaledb: %s", policy)
     return report
 
 

@@ -51,7 +51,7 @@ from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import CREATE_STAGE_SQL, Writer
 from tpx.errors import first_line
-from tpx.schema import current_version, latest_version, migrate
+from tpx.schema import current_version, latest_version, migrate_for
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,10 @@ class Engine:
                         f"{latest_version()}: run `tpx migrate` (or drop --no-migrate)"
                     )
                 return
-            report = migrate(s.database_url, s.db_schema, s.compress_after, s.retain_for)
+            report = migrate_for(s)  # the same entry point as `tpx migrate`; it logs the report
         except psycopg.OperationalError as exc:
             raise StartupError(f"cannot reach PostgreSQL: {first_line(exc)}") from None
-        for name in report.applied:
-            log.info("applied migration %s", name)
         self.storage = report.storage
-        log.info("schema %s at version %d; %s", s.db_schema, report.current_version, report.storage_line())
-        for policy in report.policies:
-            log.info("timescaledb: %s", policy)
 
     def start(self) -> None:
         s = self.s

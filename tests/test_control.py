@@ -34,6 +34,7 @@ from tpx.controlproto import (
     DEVICES_LIMIT_MAX,
     MAX_REQUEST_BYTES,
     OPS,
+    REPLY_TTL_S,
     BadRequestError,
     ControlRequest,
     parse,
@@ -219,6 +220,17 @@ def test_the_cli_refuses_a_device_the_instances_would_refuse(serve_env: dict[str
     result = CliRunner().invoke(app, ["rehydrate", "no spaces allowed"], env=serve_env)
     assert result.exit_code == 2
     assert result.stderr.strip() == "tpx: device: not a device_id (1-64 of A-Z a-z 0-9 . _ : -)"
+
+
+def test_the_runbook_states_the_bounds_the_code_enforces() -> None:
+    runbook = (Path(__file__).parent.parent / "OPERATIONS.md").read_text()
+    for bound in (
+        f"at most {DEVICES_LIMIT_MAX:,} states",
+        f"larger than {MAX_REQUEST_BYTES:,}",
+        f"outside 1\N{EN DASH}{DEVICES_LIMIT_MAX:,}",
+    ):
+        assert bound in runbook, bound
+    assert f"expires after {REPLY_TTL_S} s" in runbook
 
 
 # --- a running instance ---------------------------------------------------------------------------

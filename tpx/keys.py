@@ -27,9 +27,11 @@ def heartbeat_pattern(stream: str) -> str:
 
 
 def control_channel(stream: str) -> str:
-    """Pub/sub channel the instances listen on for ops requests (rehydrate, device)."""
+    """Pub/sub channel the instances listen on for ops requests (:mod:`tpx.controlproto`)."""
     return f"{prefix(stream)}:control"
 
 
 def reply_list(stream: str, request_id: str) -> str:
+    """Where the instances push their answers to one control request; the only key a control
+    request may name as ``reply_to`` (see :mod:`tpx.controlproto`)."""
     return f"{prefix(stream)}:reply:{request_id}"

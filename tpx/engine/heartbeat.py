@@ -4,9 +4,11 @@
 every :data:`tpx.keys.HEARTBEAT_INTERVAL_S` with a TTL, so ops commands and the
 dashboard see every live instance and can tell a dead consumer from a live
 one. ``tpx-control`` listens on the stream's control channel and answers ops
-requests: ``rehydrate`` (drop a device's cached state; it is reseeded from
-Postgres on its next record) and ``device`` (report a device's cached state).
-Both threads survive Redis outages: they log, wait, and try again.
+requests (:mod:`tpx.controlproto`): ``rehydrate`` (drop a device's cached state;
+it is reseeded from Postgres on its next record), ``device`` (report a device's
+cached state), ``devices`` (the most recently active ones) and ``ping``. A
+malformed request is one warning and ignored. Both threads survive Redis
+outages: they log, wait, and try again.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 
 import redis
 
-from tpx import __version__, keys
+from tpx import __version__, controlproto, keys
 from tpx.config import Settings
+from tpx.controlproto import ControlRequest
 from tpx.engine.metrics import Metrics
 from tpx.engine.state import DeviceStates
 
@@ -101,32 +104,28 @@ class Control(threading.Thread):
         self.channel = keys.control_channel(settings.stream)
         self.subscribed = threading.Event()
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
-        op = request.get("op")
-        device = str(request.get("device", ""))
-        if op == "rehydrate":
-            dropped = self.states.drop(device)
-            log.info(
-                "rehydrate %s requested: %s", device, "dropped cached state" if dropped else "not cached"
-            )
-            return {"consumer": self.s.consumer, "ok": True, "was_cached": dropped}
-        if op == "device":
-            state = self.states.get(device)
-            return {
-                "consumer": self.s.consumer,
-                "ok": True,
-                "state": None if state is None else state.to_dict(),
-            }
-        if op == "devices":
-            limit = int(request.get("limit", 500))
-            return {
-                "consumer": self.s.consumer,
-                "ok": True,
-                "states": [s.to_dict() for s in self.states.snapshot(limit=limit)],
-            }
-        if op == "ping":
-            return {"consumer": self.s.consumer, "ok": True}
-        return None
+    def handle(self, request: ControlRequest) -> dict[str, Any]:
+        """Do what a (well-formed) request asks; the answer to push to its ``reply_to``."""
+        answer: dict[str, Any] = {"consumer": self.s.consumer, "ok": True}
+        match request.op:
+            case "rehydrate":
+                dropped = self.states.drop(request.device)
+                log.info(
+                    "rehydrate %s requested: %s",
+                    request.device,
+                    "dropped cached state" if dropped else "not cached",
+                )
+                answer["was_cached"] = dropped
+            case "device":
+                state = self.states.get(request.device)
+                answer["state"] = None if state is None else state.to_dict()
+            case "devices":
+                answer["states"] = [s.to_dict() for s in self.states.snapshot(limit=request.limit)]
+            case "ping":
+                pass
+            case unknown:
+                assert_never(unknown)
+        return answer
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -148,18 +147,20 @@ class Control(threading.Thread):
                     pubsub.close()
 
     def _answer(self, data: bytes) -> None:
+        """Answer one control message. A malformed one is one warning and ignored: every
+        instance receives it, so it must not stop any of them."""
         try:
-            request = json.loads(data)
-        except ValueError:
-            log.warning("ignored a control message that is not JSON")
-            return
-        if not isinstance(request, dict):
+            request = controlproto.parse(data, self.s.stream)
+        except controlproto.BadRequestError as exc:
+            log.warning("ignored a control message (%s): %s", exc, controlproto.excerpt(data))
             return
         reply = self.handle(request)
-        reply_to = request.get("reply_to")
-        if reply is None or not isinstance(reply_to, str):
+        if request.reply_to is None:
             return
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(reply_to, json.dumps(reply))
-        pipe.expire(reply_to, 60)
-        pipe.execute()
+        pipe.rpush(request.reply_to, json.dumps(reply))
+        pipe.expire(request.reply_to, controlproto.REPLY_TTL_S)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:  # OOM, READONLY, WRONGTYPE: this answer is lost, not the thread
+            log.warning("could not answer control request %s %s: %s", request.op, request.id, exc)

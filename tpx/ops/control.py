@@ -1,6 +1,7 @@
 """Ask the running instances something through Redis: rehydrate a device, show its state.
 
-A request is published on the stream's control channel with a reply key;
+A request (:class:`tpx.controlproto.ControlRequest`, the type the instances
+parse) is published on the stream's control channel with a reply key;
 each instance's ``tpx-control`` thread answers by pushing to that key. The
 command waits (up to ``timeout``) for as many answers as there were
 subscribers, and reports which live instances (by heartbeat) did not answer.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from psycopg import sql
 
 from tpx import keys
 from tpx.config import Settings
+from tpx.controlproto import DEVICES_LIMIT_DEFAULT, ControlRequest, Op
 from tpx.ops.inspect import Instance, instances
 
 
@@ -38,18 +39,18 @@ class ControlResult:
 def ask(
     client: redis.Redis,
     settings: Settings,
-    op: str,
-    device: str,
+    op: Op,
+    device: str = "",
     timeout: float = 3.0,
     alive: list[Instance] | None = None,
-    **extra: Any,
+    limit: int = DEVICES_LIMIT_DEFAULT,
 ) -> ControlResult:
     """Publish a request and collect the answers; ``alive`` (if the caller just read the
-    heartbeats) saves reading them again to name the instances that stayed silent."""
-    request_id = uuid.uuid4().hex
-    reply_to = keys.reply_list(settings.stream, request_id)
-    message = json.dumps({"op": op, "device": device, "reply_to": reply_to, "id": request_id, **extra})
-    receivers = int(client.publish(keys.control_channel(settings.stream), message))
+    heartbeats) saves reading them again to name the instances that stayed silent. A device
+    or limit the instances would refuse raises :class:`~tpx.controlproto.BadRequestError` here."""
+    request = ControlRequest.new(settings.stream, op, device, limit)
+    reply_to = keys.reply_list(settings.stream, request.id)
+    receivers = int(client.publish(keys.control_channel(settings.stream), request.to_json()))
     result = ControlResult(op, device)
     deadline = time.monotonic() + timeout
     while len(result.replies) < receivers:
@@ -58,7 +59,7 @@ def ask(
             break
         popped = client.blpop([reply_to], timeout=max(0.1, min(left, 1.0)))
         if popped is not None:
-            result.replies.append(json.loads(popped[1]))
+            result.replies.append(_reply(popped[1]))
     client.delete(reply_to)
     answered = {str(r.get("consumer")) for r in result.replies}
     live = alive if alive is not None else instances(client, settings.stream)
@@ -66,15 +67,24 @@ def ask(
     return result
 
 
+def _reply(data: bytes | str) -> dict[str, Any]:
+    """An instance's answer; anything else pushed to the reply key counts as a refusal."""
+    try:
+        reply = json.loads(data)
+    except (ValueError, RecursionError):
+        return {"ok": False}
+    return reply if isinstance(reply, dict) else {"ok": False}
+
+
 def cached_devices(
     client: redis.Redis,
     settings: Settings,
-    limit: int = 500,
+    limit: int = DEVICES_LIMIT_DEFAULT,
     timeout: float = 1.0,
     alive: list[Instance] | None = None,
 ) -> list[dict[str, Any]]:
     """The most recently active cached device states of every running instance (newest per device)."""
-    asked = ask(client, settings, "devices", "", timeout, alive=alive, limit=limit)
+    asked = ask(client, settings, "devices", timeout=timeout, alive=alive, limit=limit)
     best: dict[str, dict[str, Any]] = {}
     for reply in asked.replies:
         for cached in reply.get("states", []):

@@ -13,16 +13,23 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def server_pids() -> set[int]:
+def server_pids(data_dir: Path) -> set[int]:
+    """Redis and PostgreSQL processes that belong to the demo's own servers in ``data_dir``.
+
+    Found by what ties them to that directory (the postmaster's ``-D``, a server's working
+    directory), so that the shared servers' and other test runs' processes never count.
+    """
+    here = str(data_dir.resolve())
     pids = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = str((proc / "cwd").resolve())
         except OSError:
             continue
-        if b"redis-server" in cmd or b"postgres" in cmd:
+        if ("redis-server" in cmd or "postgres" in cmd) and (here in cmd or cwd.startswith(here)):
             pids.add(int(proc.name))
     return pids
 
@@ -30,7 +37,6 @@ def server_pids() -> set[int]:
 @pytest.mark.timeout(240)
 def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPX_")}
-    before = server_pids()
     result = subprocess.run(
         [
             sys.executable,
@@ -56,5 +62,5 @@ def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
     assert summary["dead_lettered"] > 0  # the demo's fleet sends a little poison on purpose
     assert summary["written"] + summary["duplicates"] + summary["dead_lettered"] <= summary["produced"]
     assert "Traceback" not in result.stderr
-    leftover = server_pids() - before
+    leftover = server_pids(tmp_path / "demo")
     assert not leftover, f"processes left running: {leftover}"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -13,10 +16,20 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import NOW_MS, Serve, add_entries, pending_count, record, row_count, rows, wait_for
+from tests.helpers import (
+    NOW_MS,
+    Serve,
+    add_entries,
+    free_port,
+    pending_count,
+    record,
+    row_count,
+    rows,
+    wait_for,
+)
 from tests.proxy import Proxy, postgres_target, postgres_via
 from tpx.config import Settings
-from tpx.engine.service import SHUTDOWN_TAIL_S
+from tpx.engine.service import READY_TIMEOUT_S, SHUTDOWN_TAIL_S
 from tpx.signals import SIGNAL_WINDOW_S
 
 pytestmark = pytest.mark.slow
@@ -254,3 +267,79 @@ def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, st
     serve = Serve(serve_env, tmp_path / "serve.log", "--no-migrate").start()
     assert serve.wait(30) == 3
     assert "run `tpx migrate`" in serve.logs()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, that the test may freeze (SIGSTOP)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    wait_for(lambda: _pings(client), what="private redis-server up")
+    client.close()
+    yield proc, url
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_readyz_answers_within_its_bound_when_redis_stops_answering(
+    serve_env: dict[str, str], tmp_path: Path, private_redis: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    proc, url = private_redis
+    serve = Serve({**serve_env, "TPX_REDIS_URL": url}, tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+        proc.send_signal(signal.SIGSTOP)  # a server that hangs: connections open, no answers
+        for _ in range(2):  # the second probe finds the first check still blocked
+            started = time.monotonic()
+            status, body = serve.get("/readyz")
+            took = time.monotonic() - started
+            assert status == 503, body
+            assert "redis: no answer for" in body
+            assert took <= READY_TIMEOUT_S + 1.0, f"/readyz took {took:.2f}s"
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready again once Redis answers")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        code = serve.stop()
+    assert code == 0, serve.logs()
+
+
+def test_client_hanging_up_before_the_answer_leaves_no_traceback(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    serve = Serve({**serve_env, "TPX_LOG_LEVEL": "DEBUG"}, tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+        assert serve.port is not None
+        for _ in range(20):  # a probe that gave up: request sent, connection reset before the answer
+            with socket.create_connection(("127.0.0.1", serve.port)) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: tpx\r\n\r\n")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        # the stdlib printed a traceback per hung-up client; tpx logs one line (DEBUG)
+        def handled() -> bool:
+            out = serve.logs()
+            return "went away" in out or "Traceback" in out
+
+        wait_for(handled, what="the hung-up clients handled")
+        assert serve.get("/healthz")[0] == 200
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.logs()
+    out = serve.logs()
+    assert "Traceback" not in out
+    assert all(line.startswith("{") for line in out.splitlines() if line.strip()), out

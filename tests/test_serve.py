@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.helpers import NOW_MS, Serve, add_entries, pending_count, record, row_count, wait_for
+from tests.helpers import (
+    NOW_MS,
+    Serve,
+    add_entries,
+    free_port,
+    pending_count,
+    record,
+    row_count,
+    rows,
+    wait_for,
+)
+from tests.proxy import Proxy, postgres_target, postgres_via
 from tpx.config import Settings
+from tpx.engine.service import READY_TIMEOUT_S, SHUTDOWN_TAIL_S
+from tpx.signals import SIGNAL_WINDOW_S
 
 pytestmark = pytest.mark.slow
 
@@ -55,16 +73,112 @@ def test_sigterm_while_idle_exits_zero_quickly(serve_env: dict[str, str], tmp_pa
     assert serve.wait(10) == 0
 
 
-def test_second_signal_forces_exit(
+#: writers in the stuck-writer tests: each one holding a batch used to cost its own fixed join
+STUCK_WRITERS = 3
+
+
+class StuckServe:
+    """A `tpx serve` whose every writer holds a batch it cannot write (PostgreSQL cut)."""
+
+    def __init__(
+        self, settings: Settings, rclient: redis.Redis, serve_env: dict[str, str], log: Path, drain_s: float
+    ) -> None:
+        self.settings, self.rclient = settings, rclient
+        self.proxy = Proxy(postgres_target(settings.database_url))
+        env = {
+            **serve_env,
+            "TPX_DATABASE_URL": postgres_via(settings.database_url, self.proxy),
+            "TPX_DRAIN_TIMEOUT_S": str(drain_s),
+            "TPX_WRITERS": str(STUCK_WRITERS),
+            "TPX_BATCH_SIZE": "20",
+            "TPX_READ_COUNT": "20",
+            "TPX_QUEUE_BATCHES": "4",
+        }
+        self.serve = Serve(env, log).start()
+        wait_for(lambda: self.serve.get("/readyz")[0] == 200, what="ready")
+        self.proxy.cut()
+        self.entries = [record(f"stuck-{i}", ts=NOW_MS - 60_000 + i) for i in range(400)]
+        self.ids = add_entries(rclient, settings.stream, self.entries)
+        # the queue full (TPX_QUEUE_BATCHES=4) behind the writers: each of them holds a batch
+        held = (STUCK_WRITERS + 4) * 20
+        wait_for(lambda: pending_count(rclient, settings.stream) >= held, what="every writer holding a batch")
+        wait_for(lambda: "write of 20 records failed" in self.serve.logs(), what="writes failing")
+
+    def assert_nothing_acknowledged_unwritten(self) -> None:
+        self.proxy.restore()
+        s, client = self.settings, self.rclient
+        pending = {row["message_id"] for row in client.xpending_range(s.stream, s.group, "-", "+", 10_000)}
+        last = client.xinfo_groups(s.stream)[0]["last-delivered-id"]
+        stored = {device for device, _ in rows(s.database_url, s.db_schema)}
+
+        def as_tuple(entry_id: bytes) -> tuple[int, ...]:
+            return tuple(map(int, entry_id.split(b"-")))
+
+        for entry_id, entry in zip(self.ids, self.entries, strict=True):
+            if as_tuple(entry_id) <= as_tuple(last) and entry_id not in pending:  # acknowledged
+                assert entry["device_id"] in stored, f"{entry_id!r} acknowledged but not written"
+
+
+@pytest.fixture
+def stuck(
     settings: Settings, rclient: redis.Redis, serve_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[[float], StuckServe]]:
+    made: list[StuckServe] = []
+
+    def make(drain_s: float) -> StuckServe:
+        made.append(StuckServe(settings, rclient, serve_env, tmp_path / "serve.log", drain_s))
+        return made[-1]
+
+    yield make
+    for one in made:
+        if one.serve.proc is not None and one.serve.proc.poll() is None:
+            one.serve.kill()
+        one.proxy.close()
+
+
+def test_sigterm_with_writers_stuck_exits_within_the_budget_plus_the_tail(
+    stuck: Callable[[float], StuckServe],
 ) -> None:
-    env = {**serve_env, "TPX_DATABASE_URL": settings.database_url}
-    serve = Serve(env, tmp_path / "serve.log").start()
-    wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
-    serve.signal(signal.SIGTERM)
-    serve.signal(signal.SIGTERM)
-    code = serve.wait(10)
-    assert code in (0, 4), serve.logs()  # 4 when the second signal landed before the drain finished
+    drain_s = 2.0
+    one = stuck(drain_s)
+    started = time.monotonic()
+    one.serve.signal(signal.SIGTERM)
+    code = one.serve.wait(30)
+    took = time.monotonic() - started
+    assert code == 0, one.serve.logs()
+    # the bound the issue names (Docker kills at 10 s), with 0.5 s for a loaded machine
+    assert took <= drain_s + SHUTDOWN_TAIL_S + 0.5, f"stop took {took:.2f}s\n{one.serve.logs()}"
+    assert "Traceback" not in one.serve.logs()
+    one.assert_nothing_acknowledged_unwritten()
+
+
+def test_signals_close_together_are_one_graceful_stop(stuck: Callable[[float], StuckServe]) -> None:
+    # GNU `timeout` signals the process and then its group: two SIGTERMs microseconds apart.
+    # Whether Python sees them as one or two depends on timing, so the test also sends one
+    # more once the first is being acted on (still inside the window): all of them are one stop.
+    one = stuck(2.0)
+    first = time.monotonic()
+    one.serve.signal(signal.SIGTERM)
+    one.serve.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping" in one.serve.logs(), what="the graceful stop under way", every=0.01)
+    assert time.monotonic() - first < SIGNAL_WINDOW_S, "too slow to test the window"
+    one.serve.signal(signal.SIGTERM)
+    assert one.serve.wait(30) == 0, one.serve.logs()
+    assert "second signal" not in one.serve.logs()
+    one.assert_nothing_acknowledged_unwritten()
+
+
+def test_second_signal_after_the_window_forces_exit(stuck: Callable[[float], StuckServe]) -> None:
+    one = stuck(8.0)
+    one.serve.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping" in one.serve.logs(), what="the graceful stop under way")
+    time.sleep(SIGNAL_WINDOW_S + 0.2)  # the point of the test: a second signal clearly later
+    started = time.monotonic()
+    one.serve.signal(signal.SIGTERM)
+    assert one.serve.wait(10) == 4, one.serve.logs()
+    assert time.monotonic() - started < 1.0
+    assert "second signal" in one.serve.logs()
+    one.assert_nothing_acknowledged_unwritten()
 
 
 def test_unreachable_redis_is_one_line_and_exit_3(serve_env: dict[str, str], tmp_path: Path) -> None:
@@ -155,15 +269,77 @@ def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, st
     assert "run `tpx migrate`" in serve.logs()
 
 
-def test_taken_http_port_is_one_line_and_exit_3(serve_env: dict[str, str], tmp_path: Path) -> None:
-    import socket
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, that the test may freeze (SIGSTOP)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    wait_for(lambda: _pings(client), what="private redis-server up")
+    client.close()
+    yield proc, url
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(10)
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        serve = Serve({**serve_env, "TPX_HTTP_ADDR": f"127.0.0.1:{port}"}, tmp_path / "serve.log").start()
-        code = serve.wait(30)
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_readyz_answers_within_its_bound_when_redis_stops_answering(
+    serve_env: dict[str, str], tmp_path: Path, private_redis: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    proc, url = private_redis
+    serve = Serve({**serve_env, "TPX_REDIS_URL": url}, tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+        proc.send_signal(signal.SIGSTOP)  # a server that hangs: connections open, no answers
+        for _ in range(2):  # the second probe finds the first check still blocked
+            started = time.monotonic()
+            status, body = serve.get("/readyz")
+            took = time.monotonic() - started
+            assert status == 503, body
+            assert "redis: no answer for" in body
+            assert took <= READY_TIMEOUT_S + 1.0, f"/readyz took {took:.2f}s"
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready again once Redis answers")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        code = serve.stop()
+    assert code == 0, serve.logs()
+
+
+def test_client_hanging_up_before_the_answer_leaves_no_traceback(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    serve = Serve({**serve_env, "TPX_LOG_LEVEL": "DEBUG"}, tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+        assert serve.port is not None
+        for _ in range(20):  # a probe that gave up: request sent, connection reset before the answer
+            with socket.create_connection(("127.0.0.1", serve.port)) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: tpx\r\n\r\n")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        # the stdlib printed a traceback per hung-up client; tpx logs one line (DEBUG)
+        def handled() -> bool:
+            out = serve.logs()
+            return "went away" in out or "Traceback" in out
+
+        wait_for(handled, what="the hung-up clients handled")
+        assert serve.get("/healthz")[0] == 200
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.logs()
     out = serve.logs()
-    assert code == 3, out
-    assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
+    assert "Traceback" not in out
+    assert all(line.startswith("{") for line in out.splitlines() if line.strip()), out

@@ -99,6 +99,7 @@ def serve(
     """
     from tpx import logs
     from tpx.engine.service import Engine, StartupError
+    from tpx.signals import StopSignals
 
     s = settings_from(
         redis_url=redis_url,
@@ -121,25 +122,12 @@ def serve(
     )
     logs.setup(s.log_level, s.log_format, s.consumer)
     engine = Engine(s)
-    signals = {"count": 0}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:  # a second signal: leave now; unacked entries stay pending
-            sys.stderr.write("tpx: second signal, exiting at once\n")
-            sys.stderr.flush()
-            import os
-
-            os._exit(exitcodes.FORCED)
-        engine.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    StopSignals(engine.request_stop, _forced_exit).install()
     try:
         guarded(engine.start, s)
     except StartupError as exc:
-        fail(str(exc), exitcodes.UNAVAILABLE)
-    except OSError as exc:  # e.g. the HTTP port is taken
+        fail(str(exc), exc.code)
+    except OSError as exc:  # anything the engine did not name: not known to be the setup's fault
         fail(f"cannot start: {exc}", exitcodes.UNAVAILABLE)
     try:
         code = engine.run()
@@ -154,6 +142,15 @@ def serve(
         logging.shutdown()
         os._exit(code)  # threads may be wedged: do not wait for them
     raise typer.Exit(code)
+
+
+def _forced_exit() -> None:
+    """A stop signal after the window: leave now; unacknowledged entries stay pending."""
+    import os
+
+    sys.stderr.write("tpx: second signal, exiting at once (unfinished entries stay pending)\n")
+    sys.stderr.flush()
+    os._exit(exitcodes.FORCED)
 
 
 # --- migrate ------------------------------------------------------------------

@@ -32,6 +32,9 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
         for line in exc.lines:
             typer.echo(f"tpx: invalid setting {line}", err=True)
         raise typer.Exit(exitcodes.USAGE) from None
+    except redis.AuthenticationError as exc:  # a ConnectionError, but retrying will not help
+        where = mask_url(settings.redis_url) if settings else "Redis"
+        fail(f"Redis at {where} refused tpx: {exc} (fix TPX_REDIS_URL)", exitcodes.USAGE)
     except redis.ConnectionError as exc:
         where = mask_url(settings.redis_url) if settings else "Redis"
         fail(f"cannot reach Redis at {where}: {exc}", exitcodes.UNAVAILABLE)
@@ -43,10 +46,9 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
         fail(str(exc), exitcodes.USAGE)
     except redis.ResponseError as exc:
         fail(f"Redis refused the command: {exc}", exitcodes.ERROR)
-    except psycopg.OperationalError as exc:
-        where = mask_url(settings.database_url) if settings else "PostgreSQL"
-        first = first_line(exc)
-        fail(f"cannot reach PostgreSQL at {where}: {mask_url(first)}", exitcodes.UNAVAILABLE)
+    except psycopg.OperationalError as exc:  # 2 when the server said no, 3 when it did not answer
+        code, message = exitcodes.postgres_connect_failure(exc, settings.database_url if settings else None)
+        fail(message, code)
     except psycopg.Error as exc:
         first = first_line(exc)
         fail(f"PostgreSQL error: {mask_url(first)}", exitcodes.ERROR)

@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     http_addr: str = "0.0.0.0:9108"
     #: Apply pending migrations before serving.
     migrate_on_start: bool = True
-    #: On SIGTERM, time allowed for queued batches to be written before exiting (s);
-    #: kept below Docker's 10 s stop grace period.
+    #: On SIGTERM, time allowed for queued batches to be written before exiting (s); the whole
+    #: stop takes at most this + SHUTDOWN_TAIL_S (1 s), so 8 s stays inside Docker's 10 s.
     drain_timeout_s: float = Field(default=8.0, gt=0, le=600)
     #: Where a crashing process writes its panic dump (JSON), created if missing.
     panic_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "tpx-panic"))

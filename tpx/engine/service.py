@@ -12,8 +12,16 @@ Shutdown order (one time budget, ``drain_timeout_s``, shared by every step):
 3. the writers are joined; if the budget runs out first, ``abort`` is set: a
    writer stuck retrying gives up, leaving its batch unacknowledged (pending,
    to be redelivered — never lost, and idempotent when written again);
-4. the heartbeat stops (its key is deleted, so ops see the instance leave at
-   once), then the control listener, the HTTP listener, the pool and Redis.
+4. the tail, at most :data:`SHUTDOWN_TAIL_S` more, one deadline shared by every
+   join and close that follows: the heartbeat (its key is deleted, so ops see the
+   instance leave at once), the control listener, the HTTP listener, the pool and
+   Redis are told to stop at once, then joined, each with what is left of the
+   tail; a thread still blocked then (a query waiting on a lock, a socket to a
+   server that stopped answering) is left behind: every thread is a daemon, and
+   what it held stays pending.
+
+So a stop takes at most ``drain_timeout_s + SHUTDOWN_TAIL_S`` (8 + 1 s by
+default, inside Docker's 10 s).
 
 Readers and writers only ever acknowledge what was committed (or
 dead-lettered), so any exit, clean or not, keeps the delivery guarantee.
@@ -30,7 +38,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +48,13 @@ from psycopg_pool import ConnectionPool
 
 from tpx import __version__, exitcodes
 from tpx.config import Settings
-from tpx.connections import pg_pool, redis_client
+from tpx.connections import PG_CONNECT_TIMEOUT_S, pg_pool, redis_client
 from tpx.engine.batch import Batch
 from tpx.engine.collector import StreamCollector
 from tpx.engine.heartbeat import Control, Heartbeat
 from tpx.engine.http import HealthServer
 from tpx.engine.metrics import Metrics
+from tpx.engine.probe import BoundedCheck
 from tpx.engine.reader import Reader, ensure_group
 from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
@@ -55,9 +64,25 @@ from tpx.schema import current_version, latest_version, migrate_for
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stop may take after the drain budget (TPX_DRAIN_TIMEOUT_S): every join and close
+#: after the drain shares this one deadline, so 8 s of drain stops within 9 s, inside Docker's 10.
+SHUTDOWN_TAIL_S = 1.0
+#: Seconds /readyz may take to answer: a probe that waits longer has already given up
+#: (Kubernetes' default timeoutSeconds is 1), and a check that blocks says so instead.
+READY_TIMEOUT_S = 1.0
+
 
 class StartupError(Exception):
-    """A dependency could not be reached at start-up (one line for the user)."""
+    """tpx cannot start (one line for the user) and the exit code that tells why.
+
+    ``UNAVAILABLE`` (3, retry later) when a dependency does not answer; ``USAGE`` (2, fix the
+    setup) when it answers "no": a taken port, a database or role that does not exist, a key
+    of the wrong type. Restarting cannot fix those.
+    """
+
+    def __init__(self, message: str, code: int = exitcodes.UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Engine:
@@ -85,6 +110,8 @@ class Engine:
         self.inflight: set[bytes] = set()
         self._stopping = False
         self._saved_hooks: tuple[Any, Any] | None = None
+        self._redis_check = BoundedCheck("redis", self._ping_redis)
+        self._postgres_check = BoundedCheck("postgres", self._check_schema)
         m = self.metrics
         m.gauge("tpx_queue_depth", "Batches waiting for a writer", self.queue.qsize)
         m.gauge("tpx_device_cache_size", "Devices whose state is cached", lambda: len(self.states))
@@ -110,11 +137,23 @@ class Engine:
             client.ping()
             if ensure_group(client, s.stream, s.group):
                 log.info("created consumer group %s on %s (reading from the start)", s.group, s.stream)
+        except redis.AuthenticationError as exc:  # a ConnectionError, but retrying will not help
+            raise StartupError(f"Redis refused tpx: {exc} (fix TPX_REDIS_URL)", exitcodes.USAGE) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StartupError(f"cannot reach Redis: {exc}") from None
         except redis.ResponseError as exc:  # e.g. WRONGTYPE: the stream key holds something else
-            raise StartupError(f"Redis refused to set up {s.stream} / {s.group}: {exc}") from None
+            raise StartupError(
+                f"Redis refused to set up {s.stream} / {s.group}: {exc}", exitcodes.USAGE
+            ) from None
         return client
+
+    def _check_postgres(self) -> None:
+        """Connect once, so that "no such database / role" is told apart from "not answering"."""
+        try:
+            psycopg.connect(self.s.database_url, connect_timeout=PG_CONNECT_TIMEOUT_S).close()
+        except psycopg.OperationalError as exc:
+            code, message = exitcodes.postgres_connect_failure(exc, self.s.database_url)
+            raise StartupError(message, code) from None
 
     def _prepare_schema(self) -> None:
         """Migrate (or, with --no-migrate, check the schema is current)."""
@@ -137,6 +176,7 @@ class Engine:
     def start(self) -> None:
         s = self.s
         self.client = self._connect_redis()
+        self._check_postgres()
         self._prepare_schema()
         self.pool = pg_pool(s, s.writers, "tpx-pg", [CREATE_STAGE_SQL])
         self.pool.open(wait=False)
@@ -166,7 +206,7 @@ class Engine:
             except OSError as exc:
                 self.pool.close()
                 raise StartupError(
-                    f"cannot listen on {s.http_addr} (TPX_HTTP_ADDR): {exc.strerror}"
+                    f"cannot listen on {s.http_addr} (TPX_HTTP_ADDR): {exc.strerror}", exitcodes.USAGE
                 ) from None
         self._saved_hooks = (threading.excepthook, sys.excepthook)
         threading.excepthook = self._thread_crashed
@@ -228,22 +268,25 @@ class Engine:
             problems.append("reader not connected to redis")
         if problems:
             return False, {"problems": problems}
-        try:
-            assert self.client is not None  # noqa: S101
-            self.client.ping()
-        except redis.RedisError as exc:
-            problems.append(f"redis: {first_line(exc)}")
-        try:
-            assert self.pool is not None  # noqa: S101
-            with self.pool.connection(timeout=1) as conn:
-                version = current_version(conn, self.s.db_schema)
-            if version is None or version < latest_version():
-                problems.append(f"schema at version {version}, need {latest_version()}")
-        except Exception as exc:  # PoolTimeout, OperationalError: any of them means not ready
-            problems.append(f"postgres: {first_line(exc)}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        runs = [self._redis_check.begin(), self._postgres_check.begin()]  # at once: one bound
+        problems += [problem for run in runs if (problem := run.wait(deadline)) is not None]
         if self._stopping:
             problems.append("shutting down")
         return not problems, {"problems": problems}
+
+    def _ping_redis(self) -> str | None:
+        assert self.client is not None  # noqa: S101
+        self.client.ping()
+        return None
+
+    def _check_schema(self) -> str | None:
+        assert self.pool is not None  # noqa: S101
+        with self.pool.connection(timeout=READY_TIMEOUT_S) as conn:
+            version = current_version(conn, self.s.db_schema)
+        if version is None or version < latest_version():
+            return f"schema at version {version}, need {latest_version()}"
+        return None
 
     # --- run and stop ---
 
@@ -277,25 +320,28 @@ class Engine:
         stuck = [t.name for t in (self.reader, *self.writers) if t is not None and t.is_alive()]
         if stuck:
             log.warning("drain budget spent; %s still busy: their entries stay pending", stuck)
-            self.abort.set()
-            for thread in (self.reader, *self.writers):
-                if thread is not None:
-                    thread.join(1.0)
-        self._close()
+        self._close(time.monotonic() + SHUTDOWN_TAIL_S)
         log.info("stopped")
         return exitcodes.OK
 
-    def _close(self) -> None:
+    def _close(self, deadline: float) -> None:
+        """Tell every thread to stop at once, then join them all by one ``deadline``."""
         if self._saved_hooks is not None:  # an engine in a longer-lived process leaves no trace
             threading.excepthook, sys.excepthook = self._saved_hooks
+        self.abort.set()  # a writer still retrying gives up; its batch stays pending
+        self.stop_reading.set()
         self.stop_aux.set()
-        for thread in (self.heartbeat, self.control):
-            if thread is not None and thread.is_alive():
-                thread.join(2.0)
+        threads: list[threading.Thread | None] = [self.reader, *self.writers, self.heartbeat, self.control]
         if self.http is not None:
-            self.http.stop()
-        if self.pool is not None:
-            self.pool.close(timeout=2.0)
+            threads.append(self.http.stop())
+        if self.pool is not None:  # closing fails the writers waiting for a connection at once
+            threads.append(_in_thread("tpx-pg-close", self.pool.close, deadline - time.monotonic()))
+        for thread in threads:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        left = [t.name for t in threads if t is not None and t.is_alive()]
+        if left:
+            log.warning("left behind at exit, still blocked: %s", ", ".join(left))
         if self.client is not None:
             self.client.close()
 
@@ -372,3 +418,10 @@ class Engine:
         path = directory / f"tpx-panic-{self.s.consumer}-{int(time.time())}-{os.getpid()}.json"
         path.write_text(json.dumps(self.panic_state(thread, exc), indent=2, default=str))
         return path
+
+
+def _in_thread(name: str, fn: Callable[[float], None], timeout: float) -> threading.Thread:
+    """Run ``fn(timeout)`` in a daemon thread of its own, so that the caller's join bounds it."""
+    thread = threading.Thread(target=fn, args=(max(0.0, timeout),), name=name, daemon=True)
+    thread.start()
+    return thread

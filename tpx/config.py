@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(default=60_000, ge=100)
     #: ... by a sweep at start-up and then every this many seconds.
     claim_interval_s: float = Field(default=15.0, gt=0)
+    #: The writers' PostgreSQL ``lock_timeout`` (ms; 0: none): a write waiting this long for a lock
+    #: another session holds (``LOCK TABLE``, an idle-in-transaction session) fails and is retried.
+    #: 10 s: tpx's own writers wait milliseconds for each other; anything longer is someone else.
+    writer_lock_timeout_ms: int = Field(default=10_000, ge=0)
+    #: The writers' ``statement_timeout`` (ms; 0: none): a statement running longer is cancelled
+    #: and retried. 60 s: some 100 times the COPY of a full batch, so only a wedged one meets it.
+    writer_statement_timeout_ms: int = Field(default=60_000, ge=0)
+    #: A batch in flight for longer than this (s) makes the instance not ready, naming the writer
+    #: and the wait. 30 s: a batch commits in well under a second, even on a busy server.
+    writer_stall_s: float = Field(default=30.0, gt=0)
 
     # --- process ---
     #: Metrics and health listener, ``host:port``; ``off`` disables it.

@@ -36,6 +36,14 @@ def search_path(settings: Settings) -> sql.Composed:
     return sql.SQL("SET search_path TO {}, public").format(sql.Identifier(settings.db_schema))
 
 
+def writer_timeouts(settings: Settings) -> list[sql.Composable]:
+    """The writers' session settings: a lock or a statement never holds a batch forever."""
+    return [
+        sql.SQL("SET lock_timeout TO {}").format(sql.Literal(settings.writer_lock_timeout_ms)),
+        sql.SQL("SET statement_timeout TO {}").format(sql.Literal(settings.writer_statement_timeout_ms)),
+    ]
+
+
 def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Composable]) -> ConnectionPool:
     """A psycopg pool whose connections have tpx's search_path and the given setup."""
     statements = [search_path(settings), *configure_sql]

@@ -51,6 +51,11 @@ class Metrics:
         self.retries = Counter(
             "tpx_write_retries", "Batch writes retried after an infrastructure failure", registry=r
         )
+        self.query_errors = Counter(
+            "tpx_write_query_errors",
+            "Batch writes PostgreSQL could not run as written (SQLSTATE class 42, 0A, 3F), retried",
+            registry=r,
+        )
         self.insert_fallbacks = Counter(
             "tpx_insert_fallbacks",
             "Batches whose plain COPY met an already-stored key and went again with ON CONFLICT",

@@ -48,7 +48,7 @@ from psycopg_pool import ConnectionPool
 
 from tpx import __version__, exitcodes
 from tpx.config import Settings
-from tpx.connections import PG_CONNECT_TIMEOUT_S, pg_pool, redis_client
+from tpx.connections import PG_CONNECT_TIMEOUT_S, pg_pool, redis_client, writer_timeouts
 from tpx.engine.batch import Batch
 from tpx.engine.collector import StreamCollector
 from tpx.engine.heartbeat import Control, Heartbeat
@@ -178,7 +178,7 @@ class Engine:
         self.client = self._connect_redis()
         self._check_postgres()
         self._prepare_schema()
-        self.pool = pg_pool(s, s.writers, "tpx-pg", [CREATE_STAGE_SQL])
+        self.pool = pg_pool(s, s.writers, "tpx-pg", [*writer_timeouts(s), CREATE_STAGE_SQL])
         self.pool.open(wait=False)
         self.writers = [
             Writer(
@@ -260,10 +260,9 @@ class Engine:
         ok, detail = self.alive()
         if not ok:
             problems.append("threads dead: " + ", ".join(detail["dead_threads"]))
-        for writer in self.writers:  # a failing writer means the pipeline is paused
-            if writer.failing_since is not None:
-                stalled = time.monotonic() - writer.failing_since
-                problems.append(f"{writer.name} failing for {stalled:.0f}s: {writer.last_error}")
+        for writer in self.writers:  # a failing or stuck writer means the pipeline is paused
+            if (problem := writer.health()) is not None:
+                problems.append(problem)
         if self.reader is not None and not self.reader.connected.is_set():
             problems.append("reader not connected to redis")
         if problems:

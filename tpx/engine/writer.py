@@ -10,19 +10,26 @@ stop within one timeout), and for each batch:
    the rows straight into ``positions`` in a savepoint. Only when that meets a
    key already stored is the attempt undone and the rows go the idempotent
    way: binary COPY into a per-connection temporary table, ``INSERT .. SELECT
-   .. ON CONFLICT (device_id, ts) DO NOTHING`` and, when the row count says
-   some were skipped, a query for which (rows whose ``xmin`` is not this
-   transaction's) — the common batch moves no keys back to Python at all;
+   .. ON CONFLICT (device_id, ts) DO NOTHING RETURNING`` the keys inserted; when
+   the row count says some were skipped, the staged keys not returned are the
+   duplicates (no system column is read: a compressed TimescaleDB chunk refuses
+   them) — the common batch moves no keys back to Python at all;
 3. commits, and only then acknowledges exactly the entries of the batch;
 4. updates per-device state and calls the post-commit stages.
 
-Failures are told apart. Infrastructure failures (connection lost, server
-shutting down, deadlock, serialization failure, timeouts) are retried with
-capped exponential back-off and jitter, forever, never acknowledged. Data
-failures (the database refuses a row) split the batch in halves until the bad
-rows are isolated; the rest is written, and a bad row is dead-lettered with
+Failures are told apart by SQLSTATE (``tpx.engine.sqlstate``). The database's
+failures (connection lost, server shutting down, deadlock, lock or statement
+timeout) are retried with capped exponential back-off and jitter, forever,
+never acknowledged; so is a query the server cannot run (schema changed,
+privilege missing), which also logs an ERROR, counts in
+``tpx_write_query_errors_total`` and makes the instance not ready. The row's
+failures (the database refuses a value) split the batch in halves until the
+bad rows are isolated; the rest is written, and a bad row is dead-lettered with
 stage ``write`` once the stream has delivered it ``max_deliveries`` times
-(until then it stays pending and is redelivered by the claimer).
+(until then it stays pending and is redelivered by the claimer). Redis refusing
+a dead letter or an XACK (out of memory, read-only replica, a key of the wrong
+type) is retried a few times, then the entries are left pending: nothing is
+acknowledged without its dead letter, and the next batches keep flowing.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.deadletter import STAGE_WRITE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
+from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.engine.stages import Committed, PostCommitStage
 from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
@@ -59,6 +67,10 @@ STAGE_TABLE = "tpx_stage"
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
 ACK_ATTEMPTS = 5
+#: Tries to add a batch's write-stage dead letters before its refused entries are left pending
+#: (redelivered by the claim sweep, then tried again): enough to ride out a blip, few enough that
+#: the writer goes on with the next batches while Redis keeps refusing.
+DEAD_LETTER_ATTEMPTS = 3
 
 #: COPY straight into ``positions``, tried first (in a savepoint): it fails on a key already
 #: stored. Two details, each measured with callgrind on PostgreSQL 15 (README.md, "Speed"):
@@ -112,7 +124,10 @@ STAGE_COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
     sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
 )
 #: Staging table -> positions, in key order (two writers meeting the same keys lock them in the
-#: same order); a key already stored is skipped.
+#: same order); a key already stored is skipped. RETURNING the keys inserted tells the
+#: duplicates apart (the staged keys not returned) without reading ``positions`` again: a query
+#: of a system column (``xmin``) fails on a compressed TimescaleDB chunk (``transparent
+#: decompression only supports tableoid system column``). Only this fallback pays for it.
 INSERT_SQL = sql.SQL(
     """
 INSERT INTO positions ({columns}, ingested_at)
@@ -120,6 +135,7 @@ SELECT {columns}, now()
 FROM {stage}
 ORDER BY device_id, ts
 ON CONFLICT (device_id, ts) DO NOTHING
+RETURNING device_id, (extract(epoch FROM ts) * 1000000)::int8
 """
 ).format(
     columns=sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
@@ -129,23 +145,18 @@ ON CONFLICT (device_id, ts) DO NOTHING
 #: long (s): duplicates come in runs (a redelivery after a crash, a gateway resending), and a
 #: failed attempt is wasted work.
 PLAIN_COPY_PAUSE_S = 30.0
-#: After an INSERT that skipped rows: the staged keys whose stored row is not this
-#: transaction's own (xmin), i.e. the duplicates. Run only when rowcount says some were skipped.
-ALREADY_STORED_SQL = sql.SQL(
-    """
-SELECT s.device_id, (extract(epoch FROM s.ts) * 1000000)::int8
-FROM {} AS s
-JOIN positions AS p ON p.device_id = s.device_id AND p.ts = s.ts
-WHERE p.xmin <> (pg_current_xact_id()::text::bigint % 4294967296)::text::xid
-"""
-).format(sql.Identifier(STAGE_TABLE))
-
-#: The database refused the rows themselves: retrying the same rows cannot help.
-DATA_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError)
 
 
 class AbortedError(Exception):
     """The engine gave up waiting (shutdown deadline passed): leave entries pending."""
+
+
+class RefusedError(Exception):
+    """The database refused the rows themselves (the row's fault): retrying cannot help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Writer(threading.Thread):
@@ -174,6 +185,13 @@ class Writer(threading.Thread):
         #: monotonic time since which writes keep failing (None: healthy)
         self.failing_since: float | None = None
         self.last_error = ""
+        #: whether the failure is a query the server cannot run (SQLSTATE class 42, 0A)
+        self.query_failing = False
+        #: (monotonic start, records) of the batch being written, None between batches
+        self.batch_since: tuple[float, int] | None = None
+        #: (monotonic time since, reason) while Redis refuses dead letters / acknowledgements
+        self.dlq_problem: tuple[float, str] | None = None
+        self.ack_problem: tuple[float, str] | None = None
         self.in_flight: list[bytes] = []
         #: entry ids read but not finished, shared with the reader (its claim sweep skips them)
         self.inflight_ids = inflight
@@ -192,11 +210,12 @@ class Writer(threading.Thread):
                 break
             ids = batch.entry_ids()
             self.in_flight = ids
+            self.batch_since = (time.monotonic(), len(batch))
             try:
                 self.handle(batch)
             except AbortedError:
                 log.warning("gave up on a batch of %d at shutdown; its entries stay pending", len(batch))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 log.warning(
                     "redis failed while finishing a batch (%s); its unacknowledged entries "
                     "stay pending for redelivery",
@@ -205,8 +224,26 @@ class Writer(threading.Thread):
             # an unexpected exception skips this on purpose: the panic dump shows what was in flight
             self.inflight_ids.difference_update(ids)
             self.in_flight = []
+            self.batch_since = None
             self.source.task_done()
         log.info("writer stopped")
+
+    def health(self) -> str | None:
+        """Why this writer holds the pipeline up, in one line; None when it does not."""
+        now = time.monotonic()
+        if self.failing_since is not None:
+            what = "cannot run its query" if self.query_failing else "failing"
+            return f"{self.name} {what} for {now - self.failing_since:.0f}s: {self.last_error}"
+        batch = self.batch_since
+        if batch is not None and now - batch[0] > self.s.writer_stall_s:
+            return (
+                f"{self.name} has had a batch of {batch[1]} records in flight for {now - batch[0]:.0f}s "
+                f"(over TPX_WRITER_STALL_S={self.s.writer_stall_s:g}): waiting on PostgreSQL"
+            )
+        for problem in (self.dlq_problem, self.ack_problem):
+            if problem is not None:
+                return f"{self.name} {problem[1]} for {now - problem[0]:.0f}s"
+        return None
 
     # --- one batch ---
 
@@ -252,9 +289,9 @@ class Writer(threading.Thread):
                 try:
                     already |= self._commit_retrying(part)
                     written.extend(part)
-                except DATA_ERRORS as exc:
+                except RefusedError as exc:
                     if len(part) == 1:
-                        refused.append((part[0], _one_line(exc)))
+                        refused.append((part[0], exc.reason))
                     else:
                         mid = len(part) // 2
                         parts += [part[mid:], part[:mid]]
@@ -289,28 +326,42 @@ class Writer(threading.Thread):
         while True:
             try:
                 keys = self._commit(part)
-            except DATA_ERRORS:
-                self.failing_since = None
-                raise
             except (psycopg.Error, PoolTimeout) as exc:
+                fault = classify(exc)
+                if fault is Fault.ROW:
+                    self.failing_since = None  # the database answers: it refused these rows
+                    raise RefusedError(describe(exc)) from None
                 attempt += 1
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
-                self.last_error = _one_line(exc)
-                self.metrics.retries.inc()
                 delay = min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
-                log.warning(
-                    "write of %d records failed (%s); retry %d in %.2fs",
-                    len(part),
-                    self.last_error,
-                    attempt,
-                    delay,
-                )
+                self._failed(len(part), exc, fault, attempt, delay)
                 if self.abort.wait(delay):
                     raise AbortedError from None
                 continue
             self.failing_since = None
+            self.query_failing = False
             return keys
+
+    def _failed(self, records: int, exc: psycopg.Error, fault: Fault, attempt: int, delay: float) -> None:
+        """Record a retried failure: readiness, metrics and one log line."""
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.last_error = describe(exc)
+        self.query_failing = fault is Fault.QUERY
+        self.metrics.retries.inc()
+        if fault is Fault.QUERY:  # retrying helps only once someone fixes the schema or privileges
+            self.metrics.query_errors.inc()
+            log.error(
+                "PostgreSQL cannot run the write of %d records (%s): check positions' schema and "
+                "tpx's privileges; retry %d in %.2fs",
+                records,
+                self.last_error,
+                attempt,
+                delay,
+            )
+        else:
+            log.warning(
+                "write of %d records failed (%s); retry %d in %.2fs", records, self.last_error, attempt, delay
+            )
 
     def _commit(self, part: list[Position]) -> set[tuple[str, int]]:
         failpoint("writer.commit")
@@ -323,8 +374,8 @@ class Writer(threading.Thread):
                 if not self._copy_plain(conn, cur, part):
                     copy_rows(cur, STAGE_COPY_SQL, part)
                     cur.execute(INSERT_SQL)
-                    if cur.rowcount != len(part):
-                        already = set(cur.execute(ALREADY_STORED_SQL).fetchall())
+                    if cur.rowcount != len(part):  # the keys not returned were stored before
+                        already = set(map(_KEY, part)).difference(cur.fetchall())
             conn.commit()
         if cold:
             states.seed(cold, seeds)
@@ -337,7 +388,7 @@ class Writer(threading.Thread):
 
         The attempt runs in a savepoint, so a stored key undoes only the attempt; the caller then
         copies the rows into the staging table and moves them with ON CONFLICT at the top level
-        (ALREADY_STORED_SQL tells the transaction's own rows by their xmin).
+        (INSERT_SQL returns the keys it inserted).
         """
         if time.monotonic() < self.plain_paused_until:
             return False
@@ -358,11 +409,15 @@ class Writer(threading.Thread):
         for attempt in range(1, ACK_ATTEMPTS + 1):
             try:
                 self.client.xack(self.s.stream, self.s.group, *ids)
-                return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("XACK of %d entries failed (%s), attempt %d", len(ids), exc, attempt)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                # a ResponseError too: READONLY after a failover, the stream replaced by another type
+                self.ack_problem = _problem(self.ack_problem, f"XACK refused by redis: {first_line(exc)}")
+                log.warning("XACK of %d entries failed (%s), attempt %d", len(ids), first_line(exc), attempt)
                 if self.abort.wait(min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
                     break
+                continue
+            self.ack_problem = None
+            return
         self.metrics.ack_failures.inc()
         log.error(
             "left %d committed entries pending (their rows are stored; redelivery is harmless)",
@@ -370,7 +425,7 @@ class Writer(threading.Thread):
         )
 
     def _refused(self, refused: list[tuple[Position, str]], batch: Batch) -> None:
-        letters = []
+        letters: list[tuple[Position, str, int]] = []
         for position, error in refused:
             deliveries = batch.deliveries.get(position.entry_id, 1)
             if deliveries < self.s.max_deliveries:
@@ -382,18 +437,54 @@ class Writer(threading.Thread):
                     error,
                 )
                 continue
-            found = self.client.xrange(self.s.stream, position.entry_id, position.entry_id, count=1)
-            fields = (
-                cast(dict[bytes, bytes], found[0][1])
-                if found
-                else {b"device_id": position.device_id.encode()}
-            )
-            letters.append(DeadLetter(position.entry_id, fields, STAGE_WRITE, error, deliveries))
-        if letters:
-            dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
+            letters.append((position, error, deliveries))
+        if letters and self._dead_letter(letters):
             self.metrics.dead_lettered.labels(STAGE_WRITE).inc(len(letters))
-            for letter in letters:
-                log.info("dead-lettered %s (write): %s", letter.entry_id.decode(), letter.error)
+            for position, error, _ in letters:
+                log.info("dead-lettered %s (write): %s", position.entry_id.decode(), error)
+
+    def _dead_letter(self, refused: list[tuple[Position, str, int]]) -> bool:
+        """Add the refused records' dead letters, then acknowledge them; False: left pending.
+
+        Redis may refuse the XADD (``OOM command not allowed when used memory > 'maxmemory'``,
+        ``WRONGTYPE`` when the ``:dlq`` key holds another type): a few tries with back-off, then
+        the entries stay pending, never acknowledged without their dead letter, and come back
+        through the claim sweep while this writer goes on with the next batches.
+        """
+        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+            try:
+                letters = [
+                    DeadLetter(p.entry_id, self._original_fields(p), STAGE_WRITE, error, deliveries)
+                    for p, error, deliveries in refused
+                ]
+                dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                reason = f"dead letters refused by redis: {first_line(exc)}"
+                self.dlq_problem = _problem(self.dlq_problem, reason)
+                log.warning(
+                    "dead-lettering %d refused records failed (%s), attempt %d of %d",
+                    len(refused),
+                    first_line(exc),
+                    attempt,
+                    DEAD_LETTER_ATTEMPTS,
+                )
+                if self.abort.wait(min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
+                    break
+                continue
+            self.dlq_problem = None
+            return True
+        log.warning(
+            "left %d refused records pending without their dead letters; they are tried again on redelivery",
+            len(refused),
+        )
+        return False
+
+    def _original_fields(self, position: Position) -> dict[bytes, bytes]:
+        """The stream entry's fields as they were (a dead letter carries them verbatim)."""
+        found = self.client.xrange(self.s.stream, position.entry_id, position.entry_id, count=1)
+        if found:
+            return cast(dict[bytes, bytes], found[0][1])
+        return {b"device_id": position.device_id.encode()}
 
 
 def copy_rows(cur: psycopg.Cursor[Any], statement: sql.Composed, positions: Iterable[Position]) -> None:
@@ -432,6 +523,6 @@ def _first_of_each_key(positions: list[Position]) -> tuple[list[Position], list[
     return list(unique.values()), repeats
 
 
-def _one_line(exc: BaseException) -> str:
-    """The database's reason with its error class (it becomes a dlq_error or a readiness problem)."""
-    return f"{type(exc).__name__}: {first_line(exc)}"
+def _problem(current: tuple[float, str] | None, reason: str) -> tuple[float, str]:
+    """A health problem that keeps its start time while it lasts."""
+    return (time.monotonic() if current is None else current[0], reason)

@@ -44,6 +44,13 @@ INT32_MAX: Final = 2**31 - 1
 
 DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
 
+#: The deepest a record may nest, in levels of arrays and objects (the record object is level 1).
+#: orjson's serialiser stops at 254 levels, i.e. an ``io`` at the record's 255th: one limit, checked
+#: on the parsed record whatever path it takes next (orjson, the stdlib, the sentinel walk).
+MAX_NESTING: Final = 255
+#: A record shorter than this cannot nest deeper than MAX_NESTING (each level takes two brackets).
+_NESTING_MIN_BYTES: Final = 2 * (MAX_NESTING + 1)
+
 _BIGINT: Final = "__bigint__"
 _BYTES: Final = "__bytes__"
 
@@ -146,6 +153,8 @@ def _show(value: Any, limit: int = 60) -> str:
         text = json.dumps(value, ensure_ascii=True, default=repr)
     except ValueError:  # circular or otherwise odd: repr is enough
         text = repr(value)
+    except RecursionError:  # never deeper than MAX_NESTING from the decoder; a caller's own value
+        text = f"<a nested {type(value).__name__}>"
     text = text.replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -163,6 +172,25 @@ _WIDE: Final = float(2**63)
 def _key(key: str) -> str:
     """A key as it appears in an error path: plain, or JSON-quoted and short."""
     return key if _PLAIN_KEY_RE.fullmatch(key) else _show(key, limit=24)
+
+
+def _too_deep(where: str) -> DecodeError:
+    return DecodeError(f"{where}: nested deeper than {MAX_NESTING} levels")
+
+
+def _check_nesting(rec: Any) -> None:
+    """Raise the nesting error when ``rec`` nests deeper than MAX_NESTING (no recursion: any depth)."""
+    tops = rec.items() if type(rec) is dict else [("", rec)]
+    for key, top in tops:
+        stack = [(top, 2 if key else 1)]
+        while stack:
+            value, depth = stack.pop()
+            t = type(value)
+            if t is not dict and t is not list:
+                continue
+            if depth > MAX_NESTING:
+                raise _too_deep(f"record.{_key(key)}" if key else "record")
+            stack.extend((v, depth + 1) for v in (value.values() if t is dict else value))
 
 
 class _WideIntegerError(Exception):
@@ -249,6 +277,10 @@ def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:  # noqa: PLR0912  
     return value
 
 
+#: How orjson's parser words its own depth limit (1024 levels), e.g. "depth limit exceeded: line 1 ...".
+_ORJSON_TOO_DEEP: Final = ("depth limit exceeded", "Recursion limit reached")
+
+
 def _reject_constant(name: str) -> Any:
     raise DecodeError(f"record: {name} is not a JSON number")
 
@@ -265,7 +297,9 @@ def _parse_stdlib(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except DecodeError:
         raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+    except RecursionError:  # never past the nesting check (run on orjson's parse first); a guard
+        raise _too_deep("record") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise DecodeError(f"record: not valid JSON ({first_line(exc)})") from None
 
 
@@ -520,8 +554,8 @@ def decode_page(
                 append(_decode(entry_id, device, raw, received, now_us, max_future_us, False))
         except DecodeError as exc:
             failures.append((entry_id, flat, str(exc)))
-        except RecursionError:
-            failures.append((entry_id, flat, "record: nested too deeply"))
+        except RecursionError:  # a guard: the nesting check keeps every walk shallow
+            failures.append((entry_id, flat, str(_too_deep("record"))))
     return failures, vanished
 
 
@@ -540,8 +574,8 @@ def decode_values(
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=True)
         except _WideIntegerError:
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=False)
-    except RecursionError:
-        raise DecodeError("record: nested too deeply") from None
+    except RecursionError:  # a guard: the nesting check keeps every walk shallow
+        raise _too_deep("record") from None
 
 
 def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow paths in helpers)
@@ -564,9 +598,14 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
         try:
             rec = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            if str(exc).startswith(_ORJSON_TOO_DEEP):
+                raise _too_deep("record") from None
             raise DecodeError(f"record: not valid JSON ({exc})") from None
     else:
         rec = _parse_stdlib(raw)
+    # before any walk or message: both parsers stop deeper than MAX_NESTING, each at its own depth
+    if len(raw) >= _NESTING_MIN_BYTES and raw.count(b"[") + raw.count(b"{") > MAX_NESTING:
+        _check_nesting(rec)
     if type(rec) is not dict:
         raise DecodeError(f"record must be a JSON object, got {_show(rec)}")
 

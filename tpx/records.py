@@ -472,8 +472,11 @@ def decode_entry(
     *,
     now_us: int,
     max_future_us: int,
+    max_record_bytes: int | None = None,
 ) -> Position:
-    """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`."""
+    """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`.
+
+    ``max_record_bytes``: a longer ``record`` field is a decode error (None: no limit)."""
     return decode_values(
         entry_id,
         fields.get(F_DEVICE_ID),
@@ -481,6 +484,7 @@ def decode_entry(
         fields.get(F_RECEIVED_AT),
         now_us=now_us,
         max_future_us=max_future_us,
+        max_record_bytes=max_record_bytes,
     )
 
 
@@ -508,13 +512,32 @@ def contract_fields(flat: Sequence[bytes]) -> tuple[bytes | None, bytes | None, 
 _GATEWAY_NAMES: Final = [F_DEVICE_ID, F_RECORD, b"codec", F_RECEIVED_AT]
 
 
-def decode_flat(entry_id: bytes, flat: list[bytes], *, now_us: int, max_future_us: int) -> Position:
+def decode_flat(
+    entry_id: bytes,
+    flat: list[bytes],
+    *,
+    now_us: int,
+    max_future_us: int,
+    max_record_bytes: int | None = None,
+) -> Position:
     """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...)."""
     out: list[Position] = []
-    failures, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us)
+    limit = sys.maxsize if max_record_bytes is None else max_record_bytes
+    failures, _, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us, limit)
     if failures:
         raise DecodeError(failures[0][2])
     return out[0]
+
+
+#: Records up to this many bytes are not measured one by one: :func:`decode_page` reports the
+#: largest record of a page only above it (below: 0). The common record (~300 B) pays one length
+#: comparison; memory budgets count a record as at least this many bytes.
+SMALL_RECORD_BYTES: Final = 4096
+
+
+def too_large(size: int, limit: int) -> str:
+    """The dead letter's reason for a ``record`` field longer than ``TPX_MAX_RECORD_BYTES``."""
+    return f"record is {size} bytes, more than the {limit} allowed (TPX_MAX_RECORD_BYTES)"
 
 
 def decode_page(
@@ -522,16 +545,19 @@ def decode_page(
     out: list[Position],
     now_us: int,
     max_future_us: int,
-) -> tuple[list[tuple[bytes, list[bytes], str]], list[bytes]]:
+    max_record_bytes: int,
+) -> tuple[list[tuple[bytes, list[bytes], str]], list[bytes], int]:
     """Decode a page of stream entries as Redis sends them: ``(id, [name, value, ...])``.
 
     Positions are appended to ``out``; returns the entries that are not valid records
-    (id, fields, the decode error's message) and the ids whose fields are None (deleted
-    from the stream while pending). The reader's path: the gateway's layout is recognised
-    by one C-level comparison of the names (any other goes through :func:`contract_fields`)
-    and the decoder is entered with no call in between (-7 % decoder instructions against a
-    call per entry). The fast/stdlib parse and the nesting guard repeat :func:`decode_values`
-    inline on purpose: a call per entry is what this loop saves.
+    (id, fields, the decode error's message), the ids whose fields are None (deleted
+    from the stream while pending) and the length of the page's longest ``record`` field
+    when it exceeds :data:`SMALL_RECORD_BYTES` (else 0). A ``record`` longer than
+    ``max_record_bytes`` is a failure, not parsed. The reader's path: the gateway's layout is
+    recognised by one C-level comparison of the names (any other goes through
+    :func:`contract_fields`) and the decoder is entered with no call in between (-7 % decoder
+    instructions against a call per entry). The fast/stdlib parse and the nesting guard repeat
+    :func:`decode_values` inline on purpose: a call per entry is what this loop saves.
     """
     append = out.append
     failures: list[tuple[bytes, list[bytes], str]] = []
@@ -539,6 +565,9 @@ def decode_page(
     device: bytes | None
     raw: bytes | None
     received: bytes | None
+    largest = 0
+    # only a record longer than every one before it (and than SMALL_RECORD_BYTES) is looked at
+    measured = min(SMALL_RECORD_BYTES, max_record_bytes)
     for entry_id, flat in entries:
         if flat is None:
             vanished.append(entry_id)
@@ -547,6 +576,13 @@ def decode_page(
             device, raw, received = flat[1], flat[3], flat[7]
         else:
             device, raw, received = contract_fields(flat)
+        if raw is not None and len(raw) > measured:
+            size = len(raw)
+            largest = max(largest, size)
+            if size > max_record_bytes:
+                failures.append((entry_id, flat, too_large(size, max_record_bytes)))
+                continue
+            measured = size
         try:
             try:
                 append(_decode(entry_id, device, raw, received, now_us, max_future_us, True))
@@ -556,7 +592,7 @@ def decode_page(
             failures.append((entry_id, flat, str(exc)))
         except RecursionError:  # a guard: the nesting check keeps every walk shallow
             failures.append((entry_id, flat, str(_too_deep("record"))))
-    return failures, vanished
+    return failures, vanished, largest
 
 
 def decode_values(
@@ -567,8 +603,11 @@ def decode_values(
     *,
     now_us: int,
     max_future_us: int,
+    max_record_bytes: int | None = None,
 ) -> Position:
     """:func:`decode_entry` for the three fields the contract reads, given one by one."""
+    if max_record_bytes is not None and record is not None and len(record) > max_record_bytes:
+        raise DecodeError(too_large(len(record), max_record_bytes))
     try:
         try:
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=True)

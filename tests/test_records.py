@@ -6,6 +6,7 @@ import base64
 import json
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -530,3 +531,71 @@ def test_real_columns_refuse_what_postgres_would(key: str, value: float, message
     would refuse (overflow, or a non-zero value that becomes 0) is a decode error, not a silent inf or 0."""
     with pytest.raises(DecodeError, match=re.escape(message)):
         decode(base(**{key: value}))
+
+
+# --- one nesting limit, whatever path a record takes (issue 13, item 13) -------------------------
+
+WIDE = 2**70  # wider than 64 bits: orjson cannot hold it, so the record goes through the stdlib parse
+
+
+def nested_record(depth: int, wide: bool, key: str = "io") -> bytes:
+    """A valid record whose JSON nests ``depth`` levels (the record object is level 1), the deepest
+    part under ``key``; ``wide`` adds an integer wider than 64 bits to ``io``."""
+    io = f'{{"w": {WIDE}}}' if wide else "{}"
+    if key == "io":  # io (level 2) holds the deep list: depth - 2 more levels
+        inner = "[" * (depth - 2) + "]" * (depth - 2)
+        io = f'{{"w": {WIDE}, "d": {inner}}}' if wide else f'{{"d": {inner}}}'
+        return f'{{"ts": 1700000000123, "lat": 1, "lon": 2, "io": {io}}}'.encode()
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return f'{{"ts": 1700000000123, "lat": 1, "lon": 2, "io": {io}, "{key}": {inner}}}'.encode()
+
+
+def verdict(raw: bytes) -> str:
+    try:
+        decode(None, raw=raw)
+    except DecodeError as exc:
+        return str(exc)
+    return "stored"
+
+
+def test_the_nesting_limit_is_documented_and_named() -> None:
+    from tpx.records import MAX_NESTING
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"{MAX_NESTING} levels" in readme and "MAX_NESTING" in readme
+
+
+@pytest.mark.parametrize("key", ["io", "x-unknown"])
+@pytest.mark.parametrize("offset", [0, 1, 100_000])
+def test_nesting_gets_one_verdict_with_or_without_a_wide_integer(key: str, offset: int) -> None:
+    """At the limit a record is stored, one level deeper (or 100,000 deeper) it is poison, with the
+    same one-line message whether or not an unrelated wide integer sends it through the stdlib."""
+    from tpx.records import MAX_NESTING
+
+    depth = MAX_NESTING + offset
+    plain, wide = verdict(nested_record(depth, False, key)), verdict(nested_record(depth, True, key))
+    assert plain == wide
+    if offset == 0:
+        assert plain == "stored"
+    else:
+        assert plain == f"record{'.' + key if offset == 1 else ''}: nested deeper than {MAX_NESTING} levels"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=-4, max_value=4), st.sampled_from(["io", "x"]))
+def test_nesting_around_the_limit_never_depends_on_a_wide_integer(offset: int, key: str) -> None:
+    from tpx.records import MAX_NESTING
+
+    depth = MAX_NESTING + offset
+    assert verdict(nested_record(depth, False, key)) == verdict(nested_record(depth, True, key))
+    assert (verdict(nested_record(depth, False, key)) == "stored") is (offset <= 0)
+
+
+def test_a_sentinel_nested_deeply_gets_the_nesting_verdict() -> None:
+    """A sentinel at the bottom of a deep value: the walk that replaces it is bounded too."""
+    from tpx.records import MAX_NESTING
+
+    for depth in (MAX_NESTING + 1, 5000):
+        ts = '{"a": ' * (depth - 1) + '{"__bigint__": "1"}' + "}" * (depth - 1)
+        raw = f'{{"ts": {ts}, "lat": 1, "lon": 2}}'.encode()
+        assert verdict(raw).endswith(f"nested deeper than {MAX_NESTING} levels")

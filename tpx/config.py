@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     device_cache_size: int = Field(default=100_000, ge=1)
     #: Records whose ``ts`` is more than this many seconds ahead of our clock are poison.
     max_future_s: int = Field(default=86_400, ge=0)
+    #: A ``record`` field longer than this (bytes) is dead-lettered (stage ``decode``) unparsed:
+    #: one record's cost in memory is bounded (1 MiB: Kafka's default message size; ~3,000 fixes).
+    max_record_bytes: int = Field(default=1 << 20, ge=1024, le=512 << 20)
+    #: Record bytes per page read from Redis (its COUNT shrinks to fit: Redis has no byte limit).
+    page_bytes: int = Field(default=64 << 20, ge=64 << 10)
+    #: Record bytes queued ahead of the writers; a batch holds at most queue_bytes / queue_batches.
+    queue_bytes: int = Field(default=64 << 20, ge=64 << 10)
 
     # --- TimescaleDB (ignored, with a log line, where positions is an ordinary table) ---
     #: Compress chunks older than this ("30d", "12h"; empty: no compression policy). Must be

@@ -44,6 +44,13 @@ INT32_MAX: Final = 2**31 - 1
 
 DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
 
+#: The deepest a record may nest, in levels of arrays and objects (the record object is level 1).
+#: orjson's serialiser stops at 254 levels, i.e. an ``io`` at the record's 255th: one limit, checked
+#: on the parsed record whatever path it takes next (orjson, the stdlib, the sentinel walk).
+MAX_NESTING: Final = 255
+#: A record shorter than this cannot nest deeper than MAX_NESTING (each level takes two brackets).
+_NESTING_MIN_BYTES: Final = 2 * (MAX_NESTING + 1)
+
 _BIGINT: Final = "__bigint__"
 _BYTES: Final = "__bytes__"
 
@@ -146,6 +153,8 @@ def _show(value: Any, limit: int = 60) -> str:
         text = json.dumps(value, ensure_ascii=True, default=repr)
     except ValueError:  # circular or otherwise odd: repr is enough
         text = repr(value)
+    except RecursionError:  # never deeper than MAX_NESTING from the decoder; a caller's own value
+        text = f"<a nested {type(value).__name__}>"
     text = text.replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -163,6 +172,25 @@ _WIDE: Final = float(2**63)
 def _key(key: str) -> str:
     """A key as it appears in an error path: plain, or JSON-quoted and short."""
     return key if _PLAIN_KEY_RE.fullmatch(key) else _show(key, limit=24)
+
+
+def _too_deep(where: str) -> DecodeError:
+    return DecodeError(f"{where}: nested deeper than {MAX_NESTING} levels")
+
+
+def _check_nesting(rec: Any) -> None:
+    """Raise the nesting error when ``rec`` nests deeper than MAX_NESTING (no recursion: any depth)."""
+    tops = rec.items() if type(rec) is dict else [("", rec)]
+    for key, top in tops:
+        stack = [(top, 2 if key else 1)]
+        while stack:
+            value, depth = stack.pop()
+            t = type(value)
+            if t is not dict and t is not list:
+                continue
+            if depth > MAX_NESTING:
+                raise _too_deep(f"record.{_key(key)}" if key else "record")
+            stack.extend((v, depth + 1) for v in (value.values() if t is dict else value))
 
 
 class _WideIntegerError(Exception):
@@ -249,6 +277,10 @@ def _walk(value: Any, hexify: bool, check_wide: bool) -> Any:  # noqa: PLR0912  
     return value
 
 
+#: How orjson's parser words its own depth limit (1024 levels), e.g. "depth limit exceeded: line 1 ...".
+_ORJSON_TOO_DEEP: Final = ("depth limit exceeded", "Recursion limit reached")
+
+
 def _reject_constant(name: str) -> Any:
     raise DecodeError(f"record: {name} is not a JSON number")
 
@@ -265,7 +297,9 @@ def _parse_stdlib(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except DecodeError:
         raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+    except RecursionError:  # never past the nesting check (run on orjson's parse first); a guard
+        raise _too_deep("record") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise DecodeError(f"record: not valid JSON ({first_line(exc)})") from None
 
 
@@ -438,8 +472,11 @@ def decode_entry(
     *,
     now_us: int,
     max_future_us: int,
+    max_record_bytes: int | None = None,
 ) -> Position:
-    """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`."""
+    """Decode one stream entry into a :class:`Position`, or raise :class:`DecodeError`.
+
+    ``max_record_bytes``: a longer ``record`` field is a decode error (None: no limit)."""
     return decode_values(
         entry_id,
         fields.get(F_DEVICE_ID),
@@ -447,6 +484,7 @@ def decode_entry(
         fields.get(F_RECEIVED_AT),
         now_us=now_us,
         max_future_us=max_future_us,
+        max_record_bytes=max_record_bytes,
     )
 
 
@@ -474,13 +512,32 @@ def contract_fields(flat: Sequence[bytes]) -> tuple[bytes | None, bytes | None, 
 _GATEWAY_NAMES: Final = [F_DEVICE_ID, F_RECORD, b"codec", F_RECEIVED_AT]
 
 
-def decode_flat(entry_id: bytes, flat: list[bytes], *, now_us: int, max_future_us: int) -> Position:
+def decode_flat(
+    entry_id: bytes,
+    flat: list[bytes],
+    *,
+    now_us: int,
+    max_future_us: int,
+    max_record_bytes: int | None = None,
+) -> Position:
     """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...)."""
     out: list[Position] = []
-    failures, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us)
+    limit = sys.maxsize if max_record_bytes is None else max_record_bytes
+    failures, _, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us, limit)
     if failures:
         raise DecodeError(failures[0][2])
     return out[0]
+
+
+#: Records up to this many bytes are not measured one by one: :func:`decode_page` reports the
+#: largest record of a page only above it (below: 0). The common record (~300 B) pays one length
+#: comparison; memory budgets count a record as at least this many bytes.
+SMALL_RECORD_BYTES: Final = 4096
+
+
+def too_large(size: int, limit: int) -> str:
+    """The dead letter's reason for a ``record`` field longer than ``TPX_MAX_RECORD_BYTES``."""
+    return f"record is {size} bytes, more than the {limit} allowed (TPX_MAX_RECORD_BYTES)"
 
 
 def decode_page(
@@ -488,16 +545,19 @@ def decode_page(
     out: list[Position],
     now_us: int,
     max_future_us: int,
-) -> tuple[list[tuple[bytes, list[bytes], str]], list[bytes]]:
+    max_record_bytes: int,
+) -> tuple[list[tuple[bytes, list[bytes], str]], list[bytes], int]:
     """Decode a page of stream entries as Redis sends them: ``(id, [name, value, ...])``.
 
     Positions are appended to ``out``; returns the entries that are not valid records
-    (id, fields, the decode error's message) and the ids whose fields are None (deleted
-    from the stream while pending). The reader's path: the gateway's layout is recognised
-    by one C-level comparison of the names (any other goes through :func:`contract_fields`)
-    and the decoder is entered with no call in between (-7 % decoder instructions against a
-    call per entry). The fast/stdlib parse and the nesting guard repeat :func:`decode_values`
-    inline on purpose: a call per entry is what this loop saves.
+    (id, fields, the decode error's message), the ids whose fields are None (deleted
+    from the stream while pending) and the length of the page's longest ``record`` field
+    when it exceeds :data:`SMALL_RECORD_BYTES` (else 0). A ``record`` longer than
+    ``max_record_bytes`` is a failure, not parsed. The reader's path: the gateway's layout is
+    recognised by one C-level comparison of the names (any other goes through
+    :func:`contract_fields`) and the decoder is entered with no call in between (-7 % decoder
+    instructions against a call per entry). The fast/stdlib parse and the nesting guard repeat
+    :func:`decode_values` inline on purpose: a call per entry is what this loop saves.
     """
     append = out.append
     failures: list[tuple[bytes, list[bytes], str]] = []
@@ -505,6 +565,9 @@ def decode_page(
     device: bytes | None
     raw: bytes | None
     received: bytes | None
+    largest = 0
+    # only a record longer than every one before it (and than SMALL_RECORD_BYTES) is looked at
+    measured = min(SMALL_RECORD_BYTES, max_record_bytes)
     for entry_id, flat in entries:
         if flat is None:
             vanished.append(entry_id)
@@ -513,6 +576,13 @@ def decode_page(
             device, raw, received = flat[1], flat[3], flat[7]
         else:
             device, raw, received = contract_fields(flat)
+        if raw is not None and len(raw) > measured:
+            size = len(raw)
+            largest = max(largest, size)
+            if size > max_record_bytes:
+                failures.append((entry_id, flat, too_large(size, max_record_bytes)))
+                continue
+            measured = size
         try:
             try:
                 append(_decode(entry_id, device, raw, received, now_us, max_future_us, True))
@@ -520,9 +590,9 @@ def decode_page(
                 append(_decode(entry_id, device, raw, received, now_us, max_future_us, False))
         except DecodeError as exc:
             failures.append((entry_id, flat, str(exc)))
-        except RecursionError:
-            failures.append((entry_id, flat, "record: nested too deeply"))
-    return failures, vanished
+        except RecursionError:  # a guard: the nesting check keeps every walk shallow
+            failures.append((entry_id, flat, str(_too_deep("record"))))
+    return failures, vanished, largest
 
 
 def decode_values(
@@ -533,15 +603,18 @@ def decode_values(
     *,
     now_us: int,
     max_future_us: int,
+    max_record_bytes: int | None = None,
 ) -> Position:
     """:func:`decode_entry` for the three fields the contract reads, given one by one."""
+    if max_record_bytes is not None and record is not None and len(record) > max_record_bytes:
+        raise DecodeError(too_large(len(record), max_record_bytes))
     try:
         try:
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=True)
         except _WideIntegerError:
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=False)
-    except RecursionError:
-        raise DecodeError("record: nested too deeply") from None
+    except RecursionError:  # a guard: the nesting check keeps every walk shallow
+        raise _too_deep("record") from None
 
 
 def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow paths in helpers)
@@ -564,9 +637,14 @@ def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow 
         try:
             rec = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            if str(exc).startswith(_ORJSON_TOO_DEEP):
+                raise _too_deep("record") from None
             raise DecodeError(f"record: not valid JSON ({exc})") from None
     else:
         rec = _parse_stdlib(raw)
+    # before any walk or message: both parsers stop deeper than MAX_NESTING, each at its own depth
+    if len(raw) >= _NESTING_MIN_BYTES and raw.count(b"[") + raw.count(b"{") > MAX_NESTING:
+        _check_nesting(rec)
     if type(rec) is not dict:
         raise DecodeError(f"record must be a JSON object, got {_show(rec)}")
 

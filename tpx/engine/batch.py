@@ -19,6 +19,8 @@ class Batch:
     deliveries: dict[bytes, int] = field(default_factory=dict)
     #: The positions' entry ids, in order, when the reader already listed them (else None).
     ids: list[bytes] | None = None
+    #: What the positions count for in the queue's byte budget (tpx.engine.budget).
+    nbytes: int = 0
 
     def entry_ids(self) -> list[bytes]:
         """The positions' entry ids, in order (listed once per batch)."""

@@ -33,9 +33,10 @@ import redis
 
 from tpx.config import Settings
 from tpx.engine.batch import Batch
+from tpx.engine.budget import BatchQueue, PageSize, cut, record_bytes
 from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
-from tpx.records import decode_page
+from tpx.records import SMALL_RECORD_BYTES, decode_page
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Reader(threading.Thread):
         self,
         settings: Settings,
         client: redis.Redis,
-        out: queue.Queue[Batch | None],
+        out: BatchQueue,
         metrics: Metrics,
         stop: threading.Event,
         inflight: set[bytes],
@@ -95,6 +96,12 @@ class Reader(threading.Thread):
         self.clock_us = clock_us
         self.max_future_us = settings.max_future_s * 1_000_000
         self.batch = Batch()
+        #: each open position's bytes (tpx.engine.budget), or None while all are small
+        self.sizes: list[int] | None = None
+        #: a batch's byte bound: queue_batches of them fill the queue's byte budget
+        self.batch_bytes = max(1, settings.queue_bytes // settings.queue_batches)
+        #: COUNT for the next XREADGROUP: from 1 at each re-read of own pending entries
+        self.pages = PageSize(settings.page_bytes, settings.read_count, settings.max_record_bytes)
         self.cursor = b"0"  # own pending entries first, then ">"
         self.connected = threading.Event()
         #: entry ids queued or being written by this process (shared with the writers)
@@ -148,8 +155,11 @@ class Reader(threading.Thread):
 
     def _step(self) -> None:
         if self.cursor != b">":
+            if self.cursor == b"0":  # (re)starting: nothing known about the entries' sizes
+                self.pages.restart()
             entries = self._read(self.cursor, block=None)
             if not entries:
+                self.pages.relax()
                 log.info("own pending entries re-read; now reading new entries")
                 self.cursor = b">"
                 return
@@ -174,7 +184,7 @@ class Reader(threading.Thread):
             if len(entries) == self.s.read_count and not self.stop_event.is_set():  # a backlog
                 self._send_read_ahead()
         if entries:
-            self._decode(entries, deliveries)
+            self.pages.seen(self._decode(entries, deliveries))
         self._flush(force=False)
 
     def _drop_read_ahead(self) -> None:
@@ -200,7 +210,7 @@ class Reader(threading.Thread):
                 self.s.group,
                 self.s.consumer,
                 "COUNT",
-                self.s.read_count,
+                self.pages.count,
                 "STREAMS",
                 self.s.stream,
                 ">",
@@ -226,7 +236,7 @@ class Reader(threading.Thread):
             self.s.group,
             self.s.consumer,
             {self.s.stream: cursor},
-            count=self.s.read_count,
+            count=self.pages.count,
             block=block,
         )
         return self._entries(reply)
@@ -244,6 +254,7 @@ class Reader(threading.Thread):
         """Take over entries idle longer than ``claim_idle_ms`` in any consumer; return how many."""
         start: bytes = b"0-0"
         claimed = 0
+        pages = PageSize(self.s.page_bytes, self.s.read_count, self.s.max_record_bytes)  # cautious
         while not self.stop_event.is_set():
             reply = self.raw.xautoclaim(
                 self.s.stream,
@@ -251,7 +262,7 @@ class Reader(threading.Thread):
                 self.s.consumer,
                 min_idle_time=self.s.claim_idle_ms,
                 start_id=start,
-                count=self.s.read_count,
+                count=pages.count,
             )
             # Redis 7: [next, entries, deleted ids]; Redis 6.2: [next, entries] (a deleted one: nil)
             next_id = cast(bytes, reply[0])
@@ -262,6 +273,7 @@ class Reader(threading.Thread):
                 self.metrics.vanished.inc(len(deleted))
             if any(e is None for e in entries):  # Redis 6.2 names no id for a deleted entry
                 self._ack_vanished_pending()
+            largest = 0
             fresh: Entries = [
                 (e[0], e[1]) for e in entries if e is not None and e[1] and e[0] not in self.inflight
             ]
@@ -271,8 +283,9 @@ class Reader(threading.Thread):
                 deliveries = self._deliveries(
                     fresh[0][0], fresh[-1][0], len(fresh) + len(self.inflight) + 100
                 )
-                self._decode(fresh, deliveries)
+                largest = self._decode(fresh, deliveries)
                 self._flush(force=False)
+            pages.seen(largest)
             if next_id in (b"0-0", b"0"):
                 break
             start = next_id
@@ -318,13 +331,20 @@ class Reader(threading.Thread):
         )
         return {cast(bytes, row["message_id"]): int(row["times_delivered"]) for row in rows}
 
-    def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> None:
+    def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> int:
+        """Decode a page into the open batch; returns its longest record's bytes (0: all small)."""
         batch = self.batch
         positions = batch.positions
         if not positions:
             batch.started = time.monotonic()
         start = len(positions)
-        failures, vanished = decode_page(entries, positions, self.clock_us(), self.max_future_us)
+        failures, vanished, largest = decode_page(
+            entries, positions, self.clock_us(), self.max_future_us, self.s.max_record_bytes
+        )
+        if largest or self.sizes is not None:  # some record is not small: count each one
+            if self.sizes is None:
+                self.sizes = [SMALL_RECORD_BYTES] * start
+            self.sizes += record_bytes(positions[start:])
         if deliveries:  # a page re-read or claimed: keep the counts for write-stage dead letters
             for p in positions[start:]:
                 batch.deliveries[p.entry_id] = deliveries.get(p.entry_id, 1)
@@ -347,15 +367,24 @@ class Reader(threading.Thread):
         if vanished:
             self.client.xack(self.s.stream, self.s.group, *vanished)
             self.metrics.vanished.inc(len(vanished))
+        return largest
 
     def _flush(self, force: bool) -> None:
-        """Queue full batches; queue everything once the oldest record waited long enough."""
+        """Queue full batches (by count or bytes); queue everything once the oldest record waited
+        long enough."""
         batch = self.batch
         positions = batch.positions
-        size = self.s.batch_size
         aged = force or (time.monotonic() - batch.started) * 1000 >= self.s.batch_max_latency_ms
-        while len(positions) >= size or (aged and positions):
-            head = Batch(positions[:size], batch.started)
+        while positions:
+            size, nbytes = cut(self.sizes, len(positions), self.s.batch_size, self.batch_bytes)
+            if (
+                not aged
+                and size == len(positions)
+                and size < self.s.batch_size
+                and (nbytes + SMALL_RECORD_BYTES <= self.batch_bytes)
+            ):
+                break  # not full yet, by count nor bytes
+            head = Batch(positions[:size], batch.started, nbytes=nbytes)
             if batch.deliveries:
                 head.deliveries = {
                     p.entry_id: batch.deliveries[p.entry_id]
@@ -368,14 +397,17 @@ class Reader(threading.Thread):
                 self.inflight.difference_update(ids)
                 return  # stopping while the queue stays full: the rest stays pending
             del positions[:size]
+            if self.sizes is not None:
+                del self.sizes[:size]
         if not positions:
             batch.deliveries = {}
+            self.sizes = None
 
     def _put(self, batch: Batch) -> bool:
-        """Queue a batch, waiting while the queue is full (the back-pressure)."""
+        """Queue a batch, waiting while the queue is full by count or bytes (the back-pressure)."""
         while True:
             try:
-                self.out.put(batch, timeout=0.2)
+                self.out.put_batch(batch, timeout=0.2)
                 return True
             except queue.Full:
                 if self.stop_event.is_set():

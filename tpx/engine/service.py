@@ -49,7 +49,7 @@ from psycopg_pool import ConnectionPool
 from tpx import __version__, exitcodes
 from tpx.config import Settings
 from tpx.connections import PG_CONNECT_TIMEOUT_S, pg_pool, redis_client, writer_timeouts
-from tpx.engine.batch import Batch
+from tpx.engine.budget import BatchQueue
 from tpx.engine.collector import StreamCollector
 from tpx.engine.heartbeat import Control, Heartbeat
 from tpx.engine.http import HealthServer
@@ -91,7 +91,7 @@ class Engine:
         self.stages = list(stages)
         self.metrics = Metrics()
         self.states = DeviceStates(settings.device_cache_size)
-        self.queue: queue.Queue[Batch | None] = queue.Queue(maxsize=settings.queue_batches)
+        self.queue = BatchQueue(settings.queue_batches, settings.queue_bytes)
         self.stop_reading = threading.Event()
         self.abort = threading.Event()
         self.wake = threading.Event()

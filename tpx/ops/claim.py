@@ -165,7 +165,13 @@ def _process(
             continue
         try:
             batch.positions.append(
-                decode_entry(entry_id, fields, now_us=now_us, max_future_us=s.max_future_s * 1_000_000)
+                decode_entry(
+                    entry_id,
+                    fields,
+                    now_us=now_us,
+                    max_future_us=s.max_future_s * 1_000_000,
+                    max_record_bytes=s.max_record_bytes,
+                )
             )
             batch.deliveries[entry_id] = deliveries.get(entry_id, 1)
         except DecodeError as exc:

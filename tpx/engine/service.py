@@ -264,8 +264,8 @@ class Engine:
             if writer.failing_since is not None:
                 stalled = time.monotonic() - writer.failing_since
                 problems.append(f"{writer.name} failing for {stalled:.0f}s: {writer.last_error}")
-        if self.reader is not None and not self.reader.connected.is_set():
-            problems.append("reader not connected to redis")
+        if self.reader is not None and (reader_problem := self.reader.problem()) is not None:
+            problems.append(reader_problem)
         if problems:
             return False, {"problems": problems}
         deadline = time.monotonic() + READY_TIMEOUT_S

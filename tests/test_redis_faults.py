@@ -251,3 +251,35 @@ def test_group_destroyed_before_anything_was_read_is_recreated_at_zero(
         add_entries(r, s.stream, [record("dev-1")])
         wait_rows(s, 1, "the row")
     assert "at 0, reading the whole stream (this instance had read nothing yet)" in caplog.text
+
+
+def test_lag_the_stream_ids_contradict_is_shown_as_zero(
+    settings: Settings, rclient: redis.Redis, serve_env: dict[str, str]
+) -> None:
+    """Redis 7.0 can report a group ``lag`` (here 1,620) with everything delivered and acknowledged.
+
+    Reproduced with ``XSETID <key> <last id> ENTRIESADDED <n> MAXDELETEDID 0-0``, which sets the
+    counter the lag is computed from (lag = entries-added - entries-read, XINFO GROUPS docs): the
+    real AOF reload did not reproduce here, since redis-server 7.0.15 forgets ``entries-read`` on
+    ``DEBUG LOADAOF`` and then estimates the lag as 0 itself. Both the Prometheus metric and
+    ``tpx status --json`` must say 0: the group's last-delivered-id is the stream's last id.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tests.test_ops import tpx_json
+    from tpx.engine.collector import StreamCollector
+
+    s, r = settings, rclient
+    r.xgroup_create(s.stream, s.group, id="0", mkstream=True)
+    add_entries(r, s.stream, [record(f"dev-{i}") for i in range(10)])
+    got = r.xreadgroup(s.group, "c", {s.stream: ">"}, count=100)
+    r.xack(s.stream, s.group, *[entry_id for entry_id, _ in got[0][1]])
+    last = r.xinfo_stream(s.stream)["last-generated-id"]
+    r.execute_command("XSETID", s.stream, last, "ENTRIESADDED", 1630, "MAXDELETEDID", "0-0")
+    group = r.xinfo_groups(s.stream)[0]
+    assert group["lag"] == 1620 and group["pending"] == 0 and group["last-delivered-id"] == last
+    registry = CollectorRegistry()
+    registry.register(StreamCollector(s, r))
+    assert "tpx_group_lag 0.0" in generate_latest(registry).decode()
+    status = tpx_json({k: v for k, v in serve_env.items() if k != "TPX_CONSUMER"}, "status")
+    assert status["lag"] == 0 and status["pending"] == 0

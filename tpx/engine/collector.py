@@ -4,13 +4,16 @@ Group lag, pending entries, the oldest pending entry's age and the DLQ length
 are properties of the stream, not of this process: they are asked of Redis
 when Prometheus scrapes, never by a polling thread. When Redis cannot answer,
 the series are simply absent from that scrape (and ``tpx_redis_up`` is 0);
-``lag`` is absent where Redis cannot tell (before 7.0, or after deletions).
+``lag`` is absent where Redis cannot tell (before 7.0, or after deletions), and
+0 when the stream's ids say nothing is left to deliver, whatever XINFO's counter
+says (:func:`group_lag`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import redis
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +25,29 @@ from tpx.config import Settings
 def entry_ms(entry_id: bytes | str) -> int:
     raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(raw.split("-", 1)[0])
+
+
+def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: int) -> int | None:
+    """The group's lag, unless the stream's ids contradict it; None when Redis cannot tell.
+
+    Redis 7.0 computes ``lag`` from counters (entries-added - entries-read) that an AOF
+    reload can leave stale: a lag of 1,620 with nothing left to deliver. When the group's
+    last-delivered-id is the stream's last-generated-id the lag is 0, and it is never more
+    than the entries the stream holds.
+    """
+    delivered = group.get("last-delivered-id")
+    if (
+        delivered is not None
+        and last_generated_id is not None
+        and _text(delivered) == _text(last_generated_id)
+    ):
+        return 0
+    lag = group.get("lag")
+    return None if lag is None else min(int(lag), stream_length)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StreamCollector(Collector):
@@ -37,7 +63,8 @@ class StreamCollector(Collector):
             pipe.xpending(self.s.stream, self.s.group)
             pipe.xlen(self.s.dlq_stream)
             pipe.xlen(self.s.stream)
-            groups, pending, dlq_len, stream_len = pipe.execute()
+            pipe.xinfo_stream(self.s.stream)
+            groups, pending, dlq_len, stream_len, info = pipe.execute()
         except redis.RedisError:
             up.add_metric([], 0)
             yield up
@@ -45,9 +72,10 @@ class StreamCollector(Collector):
         up.add_metric([], 1)
         yield up
         group = next((g for g in groups if g["name"] in (self.s.group, self.s.group.encode())), None)
-        if group is not None and group.get("lag") is not None:
+        group_lag_now = None if group is None else group_lag(group, info["last-generated-id"], stream_len)
+        if group_lag_now is not None:
             lag = GaugeMetricFamily("tpx_group_lag", "Entries in the stream not yet delivered to the group")
-            lag.add_metric([], float(group["lag"]))
+            lag.add_metric([], float(group_lag_now))
             yield lag
         total = GaugeMetricFamily(
             "tpx_pending_entries", "Entries delivered but not acknowledged (whole group)"

@@ -43,6 +43,39 @@ class DeadLetter:
         return out
 
 
+def add_dead_letters(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    letters: Sequence[DeadLetter],
+) -> tuple[list[DeadLetter], redis.ResponseError | None]:
+    """Add each dead letter, then acknowledge the originals of those Redis took.
+
+    Returns the letters Redis refused (``OOM``, ``READONLY``, ``WRONGTYPE`` on the DLQ key,
+    ``LOADING``) with the first refusal: their originals are not acknowledged, so they stay
+    pending. Connection errors propagate (then nothing after the failure was acknowledged).
+    """
+    if not letters:
+        return [], None
+    pipe = client.pipeline(transaction=False)
+    for letter in letters:
+        pipe.xadd(f"{stream}:dlq", letter.to_fields(consumer))  # type: ignore[arg-type]
+    results = pipe.execute(raise_on_error=False)
+    refused = [
+        letter for letter, r in zip(letters, results, strict=True) if isinstance(r, redis.ResponseError)
+    ]
+    added = [
+        letter.entry_id
+        for letter, r in zip(letters, results, strict=True)
+        if not isinstance(r, redis.ResponseError)
+    ]
+    if added:
+        client.xack(stream, group, *added)
+    error = next((r for r in results if isinstance(r, redis.ResponseError)), None)
+    return refused, error
+
+
 def dead_letter(
     client: redis.Redis,
     stream: str,
@@ -50,12 +83,10 @@ def dead_letter(
     consumer: str,
     letters: Sequence[DeadLetter],
 ) -> None:
-    """Add the dead letters, then (only once all were added) acknowledge the originals."""
-    if not letters:
-        return
-    dlq = f"{stream}:dlq"
-    pipe = client.pipeline(transaction=False)
-    for letter in letters:
-        pipe.xadd(dlq, letter.to_fields(consumer))  # type: ignore[arg-type]
-    pipe.execute()  # raises if any XADD failed: then nothing is acknowledged
-    client.xack(stream, group, *[letter.entry_id for letter in letters])
+    """Add the dead letters and acknowledge their originals; raise if Redis refused any.
+
+    The originals of refused letters are not acknowledged (those added are).
+    """
+    _, error = add_dead_letters(client, stream, group, consumer, letters)
+    if error is not None:
+        raise error

@@ -18,6 +18,15 @@ refused and that waits for redelivery) are taken over and go down the same
 decode/write/dead-letter path. Entries this process already holds in flight
 are skipped, so a slow database never makes it process its own batches twice.
 Entries deleted from the stream while pending are acknowledged and counted.
+
+Redis may refuse a command without the connection failing (``OOM`` when
+``maxmemory`` is reached, ``READONLY`` after a failover, ``LOADING``,
+``WRONGTYPE`` when a key was replaced): the reader backs off like for an
+outage and says why in :meth:`Reader.problem`. A poison record whose dead
+letter is refused stays pending, unacknowledged, and is held here to be
+retried (the valid records of its page go on to the writers). A group deleted
+at runtime is recreated at the last id this instance read, not at 0, so
+nothing this instance handled is read (and dead-lettered) again.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ import redis
 from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.budget import BatchQueue, PageSize, cut, record_bytes
-from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
+from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, add_dead_letters
 from tpx.engine.metrics import Metrics
+from tpx.errors import first_line
 from tpx.records import SMALL_RECORD_BYTES, decode_page
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,8 @@ IDLE_BLOCK_MS = 500
 #: Back-off bounds (s) while Redis is unreachable.
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
+#: Refused dead letters held for a retry (bounds memory; more stay pending for the claim sweep).
+PARKED_MAX = 10_000
 
 #: Entries as Redis sends them: (id, [name, value, ...]); fields None: deleted while pending.
 Entries = list[tuple[bytes, list[bytes] | None]]
@@ -59,10 +71,38 @@ def _fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(pairs, pairs, strict=False))
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
-    """Create the consumer group (and the stream) if missing; True when created."""
+#: redis-py strips these prefixes off a reply and names them with the exception class instead
+_REPLY_PREFIX: dict[type[redis.RedisError], str] = {
+    redis.exceptions.OutOfMemoryError: "OOM",
+    redis.exceptions.ReadOnlyError: "READONLY",
+    redis.exceptions.BusyLoadingError: "LOADING",
+}
+
+
+def redis_reply(exc: redis.RedisError) -> str:
+    """The refusal as Redis sent it (``OOM command not allowed …``), one line."""
+    prefix = _REPLY_PREFIX.get(type(exc))
+    return f"{prefix} {first_line(exc)}" if prefix else first_line(exc)
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str, start: bytes = b"0") -> bool:
+    """Create the consumer group (and the stream) at ``start`` if missing; True when created.
+
+    An existing group is found with XINFO GROUPS first: XGROUP CREATE is refused under
+    ``OOM`` or ``READONLY`` even when the group exists, and start-up must not depend on it.
+    """
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        if any(g["name"] in (group, group.encode()) for g in client.xinfo_groups(stream)):
+            return False
+    except redis.ResponseError:  # no such key, or WRONGTYPE: XGROUP CREATE says which
+        pass
+    try:
+        client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" in str(exc):
             return False
@@ -109,6 +149,26 @@ class Reader(threading.Thread):
         self.next_claim = 0.0  # the first sweep runs once own pending entries are re-read
         #: a connection with an XREADGROUP sent and its reply not read yet (read-ahead)
         self.ahead: Any = None
+        #: the newest entry id this instance read: where a vanished group is recreated
+        self.last_id: bytes | None = None
+        self.group_lost = ""  # why the group is being (re)created, for its log line
+        #: why the last step failed (cleared by the next step that succeeds)
+        self.failing: str | None = None
+        #: poison records whose dead letter Redis refused: pending, held for a retry
+        self.parked: dict[bytes, DeadLetter] = {}
+        self.parked_error = ""
+        self.parked_backoff = BACKOFF_MIN_S
+        self.parked_retry_at = 0.0
+
+    def problem(self) -> str | None:
+        """Why the reader is not keeping up, in one line; None while it is."""
+        if self.failing is not None:
+            return self.failing
+        if not self.connected.is_set():
+            return "reader not connected to redis"
+        if self.parked:
+            return f"{len(self.parked)} dead letters refused by redis, retrying: {self.parked_error}"
+        return None
 
     # --- the loop ---
 
@@ -117,30 +177,33 @@ class Reader(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 if not self.connected.is_set():
-                    if ensure_group(self.client, self.s.stream, self.s.group):
-                        log.info("created consumer group %s on %s", self.s.group, self.s.stream)
+                    self._ensure_group()
                     self.connected.set()
+                if self.parked and time.monotonic() >= self.parked_retry_at:
+                    self._retry_parked()
                 self._step()
+                self.failing = None
                 backoff = BACKOFF_MIN_S
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._drop_read_ahead()
                 self.connected.clear()
                 self.cursor = b"0"  # after reconnecting, pick up whatever was left pending
+                self.failing = f"reader not connected to redis: {redis_reply(exc)}"
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
-                    raise
-                log.warning(
-                    "stream %s or its group %s vanished; recreating them (%s)",
-                    self.s.stream,
-                    self.s.group,
-                    exc,
-                )
                 self._drop_read_ahead()
-                self.connected.clear()
-                self.cursor = b"0"
+                self.cursor = b"0"  # pick up whatever a half-done step left pending
+                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                    self.group_lost = first_line(exc)
+                    self.connected.clear()
+                    continue
+                self.failing = f"redis refused the reader: {redis_reply(exc)}"
+                log.warning("%s; retrying in %.1fs", self.failing, backoff)
+                self._flush(force=True)  # what was read goes on to the writers meanwhile
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
         if self.ahead is not None:  # entries already delivered to us: hand them on, not left pending
             try:
                 entries = self._read_ahead_reply()
@@ -151,7 +214,22 @@ class Reader(threading.Thread):
             except redis.ResponseError as exc:  # e.g. the group was deleted meanwhile
                 log.warning("the last page came back as an error (%s); nothing read", exc)
         self._flush(force=True)
+        if self.parked:
+            log.warning("%d refused dead letters stay pending (unacknowledged)", len(self.parked))
         log.info("reader stopped")
+
+    def _ensure_group(self) -> None:
+        """Create the group if missing: at 0 before this instance read anything, else at its last id."""
+        start = self.last_id or b"0"
+        if not ensure_group(self.client, self.s.stream, self.s.group, start):
+            return
+        where = (
+            f"at {start.decode()}, the last entry this instance read"
+            if self.last_id
+            else "at 0, reading the whole stream (this instance had read nothing yet)"
+        )
+        why = f" after {self.group_lost}" if self.group_lost else ""
+        log.warning("created consumer group %s on %s %s%s", self.s.group, self.s.stream, where, why)
 
     def _step(self) -> None:
         if self.cursor != b">":
@@ -333,6 +411,8 @@ class Reader(threading.Thread):
 
     def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> int:
         """Decode a page into the open batch; returns its longest record's bytes (0: all small)."""
+        if self.last_id is None or _id_key(entries[-1][0]) > _id_key(self.last_id):
+            self.last_id = entries[-1][0]
         batch = self.batch
         positions = batch.positions
         if not positions:
@@ -360,14 +440,53 @@ class Reader(threading.Thread):
         ]
         self.metrics.read.inc(len(entries))
         if poison:
-            dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, poison)
-            self.metrics.dead_lettered.labels(STAGE_DECODE).inc(len(poison))
-            for letter in poison:
-                log.info("dead-lettered %s (decode): %s", letter.entry_id.decode(), letter.error)
+            self._dead_letter(poison)
         if vanished:
             self.client.xack(self.s.stream, self.s.group, *vanished)
             self.metrics.vanished.inc(len(vanished))
         return largest
+
+    def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        """Dead-letter and acknowledge; letters Redis refuses stay pending and are held for a retry."""
+        refused, error = add_dead_letters(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
+        self.metrics.dead_lettered.labels(STAGE_DECODE).inc(len(letters) - len(refused))
+        refused_ids = {letter.entry_id for letter in refused}
+        for letter in letters:
+            if letter.entry_id not in refused_ids:
+                log.info("dead-lettered %s (decode): %s", letter.entry_id.decode(), letter.error)
+        if error is None:
+            return
+        held = [letter for letter in refused if letter.entry_id not in self.parked]
+        held = held[: max(0, PARKED_MAX - len(self.parked))]
+        self.parked.update((letter.entry_id, letter) for letter in held)
+        self.inflight.update(letter.entry_id for letter in held)  # no sweep of ours takes them again
+        self.parked_error = redis_reply(error)
+        if len(held) == len(self.parked):  # the first refusal: retry soon
+            self.parked_backoff = BACKOFF_MIN_S
+            self.parked_retry_at = time.monotonic() + self.parked_backoff
+        log.warning(
+            "redis refused %d dead letters (%s); they stay pending, unacknowledged, and are retried",
+            len(refused),
+            self.parked_error,
+        )
+
+    def _retry_parked(self) -> None:
+        """Retry the held dead letters; first XCLAIM them (no other instance's sweep takes them)."""
+        ids: list[Any] = list(self.parked)
+        owned = set(self.client.xclaim(self.s.stream, self.s.group, self.s.consumer, 0, ids, justid=True))
+        gone = [entry_id for entry_id in ids if entry_id not in owned]  # acknowledged or deleted meanwhile
+        for entry_id in gone:
+            del self.parked[entry_id]
+        self.inflight.difference_update(gone)
+        letters, backoff = list(self.parked.values()), self.parked_backoff
+        self.parked = {}
+        self.inflight.difference_update(letter.entry_id for letter in letters)
+        self._dead_letter(letters)
+        if self.parked:  # refused again: wait longer (capped, like an outage)
+            self.parked_backoff = min(backoff * 2, BACKOFF_MAX_S)
+            self.parked_retry_at = time.monotonic() + self.parked_backoff
+        elif letters:
+            log.info("redis took the %d dead letters it had refused", len(letters))
 
     def _flush(self, force: bool) -> None:
         """Queue full batches (by count or bytes); queue everything once the oldest record waited

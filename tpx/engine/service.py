@@ -263,8 +263,8 @@ class Engine:
         for writer in self.writers:  # a failing or stuck writer means the pipeline is paused
             if (problem := writer.health()) is not None:
                 problems.append(problem)
-        if self.reader is not None and not self.reader.connected.is_set():
-            problems.append("reader not connected to redis")
+        if self.reader is not None and (reader_problem := self.reader.problem()) is not None:
+            problems.append(reader_problem)
         if problems:
             return False, {"problems": problems}
         deadline = time.monotonic() + READY_TIMEOUT_S

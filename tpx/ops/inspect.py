@@ -16,6 +16,7 @@ import redis
 
 from tpx import keys
 from tpx.config import Settings
+from tpx.engine.collector import group_lag
 
 
 class OpsError(Exception):
@@ -160,7 +161,8 @@ def status(client: redis.Redis, settings: Settings) -> Status:
     if group is None:
         return result
     result.group_exists = True
-    result.lag = None if group.get("lag") is None else int(group["lag"])
+    last_generated = client.xinfo_stream(s.stream)["last-generated-id"]
+    result.lag = group_lag(group, last_generated, result.stream_length)
     summary = client.xpending(s.stream, s.group)
     result.pending = int(summary["pending"])
     if summary["min"]:

@@ -99,7 +99,7 @@ async def test_panels_show_the_pipeline(settings: Settings, rclient: redis.Redis
     async with app.run_test(size=(120, 36)) as pilot:
         await until(
             pilot,
-            lambda: table(app, "devices").row_count == 6 and "DEAD WITH PENDING" in panel(app),
+            lambda: table(app, "devices").row_count == 6 and "DEAD, HAS PENDING: ghost" in panel(app),
             what="panels filled",
         )
         text = panel(app)

@@ -21,6 +21,8 @@ import redis.connection
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tpx.streams import dlq_stream
+
 ENV_PREFIX = "TPX_"
 _SECRET_FIELDS = ("redis_url", "database_url")
 
@@ -189,7 +191,7 @@ class Settings(BaseSettings):
     @property
     def dlq_stream(self) -> str:
         """The dead-letter stream key (contract §3)."""
-        return f"{self.stream}:dlq"
+        return dlq_stream(self.stream)
 
     @property
     def http_bind(self) -> tuple[str, int] | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
 import redis
 from psycopg import sql
 from psycopg_pool import ConnectionPool
@@ -29,6 +32,17 @@ def redis_client(settings: Settings) -> redis.Redis:
         health_check_interval=30,
         client_name=f"tpx:{settings.consumer}",
         socket_read_size=REDIS_SOCKET_READ_SIZE,
+    )
+
+
+def pg_connect(conninfo: str, purpose: str, **options: Any) -> psycopg.Connection[tuple[Any, ...]]:
+    """One PostgreSQL connection with tpx's connect timeout, named for ``pg_stat_activity``.
+
+    Every connection outside the writer pool goes through here, so none of them can hang on a
+    server that does not answer; ``purpose`` becomes the ``application_name`` (``tpx-migrate``).
+    """
+    return psycopg.connect(
+        conninfo, connect_timeout=PG_CONNECT_TIMEOUT_S, application_name=purpose[:63], **options
     )
 
 

@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Query
 
+from tpx.connections import pg_connect
 from tpx.errors import first_line
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ def _policies(
 def _timescale(conninfo: str, schema: str, compress_after: str, retain_for: str) -> _Storage:
     """The TimescaleDB step, on its own connection and transaction: a lost session loses nothing."""
     try:
-        with psycopg.connect(conninfo, autocommit=False, application_name="tpx-migrate") as conn:
+        with pg_connect(conninfo, "tpx-migrate", autocommit=False) as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
             outcome, extension_schema = _hypertable(conn, schema)
             if outcome.storage == "hypertable":
@@ -311,7 +312,7 @@ def migrate(
     """Apply pending migrations to ``schema``, then the TimescaleDB step; safe to run concurrently."""
     report = MigrationReport(schema=schema)
     migrations = load_migrations()
-    with psycopg.connect(conninfo, autocommit=False, application_name="tpx-migrate") as conn:
+    with pg_connect(conninfo, "tpx-migrate", autocommit=False) as conn:
         conn.add_notice_handler(_log_notice)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))

@@ -20,11 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tpx.config import Settings
-
-
-def entry_ms(entry_id: bytes | str) -> int:
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(raw.split("-", 1)[0])
+from tpx.streams import as_text, entry_ms
 
 
 def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: int) -> int | None:
@@ -39,15 +35,11 @@ def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: i
     if (
         delivered is not None
         and last_generated_id is not None
-        and _text(delivered) == _text(last_generated_id)
+        and as_text(delivered) == as_text(last_generated_id)
     ):
         return 0
     lag = group.get("lag")
     return None if lag is None else min(int(lag), stream_length)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StreamCollector(Collector):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import redis
 
+from tpx.streams import dlq_stream
+
 DLQ_FIELDS = (
     b"dlq_source_id",
     b"dlq_stage",
@@ -60,7 +62,7 @@ def add_dead_letters(
         return [], None
     pipe = client.pipeline(transaction=False)
     for letter in letters:
-        pipe.xadd(f"{stream}:dlq", letter.to_fields(consumer))  # type: ignore[arg-type]
+        pipe.xadd(dlq_stream(stream), letter.to_fields(consumer))  # type: ignore[arg-type]
     results = pipe.execute(raise_on_error=False)
     refused = [
         letter for letter, r in zip(letters, results, strict=True) if isinstance(r, redis.ResponseError)

@@ -48,7 +48,7 @@ from psycopg_pool import ConnectionPool
 
 from tpx import __version__, exitcodes
 from tpx.config import Settings
-from tpx.connections import PG_CONNECT_TIMEOUT_S, pg_pool, redis_client, writer_timeouts
+from tpx.connections import pg_connect, pg_pool, redis_client, writer_timeouts
 from tpx.engine.budget import BatchQueue
 from tpx.engine.collector import StreamCollector
 from tpx.engine.heartbeat import Control, Heartbeat
@@ -150,7 +150,7 @@ class Engine:
     def _check_postgres(self) -> None:
         """Connect once, so that "no such database / role" is told apart from "not answering"."""
         try:
-            psycopg.connect(self.s.database_url, connect_timeout=PG_CONNECT_TIMEOUT_S).close()
+            pg_connect(self.s.database_url, "tpx-check").close()
         except psycopg.OperationalError as exc:
             code, message = exitcodes.postgres_connect_failure(exc, self.s.database_url)
             raise StartupError(message, code) from None
@@ -160,7 +160,7 @@ class Engine:
         s = self.s
         try:
             if not s.migrate_on_start:
-                with psycopg.connect(s.database_url, connect_timeout=5) as conn:
+                with pg_connect(s.database_url, "tpx-check") as conn:
                     version = current_version(conn, s.db_schema)
                 if version is None or version < latest_version():
                     raise StartupError(

@@ -59,6 +59,7 @@ from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
 from tpx.failpoints import failpoint
 from tpx.records import COPIED, COPY_COLUMNS, Position
+from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +309,7 @@ class Writer(threading.Thread):
         m.batch_seconds.observe(time.monotonic() - started)
         now_ms = time.time() * 1000
         for p in (batch.positions[0], batch.positions[-1]):  # a sample: oldest and newest
-            entry_ms = int(p.entry_id.split(b"-", 1)[0])
-            latency = max(0.0, (now_ms - entry_ms) / 1000)
+            latency = max(0.0, (now_ms - entry_ms(p.entry_id)) / 1000)
             m.e2e_seconds.observe(latency)
             m.e2e_recent.append(latency)
 

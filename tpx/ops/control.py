@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 import redis
 from psycopg import sql
 
 from tpx import keys
 from tpx.config import Settings
+from tpx.connections import pg_connect
 from tpx.controlproto import DEVICES_LIMIT_DEFAULT, ControlRequest, Op
 from tpx.ops.inspect import Instance, instances
 
@@ -102,7 +102,7 @@ def latest_rows(settings: Settings, limit: int = 500) -> list[dict[str, Any]]:
         " FROM (SELECT * FROM {}.positions ORDER BY ingested_at DESC LIMIT %s) AS recent"
         " ORDER BY device_id, ts DESC"
     ).format(sql.Identifier(settings.db_schema))
-    with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
+    with pg_connect(settings.database_url, "tpx-ops") as conn:
         rows = conn.execute(query, (limit * 20,)).fetchall()
     return [
         {
@@ -156,7 +156,7 @@ def newest_rows(settings: Settings, device: str, limit: int = 10) -> list[dict[s
     query = sql.SQL("SELECT {} FROM {}.positions WHERE device_id = %s ORDER BY ts DESC LIMIT %s").format(
         sql.SQL(", ").join(sql.Identifier(c) for c in ROW_COLUMNS), sql.Identifier(settings.db_schema)
     )
-    with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+    with pg_connect(settings.database_url, "tpx-ops") as conn:
         rows = conn.execute(query, (device, limit)).fetchall()
     return [dict(zip(ROW_COLUMNS, row, strict=True)) for row in rows]
 

@@ -21,6 +21,7 @@ import redis
 
 from tpx.config import Settings
 from tpx.ops.inspect import OpsError, entry_age_s
+from tpx.streams import as_text
 
 _ID_RE = re.compile(r"\d+-\d+")
 PAGE = 500
@@ -50,10 +51,6 @@ local new_id = redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {'replayed', new_id}
 """
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -92,7 +89,7 @@ class DeadLetterView:
 
 
 def _view(entry_id: Any, raw: dict[Any, Any] | None) -> DeadLetterView:
-    fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+    fields = {as_text(k): as_text(v) for k, v in (raw or {}).items()}
 
     def number(key: str) -> int:
         try:
@@ -101,7 +98,7 @@ def _view(entry_id: Any, raw: dict[Any, Any] | None) -> DeadLetterView:
             return 0
 
     return DeadLetterView(
-        id=_text(entry_id),
+        id=as_text(entry_id),
         source_id=fields.get("dlq_source_id", ""),
         stage=fields.get("dlq_stage", ""),
         error=fields.get("dlq_error", ""),
@@ -141,7 +138,7 @@ def iter_letters(
             letter = _view(entry_id, raw)
             if (stage is None or letter.stage == stage) and (device is None or letter.device_id == device):
                 yield letter
-        cursor = _text(page[-1][0])
+        cursor = as_text(page[-1][0])
         if len(page) < PAGE:
             return
 
@@ -195,11 +192,11 @@ def replay_one(
             args=[entry_id, -1 if max_replays is None else max_replays],
         ),
     )
-    result = ReplayResult(entry_id, _text(outcome))
+    result = ReplayResult(entry_id, as_text(outcome))
     if result.outcome == "replayed":
-        result.new_id = _text(value)
+        result.new_id = as_text(value)
     elif result.outcome == "refused":
-        result.replays = int(_text(value))
+        result.replays = int(as_text(value))
     return result
 
 
@@ -282,7 +279,7 @@ def _ids_before(client: redis.Redis, key: str, cutoff_ms: int) -> Iterator[str]:
         if not page:
             return
         for entry_id, _ in page:
-            yield _text(entry_id)
+            yield as_text(entry_id)
         if len(page) < PAGE:
             return
-        cursor = f"({_text(page[-1][0])}"
+        cursor = f"({as_text(page[-1][0])}"

@@ -17,21 +17,18 @@ import redis
 from tpx import keys
 from tpx.config import Settings
 from tpx.engine.collector import group_lag
+from tpx.streams import as_text, entry_ms
 
 
 class OpsError(Exception):
     """An operation refused or impossible, with a one-line reason for the operator."""
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def entry_age_s(entry_id: bytes | str | None, now: float | None = None) -> float | None:
     """Seconds since the entry was added (stream ids start with epoch milliseconds)."""
     if not entry_id:
         return None
-    ms = int(_text(entry_id).split("-", 1)[0])
+    ms = entry_ms(entry_id)
     return max(0.0, (now or time.time()) - ms / 1000)
 
 
@@ -154,10 +151,10 @@ def status(client: redis.Redis, settings: Settings) -> Status:
     result.stream_length = int(client.xlen(s.stream))
     newest = client.xrevrange(s.stream, count=1)
     if newest:
-        result.last_entry_id = _text(newest[0][0])
+        result.last_entry_id = as_text(newest[0][0])
         result.last_entry_age_s = entry_age_s(result.last_entry_id)
     groups = client.xinfo_groups(s.stream)
-    group = next((g for g in groups if _text(g["name"]) == s.group), None)
+    group = next((g for g in groups if as_text(g["name"]) == s.group), None)
     if group is None:
         return result
     result.group_exists = True
@@ -166,11 +163,11 @@ def status(client: redis.Redis, settings: Settings) -> Status:
     summary = client.xpending(s.stream, s.group)
     result.pending = int(summary["pending"])
     if summary["min"]:
-        result.oldest_pending_id = _text(summary["min"])
+        result.oldest_pending_id = as_text(summary["min"])
         result.oldest_pending_age_s = entry_age_s(result.oldest_pending_id)
     alive = {i.consumer: i for i in result.instances}
     for c in client.xinfo_consumers(s.stream, s.group):
-        name = _text(c["name"])
+        name = as_text(c["name"])
         result.consumers.append(
             ConsumerView(
                 name=name,
@@ -204,7 +201,7 @@ def pending(
     if not client.exists(s.stream):
         raise OpsError(f"stream {s.stream} does not exist")
     if consumer is not None:
-        known = {_text(c["name"]) for c in client.xinfo_consumers(s.stream, s.group)}
+        known = {as_text(c["name"]) for c in client.xinfo_consumers(s.stream, s.group)}
         if consumer not in known:
             raise OpsError(
                 f"no consumer {consumer!r} in group {s.group} (known: {', '.join(sorted(known)) or 'none'})"
@@ -215,11 +212,11 @@ def pending(
     now = time.time()
     return [
         PendingEntry(
-            id=_text(r["message_id"]),
-            consumer=_text(r["consumer"]),
+            id=as_text(r["message_id"]),
+            consumer=as_text(r["consumer"]),
             idle_ms=int(r["time_since_delivered"]),
             deliveries=int(r["times_delivered"]),
-            age_s=entry_age_s(_text(r["message_id"]), now),
+            age_s=entry_age_s(as_text(r["message_id"]), now),
         )
         for r in rows
     ]

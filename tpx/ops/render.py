@@ -3,43 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from tpx.format import ago, consumer_state, ms_time
 from tpx.ops.claim import ClaimReport
 from tpx.ops.control import ControlResult, DeviceReport
 from tpx.ops.dlq import DeadLetterView, PurgeResult, ReplayResult
 from tpx.ops.inspect import ConsumerView, PendingEntry, Status
-
-
-def ago(seconds: float | None) -> str:
-    """3s, 4m05s, 2h10m, 3d04h; '-' when unknown."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86_400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86_400}d{s % 86_400 // 3600:02d}h"
-
-
-def ms_time(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
 
 CONSUMER_COLUMNS = ("consumer", "state", "pending", "idle", "read/s", "written/s", "queue", "cache")
 
 
 def consumer_cells(c: ConsumerView) -> tuple[str, ...]:
     """One consumer as table cells; its state spelled out (readable without colour)."""
-    state = "alive" if c.alive else ("DEAD, HAS PENDING" if c.pending else "dead")
+    state = consumer_state(c.alive, c.pending)
     i = c.instance
     return (
         c.name,

@@ -20,7 +20,8 @@ from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static,
 
 from tpx.config import Settings
 from tpx.errors import first_line
-from tpx.ops.render import CONSUMER_COLUMNS, ago, consumer_cells
+from tpx.format import DEAD_WITH_PENDING, ago
+from tpx.ops.render import CONSUMER_COLUMNS, consumer_cells
 from tpx.tui.data import Collector, Snapshot
 from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen
 
@@ -162,7 +163,7 @@ class TopApp(App[None]):
             f"lag {lag}  pending {st.pending:,}{oldest}",
             f"DLQ {st.dlq_length:,} dead letters{growth}",
             f"instances {len(st.instances)} alive{e2e}",
-            f"DEAD WITH PENDING: {', '.join(c.name for c in dead)}" if dead else "",
+            f"{DEAD_WITH_PENDING}: {', '.join(c.name for c in dead)}" if dead else "",
         ]
         self.query_one("#stream-panel", Static).update("\n".join(lines))
         self.query_one("#in-label", Static).update(f"in  {_num(snap.in_per_s, '{:,.0f}')}/s")

@@ -1,0 +1,45 @@
+"""Plain-text renderings of times and states, shared by the command line and the dashboard.
+
+Pure functions of values (no rich, no Textual), so each front end styles them its own way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+_MINUTE = 60
+_HOUR = 3600
+_DAY = 86_400
+
+
+def ago(seconds: float | None) -> str:
+    """3s, 4m05s, 2h10m, 3d04h; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < _MINUTE:
+        return f"{s}s"
+    if s < _HOUR:
+        return f"{s // _MINUTE}m{s % _MINUTE:02d}s"
+    if s < _DAY:
+        return f"{s // _HOUR}h{s % _HOUR // _MINUTE:02d}m"
+    return f"{s // _DAY}d{s % _DAY // _HOUR:02d}h"
+
+
+def ms_time(ms: int) -> str:
+    """Epoch milliseconds as a UTC time, ``2026-12-01 09:30:00``."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def us_time(us: int) -> str:
+    """Epoch microseconds as a UTC time with milliseconds, ``2026-12-01 09:30:00.123``."""
+    return dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+#: A consumer with pending entries and no heartbeat: its entries wait for a claim.
+DEAD_WITH_PENDING = "DEAD, HAS PENDING"
+
+
+def consumer_state(alive: bool, pending: int) -> str:
+    """A consumer's state spelled out, readable without colour."""
+    return "alive" if alive else (DEAD_WITH_PENDING if pending else "dead")

@@ -1,0 +1,191 @@
+"""End-to-end latency of tpx at a steady publishing rate: p50 / p99 / max, per rate.
+
+For each rate a real ``tpx serve`` (default settings unless ``--tpx-env``) reads a fresh stream
+into a fresh schema on the local PostgreSQL. A publisher stamps each entry's ``received_at`` (epoch
+ms, as the gateway does) just before its XADD, paced in 10 ms ticks, for ``--duration`` seconds.
+Latency is the row's ``ingested_at`` minus its ``received_at``: ``ingested_at`` defaults to the
+writing transaction's start (``now()``), so the commit itself (a millisecond or two) is not in it.
+
+``--backlog N`` first loads N entries and starts tpx on them, then publishes at the rate while the
+backlog drains: the percentiles are those of the live records only (their device ids differ).
+
+Both ends share this machine with PostgreSQL and Redis (2 cores here): at 20,000 rec/s the
+publisher itself takes a good part of one core, so read the figures with the CPU report it prints.
+
+Usage:
+    python benchmarks/bench_latency.py [--rate 1000 --rate 5000 --rate 20000] [--duration 20]
+        [--devices 2000] [--backlog 0] [--tpx-env KEY=VALUE ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_pipeline import CpuMeter, drop_schema, load_stream
+from tpx.fleet import Fleet
+from tpx.schema import migrate
+
+#: The publisher's pacing step: entries due in each 10 ms are sent in one pipeline.
+TICK_S = 0.01
+#: Seconds to wait for the last live records to be written after publishing stops.
+DRAIN_TIMEOUT_S = 60.0
+
+PERCENTILES_SQL = """
+SELECT count(*),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY lat),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY lat),
+       max(lat)
+FROM (SELECT extract(epoch FROM ingested_at - received_at) * 1000 AS lat
+      FROM {}.positions WHERE device_id LIKE 'L%%') AS live
+"""
+
+
+def live_entries(devices: int, count: int, seed: int) -> list[dict[str, str]]:
+    """Entries of a live fleet whose device ids start with ``L`` (told apart from a backlog's)."""
+    fleet = Fleet(devices=devices, seed=seed, start_ms=int(time.time() * 1000))
+    out = []
+    for entry in fleet.entries(count):
+        entry["device_id"] = "L" + entry["device_id"]
+        out.append(entry)
+    return out
+
+
+def publish(client: redis.Redis, key: str, entries: list[dict[str, str]], rate: float) -> float:
+    """XADD ``entries`` at ``rate`` per second, each stamped just before it is sent; returns the rate."""
+    started = time.perf_counter()
+    sent = 0
+    while sent < len(entries):
+        due = min(len(entries), int((time.perf_counter() - started) * rate) + 1)
+        if due > sent:
+            pipe = client.pipeline(transaction=False)
+            now_ms = str(int(time.time() * 1000))
+            for fields in entries[sent:due]:
+                fields["received_at"] = now_ms
+                pipe.xadd(key, fields)  # type: ignore[arg-type]
+            pipe.execute()
+            sent = due
+        time.sleep(TICK_S)
+    return sent / (time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
+    client = redis.Redis.from_url(args.redis_url)
+    schema = f"lat_{uuid.uuid4().hex[:8]}"
+    key = f"bench:{uuid.uuid4().hex[:8]}:t"
+    migrate(args.database_url, schema)
+    live = live_entries(args.devices, int(rate * args.duration), seed=rate)
+    if args.backlog:
+        fleet = Fleet(devices=args.devices, seed=7, start_ms=int(time.time() * 1000))
+        load_stream(client, key, list(fleet.entries(args.backlog)))
+    env = {
+        **os.environ,
+        "TPX_REDIS_URL": args.redis_url,
+        "TPX_DATABASE_URL": args.database_url,
+        "TPX_DB_SCHEMA": schema,
+        "TPX_STREAM": key,
+        "TPX_CONSUMER": "bench",
+        "TPX_HTTP_ADDR": "off",
+        "TPX_LOG_FORMAT": "json",
+        "TPX_LOG_LEVEL": "WARNING",
+        **dict(kv.split("=", 1) for kv in args.tpx_env),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not _has_group(client, key):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("tpx serve did not start")
+            time.sleep(0.05)
+        meter = CpuMeter(proc.pid)
+        meter.start()
+        achieved = publish(client, key, live, rate)
+        cpu = meter.stop(len(live))
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while not _drained(client, key):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("tpx did not write every record")
+            time.sleep(0.05)
+        with psycopg.connect(args.database_url) as conn:
+            row = conn.execute(sql.SQL(PERCENTILES_SQL).format(sql.Identifier(schema))).fetchone()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        client.delete(key, key + ":dlq")
+        drop_schema(args.database_url, schema)
+    assert row is not None
+    count, p50, p99, worst = row
+    if count != len(live):
+        raise RuntimeError(f"{count} live rows, expected {len(live)}")
+    return {
+        "rate": rate,
+        "achieved_rate": round(achieved),
+        "backlog": args.backlog,
+        "records": count,
+        "p50_ms": round(float(p50), 1),
+        "p99_ms": round(float(p99), 1),
+        "max_ms": round(float(worst), 1),
+        "cpu_us": cpu,
+    }
+
+
+def _has_group(client: redis.Redis, key: str) -> bool:
+    try:
+        return bool(client.xinfo_groups(key))
+    except redis.ResponseError:
+        return False
+
+
+def _drained(client: redis.Redis, key: str) -> bool:
+    last_id = client.xinfo_stream(key)["last-generated-id"]
+    group = client.xinfo_groups(key)[0]
+    return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=int, action="append", help="records/s (repeatable; default 1k 5k 20k)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of publishing per rate")
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--backlog", type=int, default=0, help="entries waiting before the live records")
+    parser.add_argument("--tpx-env", action="append", default=[], help="KEY=VALUE for the tpx subprocess")
+    parser.add_argument("--redis-url", default=os.environ.get("TPX_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TPX_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = [run(args, rate) for rate in args.rate or [1000, 5000, 20000]]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(
+        f"{'rate':>7} {'achieved':>9} {'backlog':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  cpu µs/record"
+    )
+    for r in results:
+        cpu = " ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
+        print(
+            f"{r['rate']:>8} {r['achieved_rate']:>8} {r['backlog']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8}"
+            f" {r['max_ms']:>8}  {cpu}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a smoke run of the benchmark script, in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+pytestmark = pytest.mark.slow  # a smoke run of the benchmark script, in a subprocess
 
 
 def test_pipeline_benchmark_reports_every_contender(redis_server_url: str, pg_server_url: str) -> None:

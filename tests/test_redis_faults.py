@@ -10,20 +10,15 @@ dead letter, and recovers without a restart once Redis accepts writes again.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from tests.helpers import NOW_MS, add_entries, free_port, pending_count, record, row_count, wait_for
+from tests.services import PrivateRedis
 from tests.test_pipeline import running
 from tpx.config import Settings
-
-REDIS_SERVER = shutil.which("redis-server")
 
 #: The replies as redis-server 7.0.15 sends them (read by hand with redis-cli). redis-py raises
 #: OOM and READONLY as ResponseError subclasses with the prefix cut off; tpx puts it back.
@@ -33,39 +28,8 @@ WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A redis-server of this test's own (it breaks it on purpose), stopped afterwards."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [REDIS_SERVER, *args, "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_for(answers, timeout=10, what="the private redis-server")
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.fixture
-def fault_settings(private_redis: redis.Redis, pg_server_url: str, schema: str) -> Settings:
-    kw = private_redis.connection_pool.connection_kwargs
+def fault_settings(private_redis: PrivateRedis, pg_server_url: str, schema: str) -> Settings:
+    kw = private_redis.client.connection_pool.connection_kwargs
     return Settings(
         redis_url=f"redis://{kw['host']}:{kw['port']}/0",
         database_url=pg_server_url,
@@ -112,13 +76,13 @@ def assert_alive(engine) -> None:
 
 
 def test_oom_keeps_valid_rows_flowing_and_poison_pending_until_memory_frees(
-    fault_settings: Settings, private_redis: redis.Redis
+    fault_settings: Settings, private_redis: PrivateRedis
 ) -> None:
     """Real OOM: the stream is filled, then ``maxmemory`` set below what Redis uses (noeviction).
 
     XADD to the DLQ is refused with the OOM reply; XREADGROUP, XACK and XCLAIM still work.
     """
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     entries, valid = mixed_entries(60, 6)
     r.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     ids = add_entries(r, s.stream, entries)
@@ -143,14 +107,14 @@ def test_oom_keeps_valid_rows_flowing_and_poison_pending_until_memory_frees(
 
 
 def test_readonly_after_failover_backs_off_and_recovers(
-    fault_settings: Settings, private_redis: redis.Redis
+    fault_settings: Settings, private_redis: PrivateRedis
 ) -> None:
     """Real READONLY: ``REPLICAOF 127.0.0.1 <a closed port>`` (the data stays, writes are refused).
 
     A replica refuses XREADGROUP itself (``>`` and ``0`` alike), so nothing is delivered, nothing
     acknowledged, and the reader waits; ``REPLICAOF NO ONE`` lets everything through.
     """
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     entries, valid = mixed_entries(40, 4)
     r.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(r, s.stream, entries)
@@ -170,10 +134,10 @@ def test_readonly_after_failover_backs_off_and_recovers(
 
 
 def test_dlq_key_replaced_by_a_string_holds_poison_pending_until_it_is_removed(
-    fault_settings: Settings, private_redis: redis.Redis
+    fault_settings: Settings, private_redis: PrivateRedis
 ) -> None:
     """Real WRONGTYPE: the ``:dlq`` key holds a string, so XADD to it is refused."""
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     entries, valid = mixed_entries(50, 5)
     r.set(s.dlq_stream, "someone's string")
     ids = add_entries(r, s.stream, entries)
@@ -192,10 +156,10 @@ def test_dlq_key_replaced_by_a_string_holds_poison_pending_until_it_is_removed(
 
 
 def test_stream_key_replaced_by_a_string_backs_off_then_reads_the_new_stream(
-    fault_settings: Settings, private_redis: redis.Redis
+    fault_settings: Settings, private_redis: PrivateRedis
 ) -> None:
     """Real WRONGTYPE on the input key: someone DELs the stream and SETs a string in its place."""
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     first, valid = mixed_entries(20, 0)
     add_entries(r, s.stream, first)
     with running(s) as engine:
@@ -213,10 +177,10 @@ def test_stream_key_replaced_by_a_string_backs_off_then_reads_the_new_stream(
 
 
 def test_group_destroyed_at_runtime_is_recreated_where_this_instance_was(
-    fault_settings: Settings, private_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+    fault_settings: Settings, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``XGROUP DESTROY`` while serving: no entry already handled is read (or dead-lettered) again."""
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     first, valid1 = mixed_entries(60, 6)
     add_entries(r, s.stream, first)
     with running(s) as engine:
@@ -239,10 +203,10 @@ def test_group_destroyed_at_runtime_is_recreated_where_this_instance_was(
 
 
 def test_group_destroyed_before_anything_was_read_is_recreated_at_zero(
-    fault_settings: Settings, private_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+    fault_settings: Settings, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An instance that read nothing has no position: it recreates at 0 (no entry is skipped)."""
-    s, r = fault_settings, private_redis
+    s, r = fault_settings, private_redis.client
     with running(s) as engine:
         wait_for(lambda: engine.ready()[0], what="ready")
         caplog.clear()

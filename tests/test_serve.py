@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import struct
@@ -20,7 +19,6 @@ from tests.helpers import (
     NOW_MS,
     Serve,
     add_entries,
-    free_port,
     pending_count,
     record,
     row_count,
@@ -28,6 +26,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.proxy import Proxy, postgres_target, postgres_via
+from tests.services import PrivateRedis
 from tpx.config import Settings
 from tpx.engine.service import READY_TIMEOUT_S, SHUTDOWN_TAIL_S
 from tpx.signals import SIGNAL_WINDOW_S
@@ -269,36 +268,10 @@ def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, st
     assert "run `tpx migrate`" in serve.logs()
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A redis-server of this test's own, that the test may freeze (SIGSTOP)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    wait_for(lambda: _pings(client), what="private redis-server up")
-    client.close()
-    yield proc, url
-    proc.send_signal(signal.SIGCONT)
-    proc.terminate()
-    proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def test_readyz_answers_within_its_bound_when_redis_stops_answering(
-    serve_env: dict[str, str], tmp_path: Path, private_redis: tuple[subprocess.Popen[bytes], str]
+    serve_env: dict[str, str], tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
-    proc, url = private_redis
+    proc, url = private_redis.proc, private_redis.url
     serve = Serve({**serve_env, "TPX_REDIS_URL": url}, tmp_path / "serve.log").start()
     try:
         wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")

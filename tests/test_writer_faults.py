@@ -10,12 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import psycopg.errors
@@ -24,6 +21,7 @@ import redis
 from psycopg import sql
 
 from tests.helpers import NOW_MS, add_entries, drained, free_port, pending_count, record, row_count, wait_for
+from tests.services import PrivateRedis
 from tests.test_pipeline import running
 from tpx.config import Settings
 from tpx.connections import pg_pool, writer_timeouts
@@ -90,35 +88,6 @@ def execute(settings: Settings, statement: str) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         quoted = sql.Identifier(settings.db_schema).as_string(conn)
         conn.execute(statement.replace("{schema}", quoted).encode())
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of this test's own, which the test may break (OOM, read-only)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers() -> bool:
-        with contextlib.suppress(redis.ConnectionError):
-            return bool(client.ping())
-        return False
-
-    try:
-        wait_for(answers, timeout=10, what="the private redis-server")
-        yield url
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
 
 
 def health(engine: object) -> list[str]:
@@ -337,17 +306,17 @@ WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 @pytest.mark.parametrize("refusal", ["oom", "wrongtype"])
 def test_redis_refusing_dead_letters_keeps_valid_rows_flowing(
-    refusal: str, migrated: Settings, private_redis: str, caplog: pytest.LogCaptureFixture
+    refusal: str, migrated: Settings, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = migrated.model_copy(
         update={
-            "redis_url": private_redis,
+            "redis_url": private_redis.url,
             "max_deliveries": 1,
             "claim_idle_ms": 300,
             "claim_interval_s": 0.2,
         }
     )
-    client = redis.Redis.from_url(private_redis)
+    client = redis.Redis.from_url(private_redis.url)
     good = [record(f"dev-{i % 3}", ts=NOW_MS - 100_000 + i) for i in range(50)]
     bad = record("bad", ts=NOW_MS - 5_000, io={"s": "nul\u0000"})
     if refusal == "wrongtype":
@@ -390,11 +359,11 @@ def test_redis_refusing_dead_letters_keeps_valid_rows_flowing(
 
 
 def test_xack_refused_by_a_read_only_replica_leaves_entries_pending(
-    migrated: Settings, private_redis: str
+    migrated: Settings, private_redis: PrivateRedis
 ) -> None:
     """``READONLY You can't write against a read only replica.`` (after a failover)."""
-    s = migrated.model_copy(update={"redis_url": private_redis})
-    client = redis.Redis.from_url(private_redis)
+    s = migrated.model_copy(update={"redis_url": private_redis.url})
+    client = redis.Redis.from_url(private_redis.url)
     client.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(client, s.stream, [record("dev", ts=NOW_MS - 10_000 + i) for i in range(10)])
     [[_, entries]] = client.xreadgroup(s.group, s.consumer, {s.stream: ">"})

@@ -21,7 +21,7 @@ from tpx.ops.inspect import ConsumerView, Instance, PendingEntry, Status
 from tpx.schema import migrate
 from tpx.tui.app import TopApp
 from tpx.tui.poller import Poller, Snapshot
-from tpx.tui.screens import ConfirmScreen
+from tpx.tui.screens import ConfirmScreen, HelpScreen
 
 pytestmark = pytest.mark.slow
 
@@ -170,14 +170,16 @@ async def test_filter_and_sort(settings: Settings, live: Engine) -> None:
         await pilot.press("escape")
         await until(pilot, lambda: table(app, "devices").row_count == 6, what="filter cleared")
         # a click on a header sorts by that column; a second click reverses
-        await click_header(pilot, table(app, "devices"), "device")
-        await until(pilot, lambda: column(app, "devices", 0) == sorted(DEVICES), what="sorted by device")
-        await click_header(pilot, table(app, "devices"), "device")
-        await until(
-            pilot,
-            lambda: column(app, "devices", 0) == sorted(DEVICES, reverse=True),
-            what="sorted by device, reversed",
-        )
+        devices = table(app, "devices")
+        await click_header(pilot, devices, "device")
+        assert headers(app, "devices")[0] == "device ▲" and column(app, "devices", 0) == sorted(DEVICES)
+        await click_header(pilot, devices, "device")
+        assert headers(app, "devices")[0] == "device ▼"
+        assert column(app, "devices", 0) == sorted(DEVICES, reverse=True)
+        # each device's last fix is newer than the one before it (see populate)
+        await click_header(pilot, devices, "last fix")
+        assert headers(app, "devices")[:2] == ["device", "last fix ▲"]
+        assert column(app, "devices", 0) == DEVICES
 
 
 def strand_pending(settings: Settings, client: redis.Redis, shape: list[tuple[int, int]]) -> list[str]:
@@ -234,6 +236,13 @@ async def test_sort_by_keys_orders_by_value_not_text(settings: Settings, rclient
         # past the last column, s returns to the natural order
         await pilot.press("s", "s", "s", "s")
         assert "▲" not in "".join(headers(app, "pending")) and column(app, "pending", 0) == [a, b, c]
+        # the keys are in the footer and the help says what they do
+        footer = [str(key.render()).strip() for key in app.screen.query("FooterKey")]
+        assert "s/S sort" in footer, footer
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        help_text = str(app.screen.query_one(Static).render())
+        assert "sort by the next column" in help_text and "reverse the order" in help_text
 
 
 async def test_replay_claim_and_rehydrate_actions(

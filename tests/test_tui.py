@@ -20,7 +20,8 @@ from tpx.ops.dlq import DeadLetterView
 from tpx.ops.inspect import ConsumerView, Instance, PendingEntry, Status
 from tpx.schema import migrate
 from tpx.tui.app import TopApp
-from tpx.tui.data import Collector, Snapshot
+from tpx.tui.poller import Poller, Snapshot
+from tpx.tui.screens import ConfirmScreen, HelpScreen
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,47 @@ def cells(app: TopApp, name: str) -> list[list[str]]:
     return [[str(c) for c in t.get_row_at(i)] for i in range(t.row_count)]
 
 
+def headers(app: TopApp, name: str) -> list[str]:
+    return [c.label.plain for c in table(app, name).ordered_columns]
+
+
+def selected(app: TopApp, name: str) -> str | None:
+    """The key of the row under the cursor."""
+    t = table(app, name)
+    return None if t.row_count == 0 else str(t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value)
+
+
+async def select_row(pilot: Any, app: TopApp, name: str, key: str) -> None:
+    """Move the cursor onto the row ``key`` with the arrow keys, as a user does."""
+    await pilot.press("ctrl+home")
+    for _ in range(table(app, name).row_count):
+        if selected(app, name) == key:
+            return
+        await pilot.press("down")
+    assert selected(app, name) == key, f"no row {key!r} in {name}"
+
+
+def notices(app: TopApp) -> str:
+    """The notifications on screen (Textual's toasts), as the user reads them."""
+    return "\n".join(str(toast.render()) for toast in app.screen.query("Toast"))
+
+
+def column(app: TopApp, name: str, index: int) -> list[str]:
+    return [row[index] for row in cells(app, name)]
+
+
+async def click_header(pilot: Any, t: DataTable[Any], key: str) -> None:
+    """Click the header of the column ``key`` the way a user does, with the mouse."""
+    x = 0
+    for col in t.ordered_columns:
+        if col.key.value == key:
+            await pilot.click(t, offset=(x + 1, 0))
+            await pilot.pause()
+            return
+        x += col.get_render_width(t)
+    raise AssertionError(f"no column {key!r}")
+
+
 def panel(app: TopApp) -> str:
     return str(app.query_one("#stream-panel", Static).render())
 
@@ -123,22 +165,91 @@ async def test_filter_and_sort(settings: Settings, live: Engine) -> None:
         await pilot.press("4", "slash")
         assert app.query_one("#filter", Input).has_focus
         await pilot.press(*DEVICES[3][-4:])
-        await pilot.pause()
-        print("FILTER", repr(app.query_one("#filter", Input).value), repr(app.filter_text), app.focused)
         await until(pilot, lambda: table(app, "devices").row_count == 1, what="filtered to one device")
         assert cells(app, "devices")[0][0] == DEVICES[3]
         await pilot.press("escape")
         await until(pilot, lambda: table(app, "devices").row_count == 6, what="filter cleared")
-        app.sort["devices"] = (0, True)
-        app._fill_tables()
-        assert [r[0] for r in cells(app, "devices")] == sorted(DEVICES, reverse=True)
+        # a click on a header sorts by that column; a second click reverses
+        devices = table(app, "devices")
+        await click_header(pilot, devices, "device")
+        assert headers(app, "devices")[0] == "device ▲" and column(app, "devices", 0) == sorted(DEVICES)
+        await click_header(pilot, devices, "device")
+        assert headers(app, "devices")[0] == "device ▼"
+        assert column(app, "devices", 0) == sorted(DEVICES, reverse=True)
+        # each device's last fix is newer than the one before it (see populate)
+        await click_header(pilot, devices, "last fix")
+        assert headers(app, "devices")[:2] == ["device", "last fix ▲"]
+        assert column(app, "devices", 0) == DEVICES
+
+
+def strand_pending(settings: Settings, client: redis.Redis, shape: list[tuple[int, int]]) -> list[str]:
+    """One entry per (idle ms, deliveries) pending under the dead consumer ``ghost``, in that order.
+
+    XCLAIM ... IDLE ms RETRYCOUNT n is how Redis itself sets an entry's idle time and delivery count."""
+    ids = [
+        i.decode()
+        for i in add_entries(client, settings.stream, [record(f"dev-{n}") for n in range(len(shape))])
+    ]
+    client.xgroup_create(settings.stream, settings.group, id="0")
+    client.xreadgroup(settings.group, "ghost", {settings.stream: ">"}, count=len(shape))
+    for entry_id, (idle_ms, deliveries) in zip(ids, shape, strict=True):
+        client.xclaim(
+            settings.stream,
+            settings.group,
+            "ghost",
+            0,
+            [entry_id],
+            idle=idle_ms,
+            retrycount=deliveries,
+            justid=True,
+        )
+    return ids
+
+
+async def test_sort_by_keys_orders_by_value_not_text(settings: Settings, rclient: redis.Redis) -> None:
+    migrate(settings.database_url, settings.db_schema)
+    # idle 10m, 4h05m, 5m and deliveries 10, 9, 2: as text "10m00s" < "4h05m" < "5m00s" and "10" < "2" < "9"
+    # (minutes, so that the text order stays wrong while the test runs and the idle times grow)
+    a, b, c = strand_pending(settings, rclient, [(600_000, 10), (14_700_000, 9), (300_000, 2)])
+    app = TopApp(settings, interval=0.3)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: table(app, "pending").row_count == 3, what="pending entries")
+        pending = table(app, "pending")
+        await pilot.press("2", "down")  # the cursor on b, the second oldest
+        assert pending.has_focus and selected(app, "pending") == b
+        await pilot.press("s", "s", "s")  # id, consumer, idle
+        assert headers(app, "pending")[2] == "idle ▲"
+        assert column(app, "pending", 0) == [c, a, b] and column(app, "pending", 2)[0].endswith("s")
+        assert selected(app, "pending") == b  # the cursor moved with its row
+        await pilot.press("S")
+        assert headers(app, "pending")[2] == "idle ▼" and column(app, "pending", 0) == [b, a, c]
+        await pilot.press("s")
+        assert headers(app, "pending")[3] == "deliveries ▲" and column(app, "pending", 3) == ["2", "9", "10"]
+        refreshes = app.refreshes
+        await until(pilot, lambda: app.refreshes >= refreshes + 2, what="two refreshes")
+        assert column(app, "pending", 0) == [c, b, a] and selected(app, "pending") == b
+        # equal values keep the natural order (oldest first), reversed too
+        await click_header(pilot, pending, "consumer")
+        assert headers(app, "pending")[1] == "consumer ▲" and column(app, "pending", 0) == [a, b, c]
+        await pilot.press("S")
+        assert headers(app, "pending")[1] == "consumer ▼" and column(app, "pending", 0) == [a, b, c]
+        # past the last column, s returns to the natural order
+        await pilot.press("s", "s", "s", "s")
+        assert "▲" not in "".join(headers(app, "pending")) and column(app, "pending", 0) == [a, b, c]
+        # the keys are in the footer and the help says what they do
+        footer = [str(key.render()).strip() for key in app.screen.query("FooterKey")]
+        assert "s/S sort" in footer, footer
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        help_text = str(app.screen.query_one(Static).render())
+        assert "sort by the next column" in help_text and "reverse the order" in help_text
 
 
 async def test_replay_claim_and_rehydrate_actions(
     settings: Settings, rclient: redis.Redis, live: Engine
 ) -> None:
     app = TopApp(settings, interval=0.3)
-    async with app.run_test(size=(120, 36)) as pilot:
+    async with app.run_test(size=(120, 36), notifications=True) as pilot:
         await until(
             pilot,
             lambda: table(app, "letters").row_count == 2 and table(app, "devices").row_count == 6,
@@ -154,8 +265,7 @@ async def test_replay_claim_and_rehydrate_actions(
 
         # claim the dead consumer
         await pilot.press("1")
-        ghost = [r[0] for r in cells(app, "instances")].index("ghost")
-        table(app, "instances").move_cursor(row=ghost)
+        await select_row(pilot, app, "instances", "ghost")
         await pilot.press("c")
         await pilot.pause()
         await pilot.press("y")
@@ -170,7 +280,8 @@ async def test_replay_claim_and_rehydrate_actions(
 
         # rehydrate the selected device
         await pilot.press("4")
-        device = cells(app, "devices")[0][0]
+        device = selected(app, "devices")
+        assert device is not None
         assert live.states.get(device) is not None
         await pilot.press("h")
         await pilot.pause()
@@ -179,10 +290,14 @@ async def test_replay_claim_and_rehydrate_actions(
 
         # an action that does not apply says so instead of doing anything
         await pilot.press("1")
-        table(app, "instances").move_cursor(row=0)
+        await select_row(pilot, app, "instances", "test-consumer")
         await pilot.press("c")
-        await pilot.pause()
-        assert not isinstance(app.screen, type(None)) and app.screen is app.screen_stack[0]
+        await until(
+            pilot,
+            lambda: "test-consumer is alive: its entries are in flight, nothing to claim" in notices(app),
+            what="the notice",
+        )
+        assert not isinstance(app.screen, ConfirmScreen) and len(app.screen_stack) == 1
 
 
 async def test_cancelled_action_changes_nothing(
@@ -243,10 +358,10 @@ async def test_banner_when_redis_is_unreachable(
 # --- snapshots -------------------------------------------------------------------------------------------
 
 
-class CannedCollector(Collector):
+class CannedPoller(Poller):
     """Fixed data, so the screen renders the same every time (the live tests above use real services)."""
 
-    def collect(self) -> Snapshot:
+    def poll(self) -> Snapshot:
         now = time.time()
         st = Status(
             stream="telemetry:t",
@@ -280,8 +395,6 @@ class CannedCollector(Collector):
             ConsumerView("tpx-a1", 2_000, 12, True, inst),
             ConsumerView("tpx-b7", 310, 98_000, False),
         ]
-        self.in_history.extend([3_800.0, 4_100.0, 3_950.0, 4_020.0, 3_990.0])
-        self.out_history.extend([3_700.0, 4_000.0, 3_930.0, 4_010.0, 3_930.0])
         letters = [
             DeadLetterView(
                 f"17958800{i:05d}-0",
@@ -322,13 +435,15 @@ class CannedCollector(Collector):
             in_per_s=3_990,
             out_per_s=3_930,
             dlq_per_min=3,
+            in_history=(3_800.0, 4_100.0, 3_950.0, 4_020.0, 3_990.0),
+            out_history=(3_700.0, 4_000.0, 3_930.0, 4_010.0, 3_930.0),
         )
 
 
 def canned_app(settings: Settings) -> TopApp:
     return TopApp(
         settings.model_copy(update={"stream": "telemetry:t"}),
-        collector=CannedCollector(settings),
+        poller=CannedPoller(settings),
         live=False,
         clock=False,
     )

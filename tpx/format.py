@@ -43,3 +43,20 @@ DEAD_WITH_PENDING = "DEAD, HAS PENDING"
 def consumer_state(alive: bool, pending: int) -> str:
     """A consumer's state spelled out, readable without colour."""
     return "alive" if alive else (DEAD_WITH_PENDING if pending else "dead")
+
+
+def short_us_time(us: int | None) -> str:
+    """Epoch microseconds as a short UTC time for narrow columns, ``12-01 09:30:00``; '-' when unknown."""
+    if not us:
+        return "-"
+    return dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC).strftime("%m-%d %H:%M:%S")
+
+
+def number(value: float | None, spec: str = ",") -> str:
+    """A number with a format spec (``","`` thousands, ``".5f"``, ``",.0f"``); '-' when unknown."""
+    return "-" if value is None else format(value, spec)
+
+
+def fix_state(valid: bool | None) -> str:
+    """A position's GPS validity spelled out, readable without colour; '-' when unknown."""
+    return "-" if valid is None else ("valid" if valid else "no fix")

@@ -23,3 +23,10 @@ def entry_ms(entry_id: bytes | str) -> int:
 def dlq_stream(stream: str) -> str:
     """The dead-letter stream of ``stream`` (CONTRACT.md §3: the input key followed by ``:dlq``)."""
     return f"{stream}:dlq"
+
+
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence): the order Redis keeps, to sort ids by."""
+    text = as_text(entry_id)
+    _, _, seq = text.partition("-")
+    return entry_ms(text), int(seq or 0)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import json
+from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
+
+from tpx.ops.dlq import DeadLetterView
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -56,6 +59,29 @@ class DetailScreen(ModalScreen[None]):
             yield Static(self.body, markup=False, id="detail-body")
 
 
+def letter_detail(letter: DeadLetterView) -> str:
+    """A dead letter's fields, then its original record pretty-printed (or as it came, if not JSON)."""
+    body = json.dumps(letter.to_dict(), indent=2)
+    original = letter.fields.get("record")
+    if original:
+        try:
+            body += "\n\nrecord:\n" + json.dumps(json.loads(original), indent=2)
+        except ValueError:
+            body += "\n\nrecord (not JSON):\n" + original
+    return body
+
+
+def device_detail(cached: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """A device's cached state, then its recent positions (``tpx.ops.control.newest_rows``)."""
+    lines = [json.dumps(cached, indent=2, default=str), "", "recent positions:"]
+    lines += [
+        f"  {r['ts']}  {r['latitude']:.5f}, {r['longitude']:.5f}  speed {r['speed']}  "
+        f"sats {r['satellites']}  valid {r['valid']}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 HELP = """\
 tpx top — the pipeline at a glance (refreshes every --interval seconds)
 
@@ -65,7 +91,8 @@ tpx top — the pipeline at a glance (refreshes every --interval seconds)
   r                 replay the selected dead letter       R   replay all dead letters
   c                 claim the selected dead consumer's entries
   h                 force-rehydrate the selected device
-  click a header    sort by that column
+  s                 sort by the next column               S   reverse the order
+  click a header    sort by that column (again: reverse)
   ?                 this help                             q   quit
 
 Every action asks for confirmation and reports its result. States are spelled

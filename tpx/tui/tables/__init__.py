@@ -1,0 +1,15 @@
+"""The dashboard's tabs, one table widget each, in tab order (keys 1-4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tpx.tui.tables.base import SnapshotTable
+from tpx.tui.tables.devices import DevicesTable
+from tpx.tui.tables.instances import InstancesTable
+from tpx.tui.tables.letters import LettersTable
+from tpx.tui.tables.pending import PendingTable
+
+TABLES: tuple[type[SnapshotTable[Any]], ...] = (InstancesTable, PendingTable, LettersTable, DevicesTable)
+
+__all__ = ["TABLES", "DevicesTable", "InstancesTable", "LettersTable", "PendingTable", "SnapshotTable"]

@@ -50,6 +50,16 @@ def raw_replies(client: redis.Redis) -> redis.Redis:
     return raw
 
 
+def read_entries(reply: Any) -> Entries:
+    """The entries of a raw XREADGROUP reply for one stream (none: ``[]``)."""
+    if not reply:
+        return []
+    # RESP3: {stream: entries}; RESP2: [[stream, entries]]
+    if isinstance(reply, dict):
+        return cast(Entries, next(iter(reply.values())))
+    return cast(Entries, reply[0][1])
+
+
 def fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
     """An entry's flat field list (name, value, ...) as a dict, for its dead letter."""
     pairs = iter(flat)

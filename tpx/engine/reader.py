@@ -44,7 +44,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.budget import BatchQueue, PageSize, cut, record_bytes
 from tpx.engine.deadletter import DeadLetter, Stage
-from tpx.engine.intake import Entries, delivery_counts, raw_replies, settle, take_in
+from tpx.engine.intake import Entries, delivery_counts, raw_replies, read_entries, settle, take_in
 from tpx.engine.metrics import Metrics
 from tpx.errors import first_line
 from tpx.records import SMALL_RECORD_BYTES
@@ -299,7 +299,7 @@ class Reader(threading.Thread):
             raise
         finally:
             self.raw.connection_pool.release(conn)
-        return self._entries(reply)
+        return read_entries(reply)
 
     def _read(self, cursor: bytes, block: int | None) -> Entries:
         reply = self.raw.xreadgroup(
@@ -309,16 +309,7 @@ class Reader(threading.Thread):
             count=self.pages.count,
             block=block,
         )
-        return self._entries(reply)
-
-    @staticmethod
-    def _entries(reply: Any) -> Entries:
-        if not reply:
-            return []
-        # RESP3: {stream: entries}; RESP2: [[stream, entries]]
-        if isinstance(reply, dict):
-            return cast(Entries, next(iter(reply.values())))
-        return cast(Entries, reply[0][1])
+        return read_entries(reply)
 
     def claim_sweep(self) -> int:
         """Take over entries idle longer than ``claim_idle_ms`` in any consumer; return how many."""

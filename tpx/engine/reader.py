@@ -3,8 +3,9 @@
 It owns every read from the input stream. On start it makes sure the consumer
 group exists (created at id 0 with MKSTREAM, so a new group reads the whole
 backlog), re-reads this consumer's own pending entries (id ``0``, page by
-page), then switches to new entries (``>``). Poison records are dead-lettered
-and acknowledged right here, so they never wait behind (or hold up) valid ones.
+page), then switches to new entries (``>``). Each page goes through
+:mod:`tpx.engine.intake`; poison records are dead-lettered and acknowledged right
+here, so they never wait behind (or hold up) valid ones.
 
 A batch goes on the queue when it holds ``batch_size`` records or when its
 oldest record has waited ``batch_max_latency_ms``; the XREADGROUP BLOCK time is

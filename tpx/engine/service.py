@@ -71,6 +71,9 @@ SHUTDOWN_TAIL_S = 1.0
 #: Seconds between the main thread's looks at the stop flag and the threads' health (a crash is
 #: also signalled at once through ``wake``).
 WATCH_INTERVAL_S = 1.0
+#: Seconds a stop sentinel may wait for room on the queue even once the drain budget is spent:
+#: a writer that takes a batch at that moment still gets its sentinel.
+SENTINEL_MIN_WAIT_S = 0.01
 #: Seconds /readyz may take to answer: a probe that waits longer has already given up
 #: (Kubernetes' default timeoutSeconds is 1), and a check that blocks says so instead.
 READY_TIMEOUT_S = 1.0
@@ -315,7 +318,7 @@ class Engine:
             self.reader.join(max(0.0, deadline - time.monotonic()))
         for _ in self.writers:
             try:
-                self.queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
+                self.queue.put(None, timeout=max(SENTINEL_MIN_WAIT_S, deadline - time.monotonic()))
             except queue.Full:
                 break
         for writer in self.writers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpx.records import DecodeError, Position, contract_fields, decode_entry, decode_flat
+from tpx.records import DecodeError, Position, contract_fields, decode_entry, decode_page
 
 NOW_US = 1_795_000_000_000_000  # 2026-11-18
 DAY_US = 86_400_000_000
@@ -441,8 +442,18 @@ FIELD_VALUES = st.sampled_from(
 )
 
 
+def decode_one_page(entry_id: bytes, flat: list[bytes], *, now_us: int, max_future_us: int) -> Position:
+    """The reader's path for one entry: a page of it through decode_page, its error raised."""
+    out: list[Position] = []
+    failures, vanished, _ = decode_page([(entry_id, flat)], out, now_us, max_future_us, sys.maxsize)
+    assert vanished == []
+    if failures:
+        raise DecodeError(failures[0][2])
+    return out[0]
+
+
 @given(st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES | st.binary(max_size=4)), max_size=6))
-def test_decode_flat_decodes_a_flat_list_as_decode_entry_does(pairs: list[tuple[bytes, bytes]]) -> None:
+def test_decode_page_decodes_a_flat_list_as_decode_entry_does(pairs: list[tuple[bytes, bytes]]) -> None:
     """The reader's path: any layout, repeats and junk give the same position or the same error."""
     flat = [item for pair in pairs for item in pair]
 
@@ -452,7 +463,7 @@ def test_decode_flat_decodes_a_flat_list_as_decode_entry_does(pairs: list[tuple[
         except DecodeError as exc:
             return str(exc)
 
-    assert outcome(decode_flat, flat) == outcome(decode_entry, dict(pairs))
+    assert outcome(decode_one_page, flat) == outcome(decode_entry, dict(pairs))
 
 
 @pytest.mark.parametrize(
@@ -466,7 +477,7 @@ def test_decode_flat_decodes_a_flat_list_as_decode_entry_does(pairs: list[tuple[
     ],
 )
 def test_the_flat_field_list_decodes_like_the_fields(names: list[bytes]) -> None:
-    """decode_flat (the reader's path) reads the list Redis sends; it agrees with decode_entry."""
+    """decode_page (the reader's path) reads the list Redis sends; it agrees with decode_entry."""
     values = {
         b"device_id": b"356307042441013",
         b"record": json.dumps(base(io={"16": {"__bigint__": "7"}})).encode(),
@@ -479,7 +490,7 @@ def test_the_flat_field_list_decodes_like_the_fields(names: list[bytes]) -> None
         flat[5] = json.dumps(base(lat=1.5)).encode()
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     expected = decode_entry(b"1-0", fields, now_us=NOW_US, max_future_us=DAY_US)
-    assert decode_flat(b"1-0", flat, now_us=NOW_US, max_future_us=DAY_US) == expected
+    assert decode_one_page(b"1-0", flat, now_us=NOW_US, max_future_us=DAY_US) == expected
 
 
 def test_a_position_begins_with_the_copied_columns_in_order() -> None:

@@ -512,23 +512,6 @@ def contract_fields(flat: Sequence[bytes]) -> tuple[bytes | None, bytes | None, 
 _GATEWAY_NAMES: Final = [F_DEVICE_ID, F_RECORD, b"codec", F_RECEIVED_AT]
 
 
-def decode_flat(
-    entry_id: bytes,
-    flat: list[bytes],
-    *,
-    now_us: int,
-    max_future_us: int,
-    max_record_bytes: int | None = None,
-) -> Position:
-    """:func:`decode_entry` for an entry's flat field list as Redis sends it (name, value, ...)."""
-    out: list[Position] = []
-    limit = sys.maxsize if max_record_bytes is None else max_record_bytes
-    failures, _, _ = decode_page([(entry_id, flat or [])], out, now_us, max_future_us, limit)
-    if failures:
-        raise DecodeError(failures[0][2])
-    return out[0]
-
-
 #: Records up to this many bytes are not measured one by one: :func:`decode_page` reports the
 #: largest record of a page only above it (below: 0). The common record (~300 B) pays one length
 #: comparison; memory budgets count a record as at least this many bytes.

@@ -1,47 +1,79 @@
 """Dead letters (CONTRACT.md §3): the original fields verbatim plus ``dlq_*``.
 
-The original entry is acknowledged only after its dead letter was added, so a
-crash in between may leave a dead letter twice but never loses one.
+The one home of the dead-letter vocabulary: the field names, the stages and what a replay
+can come to, read by the engine (which writes dead letters) and the ops commands (which read,
+replay and drain them). The original entry is acknowledged only after its dead letter was
+added, so a crash in between may leave a dead letter twice but never loses one.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final, Literal
 
 import redis
 
 from tpx.streams import dlq_stream
 
-DLQ_FIELDS = (
-    b"dlq_source_id",
-    b"dlq_stage",
-    b"dlq_error",
-    b"dlq_deliveries",
-    b"dlq_consumer",
-    b"dlq_at",
-)
-STAGE_DECODE = "decode"
-STAGE_WRITE = "write"
+#: Every field a dead letter adds to the original entry's starts with this (a replay drops them).
+FIELD_PREFIX: Final = "dlq_"
+#: The original entry's stream id.
+SOURCE_ID: Final = "dlq_source_id"
+#: Where it failed: a :class:`Stage`.
+STAGE: Final = "dlq_stage"
+#: A one-line reason naming the offending field or value.
+ERROR: Final = "dlq_error"
+#: How many times it was delivered before it was dead-lettered.
+DELIVERIES: Final = "dlq_deliveries"
+#: The consumer that dead-lettered it.
+CONSUMER: Final = "dlq_consumer"
+#: Epoch milliseconds when it was dead-lettered.
+AT: Final = "dlq_at"
+
+
+class Stage(enum.StrEnum):
+    """Where a record failed (``dlq_stage``, and the ``stage`` label of the metrics)."""
+
+    #: not a valid record by the contract
+    DECODE = "decode"
+    #: the database refused it
+    WRITE = "write"
+
+
+STAGE_DECODE: Final = Stage.DECODE
+STAGE_WRITE: Final = Stage.WRITE
+
+#: What a replay of one dead letter came to (``tpx dlq replay``): done, refused because it was
+#: replayed too often already, not found, or, under ``--dry-run``, what would happen.
+ReplayOutcome = Literal["replayed", "refused", "missing", "would-replay", "would-refuse"]
+
+_SOURCE_ID = SOURCE_ID.encode()
+_STAGE = STAGE.encode()
+_ERROR = ERROR.encode()
+_DELIVERIES = DELIVERIES.encode()
+_CONSUMER = CONSUMER.encode()
+_AT = AT.encode()
 
 
 @dataclass(slots=True)
 class DeadLetter:
     entry_id: bytes
     fields: Mapping[bytes, bytes]
-    stage: str
+    stage: Stage
     error: str
     deliveries: int = 1
 
     def to_fields(self, consumer: str, at_ms: int | None = None) -> dict[bytes, bytes | str]:
         out: dict[bytes, bytes | str] = dict(self.fields)
-        out[b"dlq_source_id"] = self.entry_id
-        out[b"dlq_stage"] = self.stage
-        out[b"dlq_error"] = " ".join(self.error.split())  # one line, always
-        out[b"dlq_deliveries"] = str(self.deliveries)
-        out[b"dlq_consumer"] = consumer
-        out[b"dlq_at"] = str(at_ms if at_ms is not None else int(time.time() * 1000))
+        out[_SOURCE_ID] = self.entry_id
+        out[_STAGE] = self.stage.value
+        out[_ERROR] = " ".join(self.error.split())  # one line, always
+        out[_DELIVERIES] = str(self.deliveries)
+        out[_CONSUMER] = consumer
+        out[_AT] = str(at_ms if at_ms is not None else int(time.time() * 1000))
         return out
 
 

@@ -33,6 +33,11 @@ from tpx.engine.state import DeviceStates
 
 log = logging.getLogger(__name__)
 
+#: Seconds the control thread waits for a message before it looks at the stop flag again.
+CONTROL_POLL_S = 0.5
+#: Seconds before the control thread subscribes again after losing the channel.
+RESUBSCRIBE_WAIT_S = 1.0
+
 
 class Heartbeat(threading.Thread):
     def __init__(
@@ -45,7 +50,7 @@ class Heartbeat(threading.Thread):
         interval: float = keys.HEARTBEAT_INTERVAL_S,
     ) -> None:
         super().__init__(name="tpx-heartbeat", daemon=True)
-        self.s = settings
+        self.settings = settings
         self.client = client
         self.metrics = metrics
         self.stop_event = stop
@@ -66,7 +71,7 @@ class Heartbeat(threading.Thread):
             rates = {"read_per_s": (read - read0) / elapsed, "written_per_s": (written - written0) / elapsed}
         self._last = (now, read, written)
         return {
-            "consumer": self.s.consumer,
+            "consumer": self.settings.consumer,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "version": __version__,
@@ -97,16 +102,15 @@ class Control(threading.Thread):
         self, settings: Settings, client: redis.Redis, states: DeviceStates, stop: threading.Event
     ) -> None:
         super().__init__(name="tpx-control", daemon=True)
-        self.s = settings
+        self.settings = settings
         self.client = client
         self.states = states
         self.stop_event = stop
         self.channel = keys.control_channel(settings.stream)
-        self.subscribed = threading.Event()
 
     def handle(self, request: ControlRequest) -> dict[str, Any]:
         """Do what a (well-formed) request asks; the answer to push to its ``reply_to``."""
-        answer: dict[str, Any] = {"consumer": self.s.consumer, "ok": True}
+        answer: dict[str, Any] = {"consumer": self.settings.consumer, "ok": True}
         match request.op:
             case "rehydrate":
                 dropped = self.states.drop(request.device)
@@ -132,16 +136,14 @@ class Control(threading.Thread):
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self.channel)
-                self.subscribed.set()
                 while not self.stop_event.is_set():
-                    message = pubsub.get_message(timeout=0.5)
+                    message = pubsub.get_message(timeout=CONTROL_POLL_S)
                     if message is None or message.get("type") != "message":
                         continue
                     self._answer(message["data"])
             except redis.RedisError as exc:
-                self.subscribed.clear()
                 log.warning("control channel lost (%s); resubscribing", exc)
-                self.stop_event.wait(1.0)
+                self.stop_event.wait(RESUBSCRIBE_WAIT_S)
             finally:
                 with contextlib.suppress(redis.RedisError):
                     pubsub.close()
@@ -150,7 +152,7 @@ class Control(threading.Thread):
         """Answer one control message. A malformed one is one warning and ignored: every
         instance receives it, so it must not stop any of them."""
         try:
-            request = controlproto.parse(data, self.s.stream)
+            request = controlproto.parse(data, self.settings.stream)
         except controlproto.BadRequestError as exc:
             log.warning("ignored a control message (%s): %s", exc, controlproto.excerpt(data))
             return

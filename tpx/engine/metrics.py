@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from tpx.engine.deadletter import Stage
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 _SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
@@ -38,7 +40,7 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        for stage in ("decode", "write"):  # present at 0 from the start, so rates and alerts work
+        for stage in Stage:  # present at 0 from the start, so rates and alerts work
             self.dead_lettered.labels(stage)
         self.vanished = Counter(
             "tpx_records_vanished",

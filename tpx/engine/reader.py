@@ -3,8 +3,9 @@
 It owns every read from the input stream. On start it makes sure the consumer
 group exists (created at id 0 with MKSTREAM, so a new group reads the whole
 backlog), re-reads this consumer's own pending entries (id ``0``, page by
-page), then switches to new entries (``>``). Poison records are dead-lettered
-and acknowledged right here, so they never wait behind (or hold up) valid ones.
+page), then switches to new entries (``>``). Each page goes through
+:mod:`tpx.engine.intake`; poison records are dead-lettered and acknowledged right
+here, so they never wait behind (or hold up) valid ones.
 
 A batch goes on the queue when it holds ``batch_size`` records or when its
 oldest record has waited ``batch_max_latency_ms``; the XREADGROUP BLOCK time is
@@ -43,10 +44,11 @@ import redis
 from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.budget import BatchQueue, PageSize, cut, record_bytes
-from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, add_dead_letters
+from tpx.engine.deadletter import DeadLetter, Stage
+from tpx.engine.intake import Entries, delivery_counts, raw_replies, read_entries, settle, take_in
 from tpx.engine.metrics import Metrics
 from tpx.errors import first_line
-from tpx.records import SMALL_RECORD_BYTES, decode_page
+from tpx.records import SMALL_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,12 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 #: Refused dead letters held for a retry (bounds memory; more stay pending for the claim sweep).
 PARKED_MAX = 10_000
-
-#: Entries as Redis sends them: (id, [name, value, ...]); fields None: deleted while pending.
-Entries = list[tuple[bytes, list[bytes] | None]]
-
-
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
-def _fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
-    pairs = iter(flat)
-    return dict(zip(pairs, pairs, strict=False))
+#: Seconds the reader waits for room on a full queue before it looks at the stop flag again.
+PUT_WAIT_S = 0.2
+#: XPENDING over a claimed page's id range also lists the entries the page left out (deleted,
+#: held in flight, claimed by another sweep meanwhile): room for them, so every claimed entry's
+#: count is read.
+CLAIM_PENDING_SLACK = 100
 
 
 #: redis-py strips these prefixes off a reply and names them with the exception class instead
@@ -122,19 +118,14 @@ class Reader(threading.Thread):
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         super().__init__(name="tpx-reader", daemon=True)
-        self.s = settings
+        self.settings = settings
         self.client = client
-        # Stream replies are read as Redis sent them, on a sibling client sharing the pool:
-        # redis-py's parsing builds a dict per entry; without it, reading a page costs 7.6k
-        # instead of 13.0k instructions per entry (callgrind), the fields read in place.
-        self.raw = redis.Redis(connection_pool=client.connection_pool)
-        for command in ("XREADGROUP", "XAUTOCLAIM"):
-            self.raw.set_response_callback(command, _as_sent)
+        #: stream replies read as Redis sent them (tpx.engine.intake.raw_replies)
+        self.raw = raw_replies(client)
         self.out = out
         self.metrics = metrics
         self.stop_event = stop
         self.clock_us = clock_us
-        self.max_future_us = settings.max_future_s * 1_000_000
         self.batch = Batch()
         #: each open position's bytes (tpx.engine.budget), or None while all are small
         self.sizes: list[int] | None = None
@@ -221,7 +212,7 @@ class Reader(threading.Thread):
     def _ensure_group(self) -> None:
         """Create the group if missing: at 0 before this instance read anything, else at its last id."""
         start = self.last_id or b"0"
-        if not ensure_group(self.client, self.s.stream, self.s.group, start):
+        if not ensure_group(self.client, self.settings.stream, self.settings.group, start):
             return
         where = (
             f"at {start.decode()}, the last entry this instance read"
@@ -229,7 +220,9 @@ class Reader(threading.Thread):
             else "at 0, reading the whole stream (this instance had read nothing yet)"
         )
         why = f" after {self.group_lost}" if self.group_lost else ""
-        log.warning("created consumer group %s on %s %s%s", self.s.group, self.s.stream, where, why)
+        log.warning(
+            "created consumer group %s on %s %s%s", self.settings.group, self.settings.stream, where, why
+        )
 
     def _step(self) -> None:
         if self.cursor != b">":
@@ -249,17 +242,17 @@ class Reader(threading.Thread):
             deliveries = self._deliveries(entries[0][0], entries[-1][0], len(entries) + len(self.inflight))
         elif time.monotonic() >= self.next_claim:
             self.claim_sweep()
-            self.next_claim = time.monotonic() + self.s.claim_interval_s
+            self.next_claim = time.monotonic() + self.settings.claim_interval_s
             return
         else:
             if self.batch.positions:
-                left_ms = self.s.batch_max_latency_ms - (time.monotonic() - self.batch.started) * 1000
+                left_ms = self.settings.batch_max_latency_ms - (time.monotonic() - self.batch.started) * 1000
                 block = max(1, int(left_ms))
             else:
                 block = IDLE_BLOCK_MS
             entries = self._read_ahead_reply() if self.ahead else self._read(b">", block=block)
             deliveries = None
-            if len(entries) == self.s.read_count and not self.stop_event.is_set():  # a backlog
+            if len(entries) == self.settings.read_count and not self.stop_event.is_set():  # a backlog
                 self._send_read_ahead()
         if entries:
             self.pages.seen(self._decode(entries, deliveries))
@@ -285,12 +278,12 @@ class Reader(threading.Thread):
             self.ahead.send_command(
                 "XREADGROUP",
                 "GROUP",
-                self.s.group,
-                self.s.consumer,
+                self.settings.group,
+                self.settings.consumer,
                 "COUNT",
                 self.pages.count,
                 "STREAMS",
-                self.s.stream,
+                self.settings.stream,
                 ">",
             )
         except BaseException:
@@ -307,38 +300,30 @@ class Reader(threading.Thread):
             raise
         finally:
             self.raw.connection_pool.release(conn)
-        return self._entries(reply)
+        return read_entries(reply)
 
     def _read(self, cursor: bytes, block: int | None) -> Entries:
         reply = self.raw.xreadgroup(
-            self.s.group,
-            self.s.consumer,
-            {self.s.stream: cursor},
+            self.settings.group,
+            self.settings.consumer,
+            {self.settings.stream: cursor},
             count=self.pages.count,
             block=block,
         )
-        return self._entries(reply)
-
-    @staticmethod
-    def _entries(reply: Any) -> Entries:
-        if not reply:
-            return []
-        # RESP3: {stream: entries}; RESP2: [[stream, entries]]
-        if isinstance(reply, dict):
-            return cast(Entries, next(iter(reply.values())))
-        return cast(Entries, reply[0][1])
+        return read_entries(reply)
 
     def claim_sweep(self) -> int:
         """Take over entries idle longer than ``claim_idle_ms`` in any consumer; return how many."""
         start: bytes = b"0-0"
         claimed = 0
-        pages = PageSize(self.s.page_bytes, self.s.read_count, self.s.max_record_bytes)  # cautious
+        s = self.settings
+        pages = PageSize(s.page_bytes, s.read_count, s.max_record_bytes)  # cautious
         while not self.stop_event.is_set():
             reply = self.raw.xautoclaim(
-                self.s.stream,
-                self.s.group,
-                self.s.consumer,
-                min_idle_time=self.s.claim_idle_ms,
+                s.stream,
+                s.group,
+                s.consumer,
+                min_idle_time=s.claim_idle_ms,
                 start_id=start,
                 count=pages.count,
             )
@@ -347,8 +332,7 @@ class Reader(threading.Thread):
             entries = cast(list[tuple[bytes, list[bytes] | None] | None], reply[1])
             deleted = cast(list[bytes], reply[2]) if len(reply) > 2 else []
             if deleted:
-                self.client.xack(self.s.stream, self.s.group, *deleted)
-                self.metrics.vanished.inc(len(deleted))
+                self._settle([], deleted)
             if any(e is None for e in entries):  # Redis 6.2 names no id for a deleted entry
                 self._ack_vanished_pending()
             largest = 0
@@ -359,7 +343,7 @@ class Reader(threading.Thread):
                 claimed += len(fresh)
                 self.metrics.claimed.inc(len(fresh))
                 deliveries = self._deliveries(
-                    fresh[0][0], fresh[-1][0], len(fresh) + len(self.inflight) + 100
+                    fresh[0][0], fresh[-1][0], len(fresh) + len(self.inflight) + CLAIM_PENDING_SLACK
                 )
                 largest = self._decode(fresh, deliveries)
                 self._flush(force=False)
@@ -368,7 +352,7 @@ class Reader(threading.Thread):
                 break
             start = next_id
         if claimed:
-            log.info("claimed %d entries idle for more than %d ms", claimed, self.s.claim_idle_ms)
+            log.info("claimed %d entries idle for more than %d ms", claimed, s.claim_idle_ms)
         return claimed
 
     def _ack_vanished_pending(self) -> None:
@@ -376,38 +360,37 @@ class Reader(threading.Thread):
         start: bytes | str = "-"
         while True:
             rows = self.client.xpending_range(
-                self.s.stream,
-                self.s.group,
+                self.settings.stream,
+                self.settings.group,
                 min=start,
                 max="+",
-                count=self.s.read_count,
-                consumername=self.s.consumer,
+                count=self.settings.read_count,
+                consumername=self.settings.consumer,
             )
             if not rows:
                 return
             ids = [cast(bytes, row["message_id"]) for row in rows]
             pipe = self.client.pipeline(transaction=False)
             for entry_id in ids:
-                pipe.xrange(self.s.stream, entry_id, entry_id, count=1)
+                pipe.xrange(self.settings.stream, entry_id, entry_id, count=1)
             gone = [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
             if gone:
-                self.client.xack(self.s.stream, self.s.group, *gone)
-                self.metrics.vanished.inc(len(gone))
-            if len(rows) < self.s.read_count:
+                self._settle([], gone)
+            if len(rows) < self.settings.read_count:
                 return
             start = "(" + ids[-1].decode()
 
     def _deliveries(self, first: bytes, last: bytes, count: int) -> dict[bytes, int]:
         """Delivery counts of redelivered entries (XPENDING over the page's id range)."""
         rows = self.client.xpending_range(
-            self.s.stream,
-            self.s.group,
+            self.settings.stream,
+            self.settings.group,
             min=first,
             max=last,
             count=count,
-            consumername=self.s.consumer,
+            consumername=self.settings.consumer,
         )
-        return {cast(bytes, row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return delivery_counts(rows)
 
     def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> int:
         """Decode a page into the open batch; returns its longest record's bytes (0: all small)."""
@@ -417,50 +400,35 @@ class Reader(threading.Thread):
         positions = batch.positions
         if not positions:
             batch.started = time.monotonic()
-        start = len(positions)
-        failures, vanished, largest = decode_page(
-            entries, positions, self.clock_us(), self.max_future_us, self.s.max_record_bytes
-        )
-        if largest or self.sizes is not None:  # some record is not small: count each one
+        intake = take_in(entries, self.settings, self.clock_us(), deliveries)
+        if intake.largest or self.sizes is not None:  # some record is not small: count each one
             if self.sizes is None:
-                self.sizes = [SMALL_RECORD_BYTES] * start
-            self.sizes += record_bytes(positions[start:])
-        if deliveries:  # a page re-read or claimed: keep the counts for write-stage dead letters
-            for p in positions[start:]:
-                batch.deliveries[p.entry_id] = deliveries.get(p.entry_id, 1)
-        poison = [
-            DeadLetter(
-                entry_id,
-                _fields_dict(fields),
-                STAGE_DECODE,
-                error,
-                deliveries.get(entry_id, 1) if deliveries else 1,
-            )
-            for entry_id, fields, error in failures
-        ]
-        self.metrics.read.inc(len(entries))
-        if poison:
-            self._dead_letter(poison)
-        if vanished:
-            self.client.xack(self.s.stream, self.s.group, *vanished)
-            self.metrics.vanished.inc(len(vanished))
-        return largest
+                self.sizes = [SMALL_RECORD_BYTES] * len(positions)
+            self.sizes += record_bytes(intake.positions)
+        positions += intake.positions
+        if intake.deliveries:  # a page re-read or claimed: keep the counts for write-stage dead letters
+            batch.deliveries.update(intake.deliveries)
+        self.metrics.read.inc(intake.entries)
+        if intake.dead_letters or intake.vanished:
+            self._settle(intake.dead_letters, intake.vanished)
+        return intake.largest
 
-    def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        """Dead-letter and acknowledge; letters Redis refuses stay pending and are held for a retry."""
-        refused, error = add_dead_letters(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
-        self.metrics.dead_lettered.labels(STAGE_DECODE).inc(len(letters) - len(refused))
-        refused_ids = {letter.entry_id for letter in refused}
-        for letter in letters:
-            if letter.entry_id not in refused_ids:
-                log.info("dead-lettered %s (decode): %s", letter.entry_id.decode(), letter.error)
-        if error is None:
+    def _settle(self, letters: list[DeadLetter], vanished: list[bytes]) -> None:
+        """Dead-letter and acknowledge, acknowledge the vanished; letters Redis refuses stay
+        pending and are held for a retry."""
+        settled = settle(self.client, self.settings, letters, vanished)
+        self.metrics.vanished.inc(settled.acknowledged)
+        self.metrics.dead_lettered.labels(Stage.DECODE).inc(len(settled.dead_lettered))
+        for letter in settled.dead_lettered:
+            log.info("dead-lettered %s (decode): %s", letter.entry_id.decode(), letter.error)
+        if settled.refusal is None:
             return
+        refused = settled.refused
         held = [letter for letter in refused if letter.entry_id not in self.parked]
         held = held[: max(0, PARKED_MAX - len(self.parked))]
         self.parked.update((letter.entry_id, letter) for letter in held)
         self.inflight.update(letter.entry_id for letter in held)  # no sweep of ours takes them again
-        self.parked_error = redis_reply(error)
+        self.parked_error = redis_reply(settled.refusal)
         if len(held) == len(self.parked):  # the first refusal: retry soon
             self.parked_backoff = BACKOFF_MIN_S
             self.parked_retry_at = time.monotonic() + self.parked_backoff
@@ -473,7 +441,11 @@ class Reader(threading.Thread):
     def _retry_parked(self) -> None:
         """Retry the held dead letters; first XCLAIM them (no other instance's sweep takes them)."""
         ids: list[Any] = list(self.parked)
-        owned = set(self.client.xclaim(self.s.stream, self.s.group, self.s.consumer, 0, ids, justid=True))
+        owned = set(
+            self.client.xclaim(
+                self.settings.stream, self.settings.group, self.settings.consumer, 0, ids, justid=True
+            )
+        )
         gone = [entry_id for entry_id in ids if entry_id not in owned]  # acknowledged or deleted meanwhile
         for entry_id in gone:
             del self.parked[entry_id]
@@ -481,7 +453,7 @@ class Reader(threading.Thread):
         letters, backoff = list(self.parked.values()), self.parked_backoff
         self.parked = {}
         self.inflight.difference_update(letter.entry_id for letter in letters)
-        self._dead_letter(letters)
+        self._settle(letters, [])
         if self.parked:  # refused again: wait longer (capped, like an outage)
             self.parked_backoff = min(backoff * 2, BACKOFF_MAX_S)
             self.parked_retry_at = time.monotonic() + self.parked_backoff
@@ -493,13 +465,13 @@ class Reader(threading.Thread):
         long enough."""
         batch = self.batch
         positions = batch.positions
-        aged = force or (time.monotonic() - batch.started) * 1000 >= self.s.batch_max_latency_ms
+        aged = force or (time.monotonic() - batch.started) * 1000 >= self.settings.batch_max_latency_ms
         while positions:
-            size, nbytes = cut(self.sizes, len(positions), self.s.batch_size, self.batch_bytes)
+            size, nbytes = cut(self.sizes, len(positions), self.settings.batch_size, self.batch_bytes)
             if (
                 not aged
                 and size == len(positions)
-                and size < self.s.batch_size
+                and size < self.settings.batch_size
                 and (nbytes + SMALL_RECORD_BYTES <= self.batch_bytes)
             ):
                 break  # not full yet, by count nor bytes
@@ -526,7 +498,7 @@ class Reader(threading.Thread):
         """Queue a batch, waiting while the queue is full by count or bytes (the back-pressure)."""
         while True:
             try:
-                self.out.put_batch(batch, timeout=0.2)
+                self.out.put_batch(batch, timeout=PUT_WAIT_S)
                 return True
             except queue.Full:
                 if self.stop_event.is_set():

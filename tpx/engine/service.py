@@ -51,6 +51,7 @@ from tpx.config import Settings
 from tpx.connections import pg_connect, pg_pool, redis_client, writer_timeouts
 from tpx.engine.budget import BatchQueue
 from tpx.engine.collector import StreamCollector
+from tpx.engine.commit import CREATE_STAGE_SQL
 from tpx.engine.heartbeat import Control, Heartbeat
 from tpx.engine.http import HealthServer
 from tpx.engine.metrics import Metrics
@@ -58,7 +59,7 @@ from tpx.engine.probe import BoundedCheck
 from tpx.engine.reader import Reader, ensure_group
 from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
-from tpx.engine.writer import CREATE_STAGE_SQL, Writer
+from tpx.engine.writer import Writer
 from tpx.errors import first_line
 from tpx.schema import current_version, latest_version, migrate_for
 
@@ -67,6 +68,12 @@ log = logging.getLogger(__name__)
 #: Seconds a stop may take after the drain budget (TPX_DRAIN_TIMEOUT_S): every join and close
 #: after the drain shares this one deadline, so 8 s of drain stops within 9 s, inside Docker's 10.
 SHUTDOWN_TAIL_S = 1.0
+#: Seconds between the main thread's looks at the stop flag and the threads' health (a crash is
+#: also signalled at once through ``wake``).
+WATCH_INTERVAL_S = 1.0
+#: Seconds a stop sentinel may wait for room on the queue even once the drain budget is spent:
+#: a writer that takes a batch at that moment still gets its sentinel.
+SENTINEL_MIN_WAIT_S = 0.01
 #: Seconds /readyz may take to answer: a probe that waits longer has already given up
 #: (Kubernetes' default timeoutSeconds is 1), and a check that blocks says so instead.
 READY_TIMEOUT_S = 1.0
@@ -87,7 +94,7 @@ class StartupError(Exception):
 
 class Engine:
     def __init__(self, settings: Settings, stages: Sequence[PostCommitStage] = ()) -> None:
-        self.s = settings
+        self.settings = settings
         self.stages = list(stages)
         self.metrics = Metrics()
         self.states = DeviceStates(settings.device_cache_size)
@@ -131,7 +138,7 @@ class Engine:
     # --- start ---
 
     def _connect_redis(self) -> redis.Redis:
-        s = self.s
+        s = self.settings
         client = redis_client(s)
         try:
             client.ping()
@@ -150,14 +157,14 @@ class Engine:
     def _check_postgres(self) -> None:
         """Connect once, so that "no such database / role" is told apart from "not answering"."""
         try:
-            pg_connect(self.s.database_url, "tpx-check").close()
+            pg_connect(self.settings.database_url, "tpx-check").close()
         except psycopg.OperationalError as exc:
-            code, message = exitcodes.postgres_connect_failure(exc, self.s.database_url)
+            code, message = exitcodes.postgres_connect_failure(exc, self.settings.database_url)
             raise StartupError(message, code) from None
 
     def _prepare_schema(self) -> None:
         """Migrate (or, with --no-migrate, check the schema is current)."""
-        s = self.s
+        s = self.settings
         try:
             if not s.migrate_on_start:
                 with pg_connect(s.database_url, "tpx-check") as conn:
@@ -174,7 +181,7 @@ class Engine:
         self.storage = report.storage
 
     def start(self) -> None:
-        s = self.s
+        s = self.settings
         self.client = self._connect_redis()
         self._check_postgres()
         self._prepare_schema()
@@ -236,9 +243,9 @@ class Engine:
             "e2e_p50_s": (q := self.metrics.e2e_quantiles()) and q[0],
             "e2e_p95_s": q and q[1],
             "queue_depth": self.queue.qsize(),
-            "queue_capacity": self.s.queue_batches,
+            "queue_capacity": self.settings.queue_batches,
             "cache_size": len(self.states),
-            "writers": self.s.writers,
+            "writers": self.settings.writers,
             "writers_failing": [w.name for w in self.writers if w.failing_since is not None],
             "http": self.http.address if self.http is not None else None,
             "storage": self.storage,
@@ -282,7 +289,7 @@ class Engine:
     def _check_schema(self) -> str | None:
         assert self.pool is not None  # noqa: S101
         with self.pool.connection(timeout=READY_TIMEOUT_S) as conn:
-            version = current_version(conn, self.s.db_schema)
+            version = current_version(conn, self.settings.db_schema)
         if version is None or version < latest_version():
             return f"schema at version {version}, need {latest_version()}"
         return None
@@ -297,21 +304,21 @@ class Engine:
     def run(self) -> int:
         """Block until a stop is requested or a thread dies; then shut down. Returns an exit code."""
         while not self._stopping:
-            self.wake.wait(1.0)
+            self.wake.wait(WATCH_INTERVAL_S)
             if self.crash is not None or not self.alive()[0]:
                 return self._panic()
         return self.shutdown()
 
     def shutdown(self) -> int:
         self._stopping = True
-        deadline = time.monotonic() + self.s.drain_timeout_s
-        log.info("stopping: draining queued batches (up to %.1fs)", self.s.drain_timeout_s)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        log.info("stopping: draining queued batches (up to %.1fs)", self.settings.drain_timeout_s)
         self.stop_reading.set()
         if self.reader is not None:
             self.reader.join(max(0.0, deadline - time.monotonic()))
         for _ in self.writers:
             try:
-                self.queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
+                self.queue.put(None, timeout=max(SENTINEL_MIN_WAIT_S, deadline - time.monotonic()))
             except queue.Full:
                 break
         for writer in self.writers:
@@ -402,7 +409,7 @@ class Engine:
             "crashed_thread": thread,
             "error": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exception(exc),
-            "config": self.s.masked(),
+            "config": self.settings.masked(),
             "threads": threads,
             "e2e_p50_s": (q := self.metrics.e2e_quantiles()) and q[0],
             "e2e_p95_s": q and q[1],
@@ -412,9 +419,9 @@ class Engine:
         }
 
     def write_panic_dump(self, thread: str, exc: BaseException) -> Path:
-        directory = Path(self.s.panic_dir)
+        directory = Path(self.settings.panic_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"tpx-panic-{self.s.consumer}-{int(time.time())}-{os.getpid()}.json"
+        path = directory / f"tpx-panic-{self.settings.consumer}-{int(time.time())}-{os.getpid()}.json"
         path.write_text(json.dumps(self.panic_state(thread, exc), indent=2, default=str))
         return path
 

@@ -1,163 +1,47 @@
-"""Writer threads: COPY a batch into positions, COMMIT, then XACK.
+"""Writer threads: the loop around :meth:`tpx.engine.commit.Committer.commit`.
 
-Each writer takes batches from the queue (``get(timeout=...)``, so it notices a
-stop within one timeout), and for each batch:
-
-1. drops records that repeat an earlier (device_id, ts) of the same batch
-   (first write wins; they count as duplicates);
-2. on one pooled connection, in one transaction: seeds the state of devices
-   this process has not seen yet (one query for all of them), then binary-COPYs
-   the rows straight into ``positions`` in a savepoint. Only when that meets a
-   key already stored is the attempt undone and the rows go the idempotent
-   way: binary COPY into a per-connection temporary table, ``INSERT .. SELECT
-   .. ON CONFLICT (device_id, ts) DO NOTHING RETURNING`` the keys inserted; when
-   the row count says some were skipped, the staged keys not returned are the
-   duplicates (no system column is read: a compressed TimescaleDB chunk refuses
-   them) — the common batch moves no keys back to Python at all;
-3. commits, and only then acknowledges exactly the entries of the batch;
-4. updates per-device state and calls the post-commit stages.
-
-Failures are told apart by SQLSTATE (``tpx.engine.sqlstate``). The database's
-failures (connection lost, server shutting down, deadlock, lock or statement
-timeout) are retried with capped exponential back-off and jitter, forever,
-never acknowledged; so is a query the server cannot run (schema changed,
-privilege missing), which also logs an ERROR, counts in
-``tpx_write_query_errors_total`` and makes the instance not ready. The row's
-failures (the database refuses a value) split the batch in halves until the
-bad rows are isolated; the rest is written, and a bad row is dead-lettered with
-stage ``write`` once the stream has delivered it ``max_deliveries`` times
-(until then it stays pending and is redelivered by the claimer). Redis refusing
-a dead letter or an XACK (out of memory, read-only replica, a key of the wrong
-type) is retried a few times, then the entries are left pending: nothing is
-acknowledged without its dead letter, and the next batches keep flowing.
+Each writer takes batches from the queue (``get(timeout=GET_WAIT_S)``, so it
+notices a stop within one timeout), commits each one with its own
+:class:`~tpx.engine.commit.Committer` (dedupe, COPY or ON CONFLICT, COMMIT,
+XACK, write-stage dead letters: the write rules live there), then calls the
+post-commit stages with what was written. It keeps the in-flight bookkeeping
+the reader's claim sweep and the panic dump read, and says in :meth:`Writer.health`
+why it holds the pipeline up (writes failing, a batch in flight too long, Redis
+refusing dead letters or acknowledgements).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from operator import itemgetter
-from typing import Any, cast
+from collections.abc import Sequence
 
-import psycopg
 import redis
-from psycopg import sql
-from psycopg.types.string import BytesBinaryDumper
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from tpx.config import Settings
 from tpx.engine.batch import Batch
-from tpx.engine.deadletter import STAGE_WRITE, DeadLetter, dead_letter
+from tpx.engine.commit import (
+    COPY_SQL,
+    CREATE_STAGE_SQL,
+    INSERT_SQL,
+    STAGE_COPY_SQL,
+    Committer,
+    copy_rows,
+)
 from tpx.engine.metrics import Metrics
-from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.engine.stages import Committed, PostCommitStage
-from tpx.engine.state import SEED_SQL, DeviceStates
-from tpx.errors import first_line
-from tpx.failpoints import failpoint
-from tpx.records import COPIED, COPY_COLUMNS, Position
-from tpx.streams import entry_ms
+from tpx.engine.state import DeviceStates
+
+# the statements' home is tpx.engine.commit; named here too for the code that imports them from here
+__all__ = ["COPY_SQL", "CREATE_STAGE_SQL", "INSERT_SQL", "STAGE_COPY_SQL", "Writer", "copy_rows"]
 
 log = logging.getLogger(__name__)
 
-STAGE_TABLE = "tpx_stage"
-#: Back-off bounds (s) for retried writes and acknowledgements.
-RETRY_MIN_S = 0.1
-RETRY_MAX_S = 5.0
-ACK_ATTEMPTS = 5
-#: Tries to add a batch's write-stage dead letters before its refused entries are left pending
-#: (redelivered by the claim sweep, then tried again): enough to ride out a blip, few enough that
-#: the writer goes on with the next batches while Redis keeps refusing.
-DEAD_LETTER_ATTEMPTS = 3
-
-#: COPY straight into ``positions``, tried first (in a savepoint): it fails on a key already
-#: stored. Two details, each measured with callgrind on PostgreSQL 15 (README.md, "Speed"):
-#:
-#: * the rows are in the columns' binary form (``Position[:COPIED]``) and ``ingested_at`` takes
-#:   its default, ``now()``: no staging table and no ``INSERT .. SELECT`` per batch, 17 % fewer
-#:   instructions per row than copying into a staging table and moving the rows from there;
-#: * ``WHERE random() >= 0`` is always true, and volatile: that makes COPY insert row by row
-#:   through one tuple slot. Its multi-insert path creates a slot per buffered row (up to 1,000),
-#:   whose resource-owner bookkeeping grows with their number and costs more than it saves.
-#:   On a hypertable TimescaleDB runs its own COPY, which honours the WHERE and avoids that cost
-#:   by itself (its buffers use a tuple descriptor without reference counting).
-#:
-#: The rows go in batch order, not key order: two transactions that meet the same keys in opposite
-#: orders (duplicates resent out of order, at the same moment) deadlock, PostgreSQL aborts one after
-#: ``deadlock_timeout``, and that writer retries its batch like any transient failure. Sorting in
-#: Python would cost the client more than that rare wait (it made no difference to PostgreSQL).
-COPY_SQL = sql.SQL("COPY positions ({}) FROM STDIN (FORMAT BINARY) WHERE random() >= 0").format(
-    sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS)
-)
-COPY_TYPES = [copy_type for _, copy_type, _ in COPY_COLUMNS]
-#: The per-connection staging table for the idempotent form (a batch that met a stored key),
-#: created when a pooled connection opens; the same rows are copied into it. ``device_id``
-#: takes the collation of ``positions.device_id`` (``"C"`` since migration 002), so the sort
-#: and the duplicate lookup compare like the primary key does (mixing two collations would be
-#: an error in the join, or keep the index out of it); ``staged_at`` is never copied, and its
-#: volatile default makes this COPY go through one tuple slot too.
-CREATE_STAGE_SQL = sql.SQL(
-    """
-DO $stage$
-BEGIN
-    EXECUTE format(
-        'CREATE TEMP TABLE IF NOT EXISTS {} ({}, staged_at timestamptz DEFAULT clock_timestamp())'
-        ' ON COMMIT DELETE ROWS',
-        coalesce(
-            (SELECT attcollation::regcollation::text FROM pg_attribute
-              WHERE attrelid = to_regclass('positions') AND attname = 'device_id'),
-            '"default"'));
-END
-$stage$
-"""
-).format(
-    sql.Identifier(STAGE_TABLE),
-    sql.SQL(", ").join(
-        sql.SQL(f"{name} {column_type}" + (" COLLATE %s" if name == "device_id" else ""))
-        for name, _, column_type in COPY_COLUMNS
-    ),
-)
-STAGE_COPY_SQL = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-    sql.Identifier(STAGE_TABLE),
-    sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
-)
-#: Staging table -> positions, in key order (two writers meeting the same keys lock them in the
-#: same order); a key already stored is skipped. RETURNING the keys inserted tells the
-#: duplicates apart (the staged keys not returned) without reading ``positions`` again: a query
-#: of a system column (``xmin``) fails on a compressed TimescaleDB chunk (``transparent
-#: decompression only supports tableoid system column``). Only this fallback pays for it.
-INSERT_SQL = sql.SQL(
-    """
-INSERT INTO positions ({columns}, ingested_at)
-SELECT {columns}, now()
-FROM {stage}
-ORDER BY device_id, ts
-ON CONFLICT (device_id, ts) DO NOTHING
-RETURNING device_id, (extract(epoch FROM ts) * 1000000)::int8
-"""
-).format(
-    columns=sql.SQL(", ").join(sql.Identifier(name) for name, _, _ in COPY_COLUMNS),
-    stage=sql.Identifier(STAGE_TABLE),
-)
-#: After a plain COPY met a stored key, a writer uses the staging table and ON CONFLICT for this
-#: long (s): duplicates come in runs (a redelivery after a crash, a gateway resending), and a
-#: failed attempt is wasted work.
-PLAIN_COPY_PAUSE_S = 30.0
-
-
-class AbortedError(Exception):
-    """The engine gave up waiting (shutdown deadline passed): leave entries pending."""
-
-
-class RefusedError(Exception):
-    """The database refused the rows themselves (the row's fault): retrying cannot help."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+#: Seconds a writer waits for a batch before it looks at the abort flag again.
+GET_WAIT_S = 0.5
 
 
 class Writer(threading.Thread):
@@ -175,34 +59,27 @@ class Writer(threading.Thread):
         inflight: set[bytes],
     ) -> None:
         super().__init__(name=f"tpx-writer-{index}", daemon=True)
-        self.s = settings
-        self.pool = pool
-        self.client = client
+        self.settings = settings
+        self.committer = Committer(settings, pool, client, metrics, states)
         self.source = source
-        self.states = states
         self.metrics = metrics
         self.stages = stages
         self.abort = abort
-        #: monotonic time since which writes keep failing (None: healthy)
-        self.failing_since: float | None = None
-        self.last_error = ""
-        #: whether the failure is a query the server cannot run (SQLSTATE class 42, 0A)
-        self.query_failing = False
         #: (monotonic start, records) of the batch being written, None between batches
         self.batch_since: tuple[float, int] | None = None
-        #: (monotonic time since, reason) while Redis refuses dead letters / acknowledgements
-        self.dlq_problem: tuple[float, str] | None = None
-        self.ack_problem: tuple[float, str] | None = None
         self.in_flight: list[bytes] = []
         #: entry ids read but not finished, shared with the reader (its claim sweep skips them)
         self.inflight_ids = inflight
-        #: monotonic time until which batches go straight to INSERT .. ON CONFLICT
-        self.plain_paused_until = 0.0
+
+    @property
+    def failing_since(self) -> float | None:
+        """Monotonic time since which writes keep failing (None: healthy)."""
+        return self.committer.health.failing_since
 
     def run(self) -> None:
         while True:
             try:
-                batch = self.source.get(timeout=0.5)
+                batch = self.source.get(timeout=GET_WAIT_S)
             except queue.Empty:
                 if self.abort.is_set():
                     break
@@ -213,15 +90,18 @@ class Writer(threading.Thread):
             self.in_flight = ids
             self.batch_since = (time.monotonic(), len(batch))
             try:
-                self.handle(batch)
-            except AbortedError:
-                log.warning("gave up on a batch of %d at shutdown; its entries stay pending", len(batch))
+                outcome = self.committer.commit(batch, self.abort)
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 log.warning(
                     "redis failed while finishing a batch (%s); its unacknowledged entries "
                     "stay pending for redelivery",
                     exc,
                 )
+            else:
+                if outcome.aborted:
+                    log.warning("gave up on a batch of %d at shutdown; its entries stay pending", len(batch))
+                elif self.stages and (outcome.inserted or outcome.duplicates):
+                    self._run_stages(Committed(outcome.inserted, outcome.duplicates))
             # an unexpected exception skips this on purpose: the panic dump shows what was in flight
             self.inflight_ids.difference_update(ids)
             self.in_flight = []
@@ -232,86 +112,21 @@ class Writer(threading.Thread):
     def health(self) -> str | None:
         """Why this writer holds the pipeline up, in one line; None when it does not."""
         now = time.monotonic()
-        if self.failing_since is not None:
-            what = "cannot run its query" if self.query_failing else "failing"
-            return f"{self.name} {what} for {now - self.failing_since:.0f}s: {self.last_error}"
+        health = self.committer.health
+        if health.failing_since is not None:
+            what = "cannot run its query" if health.query_failing else "failing"
+            return f"{self.name} {what} for {now - health.failing_since:.0f}s: {health.last_error}"
         batch = self.batch_since
-        if batch is not None and now - batch[0] > self.s.writer_stall_s:
+        stall_s = self.settings.writer_stall_s
+        if batch is not None and now - batch[0] > stall_s:
             return (
                 f"{self.name} has had a batch of {batch[1]} records in flight for {now - batch[0]:.0f}s "
-                f"(over TPX_WRITER_STALL_S={self.s.writer_stall_s:g}): waiting on PostgreSQL"
+                f"(over TPX_WRITER_STALL_S={stall_s:g}): waiting on PostgreSQL"
             )
-        for problem in (self.dlq_problem, self.ack_problem):
+        for problem in (health.dlq_problem, health.ack_problem):
             if problem is not None:
                 return f"{self.name} {problem[1]} for {now - problem[0]:.0f}s"
         return None
-
-    # --- one batch ---
-
-    def handle(self, batch: Batch) -> None:
-        started = time.monotonic()
-        positions, repeats = _first_of_each_key(batch.positions)
-        written, already, refused = self._write_isolating(positions)
-
-        if refused:
-            refused_keys = {(p.device_id, p.ts_us) for p, _ in refused}
-            repeats = [p for p in repeats if (p.device_id, p.ts_us) not in refused_keys]
-            self._ack([p.entry_id for p in written] + [p.entry_id for p in repeats])
-            self._refused(refused, batch)
-        else:  # every entry of the batch is written or a repeat
-            self._ack(batch.entry_ids())
-
-        if already:  # rare: (device_id, ts) stored before this batch
-            new = [p for p in written if (p.device_id, p.ts_us) not in already]
-            dups = [p for p in written if (p.device_id, p.ts_us) in already] + repeats
-        else:
-            new, dups = written, repeats
-        self.states.apply(new, dups)
-        self._account(batch, new, dups, started)
-        if self.stages and (new or dups):
-            self._run_stages(Committed(new, dups))
-
-    def _write_isolating(
-        self, positions: list[Position]
-    ) -> tuple[list[Position], set[tuple[str, int]], list[tuple[Position, str]]]:
-        """Commit ``positions``; on a data failure split in halves until the bad rows are alone.
-
-        Returns the positions committed (inserted or already stored), the keys that
-        were already stored (not inserted now), and the refused positions with the
-        database's reason.
-        """
-        written: list[Position] = []
-        already: set[tuple[str, int]] = set()
-        refused: list[tuple[Position, str]] = []
-        parts = [positions]
-        try:
-            while parts:
-                part = parts.pop()
-                try:
-                    already |= self._commit_retrying(part)
-                    written.extend(part)
-                except RefusedError as exc:
-                    if len(part) == 1:
-                        refused.append((part[0], exc.reason))
-                    else:
-                        mid = len(part) // 2
-                        parts += [part[mid:], part[:mid]]
-        except AbortedError:
-            self._ack([p.entry_id for p in written])  # what did commit is acknowledged
-            raise
-        return written, already, refused
-
-    def _account(self, batch: Batch, new: list[Position], dups: list[Position], started: float) -> None:
-        m = self.metrics
-        m.written.inc(len(new))
-        m.duplicates.inc(len(dups))
-        m.batch_size.observe(len(batch))
-        m.batch_seconds.observe(time.monotonic() - started)
-        now_ms = time.time() * 1000
-        for p in (batch.positions[0], batch.positions[-1]):  # a sample: oldest and newest
-            latency = max(0.0, (now_ms - entry_ms(p.entry_id)) / 1000)
-            m.e2e_seconds.observe(latency)
-            m.e2e_recent.append(latency)
 
     def _run_stages(self, committed: Committed) -> None:
         for stage in self.stages:
@@ -320,209 +135,3 @@ class Writer(threading.Thread):
             except Exception:  # a domain stage must never break the core path
                 log.exception("post-commit stage %s failed", stage.name)
                 self.metrics.stage_errors.labels(stage.name).inc()
-
-    def _commit_retrying(self, part: list[Position]) -> set[tuple[str, int]]:
-        attempt = 0
-        while True:
-            try:
-                keys = self._commit(part)
-            except (psycopg.Error, PoolTimeout) as exc:
-                fault = classify(exc)
-                if fault is Fault.ROW:
-                    self.failing_since = None  # the database answers: it refused these rows
-                    raise RefusedError(describe(exc)) from None
-                attempt += 1
-                delay = min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
-                self._failed(len(part), exc, fault, attempt, delay)
-                if self.abort.wait(delay):
-                    raise AbortedError from None
-                continue
-            self.failing_since = None
-            self.query_failing = False
-            return keys
-
-    def _failed(self, records: int, exc: psycopg.Error, fault: Fault, attempt: int, delay: float) -> None:
-        """Record a retried failure: readiness, metrics and one log line."""
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
-        self.last_error = describe(exc)
-        self.query_failing = fault is Fault.QUERY
-        self.metrics.retries.inc()
-        if fault is Fault.QUERY:  # retrying helps only once someone fixes the schema or privileges
-            self.metrics.query_errors.inc()
-            log.error(
-                "PostgreSQL cannot run the write of %d records (%s): check positions' schema and "
-                "tpx's privileges; retry %d in %.2fs",
-                records,
-                self.last_error,
-                attempt,
-                delay,
-            )
-        else:
-            log.warning(
-                "write of %d records failed (%s); retry %d in %.2fs", records, self.last_error, attempt, delay
-            )
-
-    def _commit(self, part: list[Position]) -> set[tuple[str, int]]:
-        failpoint("writer.commit")
-        states = self.states
-        cold = states.cold(map(_DEVICE_ID, part))
-        with self.pool.connection() as conn:
-            with conn.cursor() as cur:
-                seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
-                already: set[tuple[str, int]] = set()
-                if not self._copy_plain(conn, cur, part):
-                    copy_rows(cur, STAGE_COPY_SQL, part)
-                    cur.execute(INSERT_SQL)
-                    if cur.rowcount != len(part):  # the keys not returned were stored before
-                        already = set(map(_KEY, part)).difference(cur.fetchall())
-            conn.commit()
-        if cold:
-            states.seed(cold, seeds)
-        return already
-
-    def _copy_plain(
-        self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], part: list[Position]
-    ) -> bool:
-        """COPY the rows straight into ``positions``; False when a key was already stored.
-
-        The attempt runs in a savepoint, so a stored key undoes only the attempt; the caller then
-        copies the rows into the staging table and moves them with ON CONFLICT at the top level
-        (INSERT_SQL returns the keys it inserted).
-        """
-        if time.monotonic() < self.plain_paused_until:
-            return False
-        try:
-            with conn.transaction():
-                copy_rows(cur, COPY_SQL, part)
-        except psycopg.errors.UniqueViolation:
-            self.plain_paused_until = time.monotonic() + PLAIN_COPY_PAUSE_S
-            self.metrics.insert_fallbacks.inc()
-            return False
-        return True
-
-    # --- acknowledgements and write-stage dead letters ---
-
-    def _ack(self, ids: list[bytes]) -> None:
-        if not ids:
-            return
-        for attempt in range(1, ACK_ATTEMPTS + 1):
-            try:
-                self.client.xack(self.s.stream, self.s.group, *ids)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                # a ResponseError too: READONLY after a failover, the stream replaced by another type
-                self.ack_problem = _problem(self.ack_problem, f"XACK refused by redis: {first_line(exc)}")
-                log.warning("XACK of %d entries failed (%s), attempt %d", len(ids), first_line(exc), attempt)
-                if self.abort.wait(min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
-                    break
-                continue
-            self.ack_problem = None
-            return
-        self.metrics.ack_failures.inc()
-        log.error(
-            "left %d committed entries pending (their rows are stored; redelivery is harmless)",
-            len(ids),
-        )
-
-    def _refused(self, refused: list[tuple[Position, str]], batch: Batch) -> None:
-        letters: list[tuple[Position, str, int]] = []
-        for position, error in refused:
-            deliveries = batch.deliveries.get(position.entry_id, 1)
-            if deliveries < self.s.max_deliveries:
-                log.warning(
-                    "database refused %s (delivery %d of %d): %s; left pending for redelivery",
-                    position.entry_id.decode(),
-                    deliveries,
-                    self.s.max_deliveries,
-                    error,
-                )
-                continue
-            letters.append((position, error, deliveries))
-        if letters and self._dead_letter(letters):
-            self.metrics.dead_lettered.labels(STAGE_WRITE).inc(len(letters))
-            for position, error, _ in letters:
-                log.info("dead-lettered %s (write): %s", position.entry_id.decode(), error)
-
-    def _dead_letter(self, refused: list[tuple[Position, str, int]]) -> bool:
-        """Add the refused records' dead letters, then acknowledge them; False: left pending.
-
-        Redis may refuse the XADD (``OOM command not allowed when used memory > 'maxmemory'``,
-        ``WRONGTYPE`` when the ``:dlq`` key holds another type): a few tries with back-off, then
-        the entries stay pending, never acknowledged without their dead letter, and come back
-        through the claim sweep while this writer goes on with the next batches.
-        """
-        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
-            try:
-                letters = [
-                    DeadLetter(p.entry_id, self._original_fields(p), STAGE_WRITE, error, deliveries)
-                    for p, error, deliveries in refused
-                ]
-                dead_letter(self.client, self.s.stream, self.s.group, self.s.consumer, letters)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                reason = f"dead letters refused by redis: {first_line(exc)}"
-                self.dlq_problem = _problem(self.dlq_problem, reason)
-                log.warning(
-                    "dead-lettering %d refused records failed (%s), attempt %d of %d",
-                    len(refused),
-                    first_line(exc),
-                    attempt,
-                    DEAD_LETTER_ATTEMPTS,
-                )
-                if self.abort.wait(min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
-                    break
-                continue
-            self.dlq_problem = None
-            return True
-        log.warning(
-            "left %d refused records pending without their dead letters; they are tried again on redelivery",
-            len(refused),
-        )
-        return False
-
-    def _original_fields(self, position: Position) -> dict[bytes, bytes]:
-        """The stream entry's fields as they were (a dead letter carries them verbatim)."""
-        found = self.client.xrange(self.s.stream, position.entry_id, position.entry_id, count=1)
-        if found:
-            return cast(dict[bytes, bytes], found[0][1])
-        return {b"device_id": position.device_id.encode()}
-
-
-def copy_rows(cur: psycopg.Cursor[Any], statement: sql.Composed, positions: Iterable[Position]) -> None:
-    """Binary-COPY ``positions`` with ``statement`` (COPY_SQL or STAGE_COPY_SQL).
-
-    A Position's leading fields are the ``COPY_COLUMNS`` in their binary form, in order: a row
-    is a slice of it.
-    """
-    # by the bytea oid, psycopg picks its DB-API Binary dumper, a Python-level call per row;
-    # the plain bytes dumper is C (-1 % of the GIL's time in the pipeline, py-spy)
-    cur.adapters.register_dumper(None, BytesBinaryDumper)
-    with cur.copy(statement) as copy:
-        copy.set_types(COPY_TYPES)
-        write_row = copy.write_row
-        for p in positions:
-            write_row(p[:COPIED])
-
-
-#: A Position's device_id, and its key (device_id, ts_us), read without a Python-level loop.
-_DEVICE_ID = itemgetter(Position._fields.index("device_id"))
-_KEY = itemgetter(Position._fields.index("device_id"), Position._fields.index("ts_us"))
-
-
-def _first_of_each_key(positions: list[Position]) -> tuple[list[Position], list[Position]]:
-    """Split a batch into the first record of each (device_id, ts) and the repeats."""
-    if len(set(map(_KEY, positions))) == len(positions):  # the common batch: no repeats
-        return positions, []
-    unique: dict[tuple[str, int], Position] = {}
-    repeats: list[Position] = []
-    for p in positions:
-        key = (p.device_id, p.ts_us)
-        if key in unique:
-            repeats.append(p)
-        else:
-            unique[key] = p
-    return list(unique.values()), repeats
-
-
-def _problem(current: tuple[float, str] | None, reason: str) -> tuple[float, str]:
-    """A health problem that keeps its start time while it lasts."""
-    return (time.monotonic() if current is None else current[0], reason)

@@ -2,36 +2,38 @@
 
 The entries are XCLAIMed (page by page, only those idle for at least
 ``min_idle_ms``) to a consumer of this command's own, then pushed through the
-very path `tpx serve` uses: the decoder, dead letters for poison, and a
-:class:`~tpx.engine.writer.Writer` handling each batch in this thread (COPY,
-INSERT .. ON CONFLICT, commit, XACK). When X has nothing pending any more it
-is removed from the group, and so is the command's own consumer. A consumer
-that still heartbeats is refused unless ``force``: it is alive, and its
-entries are in flight.
+very steps `tpx serve` uses, in this thread: intake (the decoder, dead letters
+for poison, vanished ids acknowledged: :mod:`tpx.engine.intake`) and the commit
+(COPY, INSERT .. ON CONFLICT, commit, XACK, write-stage dead letters:
+:class:`~tpx.engine.commit.Committer`); the report sums what they returned.
+When X has nothing pending any more it is removed from the group, and so is the
+command's own consumer. A consumer that still heartbeats is refused unless
+``force``: it is alive, and its entries are in flight.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import redis
 
 from tpx.config import Settings
 from tpx.connections import pg_pool
 from tpx.engine.batch import Batch
-from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
+from tpx.engine.commit import CREATE_STAGE_SQL, Committer
+from tpx.engine.intake import Entries, delivery_counts, raw_replies, settle, take_in
 from tpx.engine.metrics import Metrics
-from tpx.engine.state import DeviceStates
-from tpx.engine.writer import CREATE_STAGE_SQL, Writer
 from tpx.ops.inspect import OpsError, instances
-from tpx.records import DecodeError, decode_entry
+
+#: XPENDING COUNT for ``--dry-run``: it only counts the entries, and Redis caps nothing itself.
+DRY_RUN_COUNT: Final = 1_000_000
+#: Seconds to wait for the PostgreSQL connection before the command gives up.
+POOL_OPEN_TIMEOUT_S: Final = 10.0
 
 
 @dataclass
@@ -91,7 +93,7 @@ def claim_dead_consumer(
             settings.group,
             "-",
             "+",
-            count=1_000_000,
+            count=DRY_RUN_COUNT,
             consumername=consumer,
             idle=min_idle_ms or None,
         )
@@ -99,12 +101,10 @@ def claim_dead_consumer(
         return report
 
     s = settings.model_copy(update={"consumer": claimer})
-    metrics = Metrics()
+    raw = raw_replies(client)
     pool = pg_pool(s, 1, "tpx-claim-pg", [CREATE_STAGE_SQL])
-    pool.open(wait=True, timeout=10)
-    writer = Writer(
-        0, s, pool, client, queue.Queue(), DeviceStates(10_000), metrics, [], threading.Event(), set()
-    )
+    pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_S)
+    committer = Committer(s, pool, client, Metrics(), states=None)  # no device state to keep
     try:
         while True:
             rows = client.xpending_range(
@@ -119,14 +119,13 @@ def claim_dead_consumer(
             if not rows:
                 break
             ids: list[int | bytes | str | memoryview[int]] = [cast(bytes, r["message_id"]) for r in rows]
-            deliveries = {cast(bytes, r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
-            claimed = cast(
-                list[tuple[bytes, dict[bytes, bytes] | None]],
-                client.xclaim(
-                    settings.stream, settings.group, claimer, min_idle_time=min_idle_ms, message_ids=ids
-                ),
+            deliveries = delivery_counts(rows, claiming=True)
+            reply = raw.xclaim(
+                settings.stream, settings.group, claimer, min_idle_time=min_idle_ms, message_ids=ids
             )
-            _process(client, s, writer, claimed, deliveries, report)
+            # Redis 6.2 answers nil for an entry deleted meanwhile (no id: it stays pending)
+            claimed = cast(Entries, [entry for entry in reply if entry is not None])
+            _process(client, committer, claimed, deliveries, report)
             report.claimed += len(ids)
             if progress:
                 progress(report.claimed, report.pending_before)
@@ -134,9 +133,6 @@ def claim_dead_consumer(
                 break
     finally:
         pool.close()
-    report.written = int(metrics.count(metrics.written))
-    report.duplicates = int(metrics.count(metrics.duplicates))
-    report.dead_lettered += int(metrics.count(metrics.dead_lettered, stage="write"))
     left = _consumers(client, settings)
     report.left_pending = left.get(claimer, 0)
     if left.get(consumer, 0) == 0:
@@ -149,38 +145,21 @@ def claim_dead_consumer(
 
 def _process(
     client: redis.Redis,
-    s: Settings,
-    writer: Writer,
-    claimed: list[tuple[bytes, dict[bytes, bytes] | None]],
+    committer: Committer,
+    claimed: Entries,
     deliveries: dict[bytes, int],
     report: ClaimReport,
 ) -> None:
-    now_us = time.time_ns() // 1000
-    batch = Batch()
-    poison: list[DeadLetter] = []
-    vanished: list[bytes] = []
-    for entry_id, fields in claimed:
-        if not fields:
-            vanished.append(entry_id)
-            continue
-        try:
-            batch.positions.append(
-                decode_entry(
-                    entry_id,
-                    fields,
-                    now_us=now_us,
-                    max_future_us=s.max_future_s * 1_000_000,
-                    max_record_bytes=s.max_record_bytes,
-                )
-            )
-            batch.deliveries[entry_id] = deliveries.get(entry_id, 1)
-        except DecodeError as exc:
-            poison.append(DeadLetter(entry_id, fields, STAGE_DECODE, str(exc), deliveries.get(entry_id, 1)))
-    if poison:
-        dead_letter(client, s.stream, s.group, s.consumer, poison)
-        report.dead_lettered += len(poison)
-    if vanished:
-        client.xack(s.stream, s.group, *vanished)
-        report.vanished += len(vanished)
-    if batch.positions:
-        writer.handle(batch)
+    """One claimed page: intake, then the commit of its valid records, summed into ``report``."""
+    s = committer.settings
+    intake = take_in(claimed, s, time.time_ns() // 1000, deliveries)
+    settled = settle(client, s, intake.dead_letters, intake.vanished)
+    report.dead_lettered += len(settled.dead_lettered)
+    report.vanished += settled.acknowledged
+    if settled.refusal is not None:  # Redis refuses dead letters (OOM, READONLY...): say so, stop
+        raise settled.refusal
+    if intake.positions:
+        outcome = committer.commit(Batch(intake.positions, deliveries=intake.deliveries))
+        report.written += len(outcome.inserted)
+        report.duplicates += len(outcome.duplicates)
+        report.dead_lettered += len(outcome.dead_lettered)

@@ -28,7 +28,7 @@ def test_a_record_above_the_max_size_is_dead_lettered_and_its_neighbours_written
     add_entries(rclient, s.stream, entries)
     with running(s) as engine:
         wait_for(lambda: drained(rclient, s, 19), what="19 rows, nothing pending")
-        assert engine.metrics.dead_lettered.labels("decode")._value.get() == 1
+        assert engine.metrics.count(engine.metrics.dead_lettered, stage="decode") == 1
     [(_, letter)] = rclient.xrange(s.dlq_stream)
     assert letter[b"dlq_stage"] == b"decode"
     assert letter[b"dlq_error"].decode() == (

@@ -127,7 +127,7 @@ def test_late_rows_and_duplicates_where_positions_refuses_system_columns(
             rclient, s.stream, [record("dev-x", ts=base), *(record("dev-y", ts=base + i) for i in range(5))]
         )
         wait_for(lambda: drained(rclient, s, 25), what="the second batch, through ON CONFLICT")
-        assert engine.metrics.insert_fallbacks._value.get() == 1
+        assert engine.metrics.count(engine.metrics.insert_fallbacks) == 1
 
         execute(
             s,
@@ -144,8 +144,8 @@ def test_late_rows_and_duplicates_where_positions_refuses_system_columns(
         fresh = [record("dev-z", ts=base + i) for i in range(5)]
         add_entries(rclient, s.stream, [*duplicates, *late, *fresh])
         wait_for(lambda: drained(rclient, s, 40), timeout=20, what="late and fresh rows stored")
-        wait_for(lambda: engine.metrics.duplicates._value.get() == 11, what="11 duplicates counted")
-        assert engine.metrics.written._value.get() == 40
+        wait_for(lambda: engine.metrics.count(engine.metrics.duplicates) == 11, what="11 duplicates counted")
+        assert engine.metrics.count(engine.metrics.written) == 40
         assert health(engine) == []
 
 
@@ -212,7 +212,7 @@ def test_a_query_the_server_cannot_run_is_retried_not_ready_and_an_error(
             what="not ready: the writer cannot run its query",
         )
         assert "tpx-writer-" in problems[0] and 'column "speed"' in problems[0]
-        assert engine.metrics.query_errors._value.get() >= 1
+        assert engine.metrics.count(engine.metrics.query_errors) >= 1
         assert any(
             r.levelno == logging.ERROR and "PostgreSQL cannot run the write" in r.getMessage()
             for r in caplog.records
@@ -294,7 +294,7 @@ def test_lock_timeout_fails_the_statement_and_the_batch_is_retried(
             assert "failing for" in problems[0] and "canceling statement due to lock timeout" in problems[0]
         wait_for(lambda: drained(rclient, s, 10), what="the rows once the lock is gone")
         wait_for(lambda: health(engine) == [], what="ready again")
-        assert engine.metrics.written._value.get() == 10
+        assert engine.metrics.count(engine.metrics.written) == 10
 
 
 # --- item 5 (writer half): Redis refusing a dead letter or an XACK ---

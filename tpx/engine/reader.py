@@ -49,6 +49,7 @@ from tpx.engine.intake import Entries, delivery_counts, raw_replies, read_entrie
 from tpx.engine.metrics import Metrics
 from tpx.errors import first_line
 from tpx.records import SMALL_RECORD_BYTES
+from tpx.streams import entry_order
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,6 @@ def redis_reply(exc: redis.RedisError) -> str:
     """The refusal as Redis sent it (``OOM command not allowed …``), one line."""
     prefix = _REPLY_PREFIX.get(type(exc))
     return f"{prefix} {first_line(exc)}" if prefix else first_line(exc)
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start: bytes = b"0") -> bool:
@@ -394,7 +390,7 @@ class Reader(threading.Thread):
 
     def _decode(self, entries: Entries, deliveries: dict[bytes, int] | None) -> int:
         """Decode a page into the open batch; returns its longest record's bytes (0: all small)."""
-        if self.last_id is None or _id_key(entries[-1][0]) > _id_key(self.last_id):
+        if self.last_id is None or entry_order(entries[-1][0]) > entry_order(self.last_id):
             self.last_id = entries[-1][0]
         batch = self.batch
         positions = batch.positions

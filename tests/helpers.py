@@ -158,3 +158,8 @@ class Serve:
             return exc.code, exc.read().decode()
         except OSError:
             return 0, ""
+
+
+def redis_major(client: redis.Redis) -> int:
+    """The server's major version, compared as a number ("10.0" > "7.0", unlike the strings)."""
+    return int(str(client.info("server")["redis_version"]).split(".", 1)[0])

@@ -12,7 +12,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for
+from tests.helpers import Serve, add_entries, pending_count, record, redis_major, row_count, wait_for
 from tpx import keys
 from tpx.cli import app
 from tpx.config import Settings
@@ -49,11 +49,6 @@ def serve(settings: Settings, serve_env: dict[str, str], tmp_path: Path) -> Iter
     yield proc
     if proc.proc is not None and proc.proc.poll() is None:
         proc.stop()
-
-
-def redis_major(client: redis.Redis) -> int:
-    """The server's major version, compared as a number ("10.0" > "7.0", unlike the strings)."""
-    return int(str(client.info("server")["redis_version"]).split(".", 1)[0])
 
 
 def strand(

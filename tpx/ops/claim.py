@@ -30,7 +30,8 @@ from tpx.engine.deadletter import STAGE_DECODE, DeadLetter, dead_letter
 from tpx.engine.metrics import Metrics
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import CREATE_STAGE_SQL, Writer
-from tpx.ops.inspect import OpsError, instances
+from tpx.errors import OpsError
+from tpx.ops.inspect import instances
 from tpx.records import DecodeError, decode_entry
 
 

@@ -8,11 +8,13 @@ What is not: building the image and starting the stack (no Docker engine on this
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow  # builds a wheel: pip and hatchling in a subprocess
 @pytest.mark.timeout(300)
 def test_wheel_carries_migrations_and_styles(tmp_path: Path) -> None:
     subprocess.run(
@@ -49,7 +52,29 @@ def test_wheel_carries_migrations_and_styles(tmp_path: Path) -> None:
     migrations = {p.name for p in (ROOT / "sql").glob("*.sql")}
     assert {f"tpx/sql/{m}" for m in migrations} <= names
     assert "tpx/tui/top.tcss" in names
-    assert any(n.endswith("entry_points.txt") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "tpx = tpx.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert {"tpx/cli/__init__.py", "tpx/cli/app.py"} <= names
+
+
+def test_console_script_names_the_cli_main() -> None:
+    """`tpx` (the console script) and `python -m tpx` run the same app."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["tpx"].partition(":")
+    main = getattr(importlib.import_module(module), attr)
+    assert callable(main)
+    assert "from tpx.cli import main" in (ROOT / "tpx" / "__main__.py").read_text()
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.argv = ['tpx', '--version']; from {module} import {attr}; {attr}()",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("tpx "), run
 
 
 def test_dockerfile() -> None:

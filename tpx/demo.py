@@ -22,14 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from tpx.config import Settings
+from tpx.errors import DemoError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIR = Path(".tpx") / "demo"
-
-
-class DemoError(Exception):
-    """The demo cannot start (one line for the user)."""
+#: The simulated fleet's first fixes are this long before now: an hour of history on the map.
+HISTORY_MS = 3_600_000
+#: The demo's fleet resends this fraction of its records, and sends this fraction late, so the
+#: dashboard shows duplicates and out-of-order fixes being handled.
+DUPLICATE_FRACTION = 0.01
+LATE_FRACTION = 0.01
+#: The input stream is trimmed to about this many entries: a demo left running for hours keeps
+#: the embedded Redis small (the engine is far ahead of the trimmed tail).
+STREAM_MAXLEN = 1_000_000
+#: Seconds the simulator thread gets to finish its last tick when the demo stops.
+SIMULATOR_JOIN_S = 5.0
 
 
 @dataclass
@@ -103,9 +110,9 @@ class Demo:
         self.fleet = Fleet(
             devices=devices,
             seed=int(time.time()),
-            start_ms=int(time.time() * 1000) - 3_600_000,
-            duplicate_fraction=0.01,
-            late_fraction=0.01,
+            start_ms=int(time.time() * 1000) - HISTORY_MS,
+            duplicate_fraction=DUPLICATE_FRACTION,
+            late_fraction=LATE_FRACTION,
             poison_fraction=poison,
         )
         self.stop_sim = threading.Event()
@@ -132,7 +139,7 @@ class Demo:
                     self.rate,
                     stop=self.stop_sim,
                     progress=count,
-                    maxlen=1_000_000,
+                    maxlen=STREAM_MAXLEN,
                 )
             except Exception:  # the demo's load source must not take the demo down
                 log.exception("simulator stopped")
@@ -143,8 +150,10 @@ class Demo:
         self.sim_thread.start()
         self.started = time.monotonic()
 
-    def summary(self) -> DemoSummary:
+    def summary(self, embedded: bool) -> DemoSummary:
+        """What the run did; ``embedded``: it ran on the embedded servers (:attr:`Servers.embedded`)."""
         from tpx.connections import redis_client
+        from tpx.engine.deadletter import STAGE_DECODE, STAGE_WRITE
         from tpx.ops.inspect import status
 
         m = self.engine.metrics
@@ -155,7 +164,7 @@ class Demo:
             client.close()
         seconds = time.monotonic() - self.started
         written = int(m.count(m.written))
-        dead = int(sum(m.count(m.dead_lettered, stage=stage) for stage in ("decode", "write")))
+        dead = int(sum(m.count(m.dead_lettered, stage=stage) for stage in (STAGE_DECODE, STAGE_WRITE)))
         return DemoSummary(
             seconds=seconds,
             produced=self.produced,
@@ -165,11 +174,11 @@ class Demo:
             pending=st.pending,
             lag=st.lag,
             records_per_s=written / max(seconds, 1e-6),
-            embedded=False,
+            embedded=embedded,
         )
 
     def stop(self) -> int:
         self.stop_sim.set()
         if self.sim_thread is not None:
-            self.sim_thread.join(5)
+            self.sim_thread.join(SIMULATOR_JOIN_S)
         return self.engine.shutdown()

@@ -6,6 +6,10 @@ Pure functions of values (no rich, no Textual), so each front end styles them it
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the type only: the dashboard and the CLI hand in what tpx.ops.inspect returned
+    from tpx.ops.inspect import ConsumerView
 
 _MINUTE = 60
 _HOUR = 3600
@@ -60,3 +64,22 @@ def number(value: float | None, spec: str = ",") -> str:
 def fix_state(valid: bool | None) -> str:
     """A position's GPS validity spelled out, readable without colour; '-' when unknown."""
     return "-" if valid is None else ("valid" if valid else "no fix")
+
+
+#: The consumer table's columns, in the command line's `tpx status` and the dashboard alike.
+CONSUMER_COLUMNS = ("consumer", "state", "pending", "idle", "read/s", "written/s", "queue", "cache")
+
+
+def consumer_cells(c: ConsumerView) -> tuple[str, ...]:
+    """One consumer as the text of :data:`CONSUMER_COLUMNS`; '-' where it has no heartbeat."""
+    i = c.instance
+    return (
+        c.name,
+        consumer_state(c.alive, c.pending),
+        f"{c.pending:,}",
+        ago(c.idle_ms / 1000),
+        f"{i.read_per_s:,.0f}" if i else "-",
+        f"{i.written_per_s:,.0f}" if i else "-",
+        str(i.queue_depth) if i else "-",
+        f"{i.cache_size:,}" if i else "-",
+    )

@@ -21,6 +21,16 @@ from tpx.fleet import Fleet
 
 #: Seconds per tick: each tick adds rate * TICK_S records in one pipeline.
 TICK_S = 0.01
+#: Records per pipeline when publishing as fast as possible: one round trip per thousand XADDs.
+UNPACED_BATCH = 1000
+#: Seconds between progress reports (what a terminal can show without flicker).
+PROGRESS_EVERY_S = 0.5
+#: Elapsed time never counts as less than this in a rate, so the first report divides by no zero.
+_MIN_ELAPSED_S = 1e-6
+
+
+def _rate(produced: int, seconds: float) -> float:
+    return produced / max(seconds, _MIN_ELAPSED_S)
 
 
 @dataclass
@@ -57,7 +67,7 @@ def simulate(
     stop = stop or threading.Event()
     started = time.monotonic()
     produced = 0
-    per_tick = max(1, round((rate or 0) * TICK_S)) if rate else 1000
+    per_tick = max(1, round((rate or 0) * TICK_S)) if rate else UNPACED_BATCH
     next_tick = started
     last_report = started
     while not stop.is_set():
@@ -79,8 +89,8 @@ def simulate(
                     pipe.xadd(stream, fields)  # type: ignore[arg-type]
             pipe.execute()
             produced += n
-        if progress and now - last_report >= 0.5:
-            progress(produced, produced / max(now - started, 1e-6))
+        if progress and now - last_report >= PROGRESS_EVERY_S:
+            progress(produced, _rate(produced, now - started))
             last_report = now
         if rate:
             next_tick += TICK_S
@@ -88,7 +98,7 @@ def simulate(
     seconds = time.monotonic() - started
     st = fleet.stats
     if progress:
-        progress(produced, produced / max(seconds, 1e-6))
+        progress(produced, _rate(produced, seconds))
     return SimulationReport(
-        produced, st.valid, st.duplicates, st.late, st.poison, seconds, produced / max(seconds, 1e-6)
+        produced, st.valid, st.duplicates, st.late, st.poison, seconds, _rate(produced, seconds)
     )

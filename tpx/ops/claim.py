@@ -28,7 +28,8 @@ from tpx.engine.batch import Batch
 from tpx.engine.commit import CREATE_STAGE_SQL, Committer
 from tpx.engine.intake import Entries, delivery_counts, raw_replies, settle, take_in
 from tpx.engine.metrics import Metrics
-from tpx.ops.inspect import OpsError, instances
+from tpx.errors import OpsError
+from tpx.ops.inspect import instances
 
 #: XPENDING COUNT for ``--dry-run``: it only counts the entries, and Redis caps nothing itself.
 DRY_RUN_COUNT: Final = 1_000_000

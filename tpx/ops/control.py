@@ -23,6 +23,22 @@ from tpx.connections import pg_connect
 from tpx.controlproto import DEVICES_LIMIT_DEFAULT, ControlRequest, Op
 from tpx.ops.inspect import Instance, instances
 
+#: Seconds to wait for the instances' answers: each answers from its control thread within
+#: milliseconds; a few seconds also covers one busy draining a backlog.
+REPLY_WAIT_S = 3.0
+#: Seconds the dashboard waits for the device states on each refresh (it refreshes every second:
+#: an instance slower than this is left out of one refresh rather than stall it).
+DEVICES_WAIT_S = 1.0
+#: Longest single BLPOP while waiting, so the deadline is checked at least this often...
+MAX_POLL_S = 1.0
+#: ... and shortest, so the last moments before the deadline do not spin.
+MIN_POLL_S = 0.1
+#: Recent rows read per device wanted by :func:`latest_rows`: a few devices writing most of the
+#: rows still leave enough distinct ones among them, and the read stays one small index scan.
+RECENT_ROWS_PER_DEVICE = 20
+#: ``application_name`` of the ops commands' PostgreSQL connections (``pg_stat_activity``).
+PG_PURPOSE = "tpx-ops"
+
 
 @dataclass
 class ControlResult:
@@ -35,13 +51,22 @@ class ControlResult:
     def confirmed(self) -> list[str]:
         return sorted(str(r.get("consumer")) for r in self.replies if r.get("ok"))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "device": self.device,
+            "confirmed": self.confirmed,
+            "silent": self.silent,
+            "replies": self.replies,
+        }
+
 
 def ask(
     client: redis.Redis,
     settings: Settings,
     op: Op,
     device: str = "",
-    timeout: float = 3.0,
+    timeout: float = REPLY_WAIT_S,
     alive: list[Instance] | None = None,
     limit: int = DEVICES_LIMIT_DEFAULT,
 ) -> ControlResult:
@@ -57,7 +82,7 @@ def ask(
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        popped = client.blpop([reply_to], timeout=max(0.1, min(left, 1.0)))
+        popped = client.blpop([reply_to], timeout=max(MIN_POLL_S, min(left, MAX_POLL_S)))
         if popped is not None:
             result.replies.append(_reply(popped[1]))
     client.delete(reply_to)
@@ -80,7 +105,7 @@ def cached_devices(
     client: redis.Redis,
     settings: Settings,
     limit: int = DEVICES_LIMIT_DEFAULT,
-    timeout: float = 1.0,
+    timeout: float = DEVICES_WAIT_S,
     alive: list[Instance] | None = None,
 ) -> list[dict[str, Any]]:
     """The most recently active cached device states of every running instance (newest per device)."""
@@ -95,15 +120,15 @@ def cached_devices(
     return list(best.values())
 
 
-def latest_rows(settings: Settings, limit: int = 500) -> list[dict[str, Any]]:
+def latest_rows(settings: Settings, limit: int = DEVICES_LIMIT_DEFAULT) -> list[dict[str, Any]]:
     """Fallback when no instance runs: each device's newest row among the most recent rows."""
     query = sql.SQL(
         "SELECT DISTINCT ON (device_id) device_id, ts, latitude, longitude, speed, valid"
         " FROM (SELECT * FROM {}.positions ORDER BY ingested_at DESC LIMIT %s) AS recent"
         " ORDER BY device_id, ts DESC"
     ).format(sql.Identifier(settings.db_schema))
-    with pg_connect(settings.database_url, "tpx-ops") as conn:
-        rows = conn.execute(query, (limit * 20,)).fetchall()
+    with pg_connect(settings.database_url, PG_PURPOSE) as conn:
+        rows = conn.execute(query, (limit * RECENT_ROWS_PER_DEVICE,)).fetchall()
     return [
         {
             "device_id": d,
@@ -121,7 +146,9 @@ def latest_rows(settings: Settings, limit: int = 500) -> list[dict[str, Any]]:
     ]
 
 
-def rehydrate(client: redis.Redis, settings: Settings, device: str, timeout: float = 3.0) -> ControlResult:
+def rehydrate(
+    client: redis.Redis, settings: Settings, device: str, timeout: float = REPLY_WAIT_S
+) -> ControlResult:
     return ask(client, settings, "rehydrate", device, timeout)
 
 
@@ -156,13 +183,13 @@ def newest_rows(settings: Settings, device: str, limit: int = 10) -> list[dict[s
     query = sql.SQL("SELECT {} FROM {}.positions WHERE device_id = %s ORDER BY ts DESC LIMIT %s").format(
         sql.SQL(", ").join(sql.Identifier(c) for c in ROW_COLUMNS), sql.Identifier(settings.db_schema)
     )
-    with pg_connect(settings.database_url, "tpx-ops") as conn:
+    with pg_connect(settings.database_url, PG_PURPOSE) as conn:
         rows = conn.execute(query, (device, limit)).fetchall()
     return [dict(zip(ROW_COLUMNS, row, strict=True)) for row in rows]
 
 
 def device(
-    client: redis.Redis, settings: Settings, device_id: str, limit: int = 10, timeout: float = 3.0
+    client: redis.Redis, settings: Settings, device_id: str, limit: int = 10, timeout: float = REPLY_WAIT_S
 ) -> DeviceReport:
     asked = ask(client, settings, "device", device_id, timeout)
     report = DeviceReport(device_id, silent=asked.silent)

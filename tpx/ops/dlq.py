@@ -20,11 +20,16 @@ from typing import IO, Any, cast
 import redis
 
 from tpx.config import Settings
-from tpx.ops.inspect import OpsError, entry_age_s
+from tpx.errors import OpsError
+from tpx.ops.inspect import entry_age_s
 from tpx.streams import as_text
 
 _ID_RE = re.compile(r"\d+-\d+")
+#: Dead letters per XRANGE page: a dead letter is a record plus its reason (~1 KB), so a page
+#: stays near half a megabyte however large the dead-letter stream grows.
 PAGE = 500
+#: What the replay script reads as "no --max-replays": replay however often it was replayed.
+_NO_REPLAY_LIMIT = -1
 
 #: KEYS[1] dead-letter stream, KEYS[2] input stream;
 #: ARGV[1] dead letter id, ARGV[2] max replays (-1: no limit)
@@ -143,6 +148,18 @@ def iter_letters(
             return
 
 
+def matching_ids(
+    client: redis.Redis, settings: Settings, stage: str | None = None, device: str | None = None
+) -> list[str]:
+    """The ids of every dead letter matching the filters, oldest first (what ``--all`` replays)."""
+    return [letter.id for letter in iter_letters(client, settings, stage, device)]
+
+
+def length(client: redis.Redis, settings: Settings) -> int:
+    """How many dead letters the stream holds."""
+    return int(client.xlen(settings.dlq_stream))
+
+
 def list_letters(
     client: redis.Redis,
     settings: Settings,
@@ -189,7 +206,7 @@ def replay_one(
         list[bytes],
         script(
             keys=[settings.dlq_stream, settings.stream],
-            args=[entry_id, -1 if max_replays is None else max_replays],
+            args=[entry_id, _NO_REPLAY_LIMIT if max_replays is None else max_replays],
         ),
     )
     result = ReplayResult(entry_id, as_text(outcome))

@@ -17,11 +17,12 @@ import redis
 from tpx import keys
 from tpx.config import Settings
 from tpx.engine.collector import group_lag
+from tpx.errors import OpsError
 from tpx.streams import as_text, entry_ms
 
-
-class OpsError(Exception):
-    """An operation refused or impossible, with a one-line reason for the operator."""
+#: Keys per SCAN step when looking for heartbeats: the keyspace holds a handful of tpx keys per
+#: stream, so a few round trips cover even a Redis shared with much else.
+HEARTBEAT_SCAN_COUNT = 500
 
 
 def entry_age_s(entry_id: bytes | str | None, now: float | None = None) -> float | None:
@@ -108,7 +109,12 @@ class Status:
 
 def instances(client: redis.Redis, stream: str) -> list[Instance]:
     """Every instance whose heartbeat has not expired, by consumer name."""
-    found = sorted(cast(list[bytes], list(client.scan_iter(match=keys.heartbeat_pattern(stream), count=500))))
+    found = sorted(
+        cast(
+            list[bytes],
+            list(client.scan_iter(match=keys.heartbeat_pattern(stream), count=HEARTBEAT_SCAN_COUNT)),
+        )
+    )
     if not found:
         return []
     now = time.time()

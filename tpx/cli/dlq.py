@@ -1,0 +1,194 @@
+"""`tpx dlq list / show / replay / drain / export / purge`: inspect and fix dead letters."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tpx import exitcodes
+from tpx.cli.options import DLQ_OPTIONS, DryRun, Invocation, fail, guarded, with_settings
+from tpx.config import parse_duration
+
+app = typer.Typer(help="Inspect, replay, export and purge dead letters.", no_args_is_help=True)
+
+StageOpt = Annotated[str | None, typer.Option("--stage", help="Only this stage: decode or write.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Only this device_id.")]
+MaxReplays = Annotated[
+    int | None, typer.Option("--max-replays", min=0, help="Refuse entries already replayed this many times.")
+]
+
+
+@app.command("list")
+@with_settings(*DLQ_OPTIONS, json=True)
+def list_letters(
+    cmd: Invocation,
+    stage: StageOpt = None,
+    device: DeviceOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+) -> None:
+    """What was rejected, and why? The newest dead letters.
+
+    Example: tpx dlq list --stage decode --limit 20
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    with cmd.redis() as client:
+        letters = cmd.guarded(lambda: dlq.list_letters(client, cmd.settings, stage, device, limit))
+    cmd.answer([letter.to_dict() for letter in letters], lambda: render.print_letters(letters))
+
+
+@app.command("show")
+@with_settings(*DLQ_OPTIONS, json=True)
+def show(
+    cmd: Invocation,
+    entry_id: Annotated[str, typer.Argument(metavar="ID", help="The dead letter's id.")],
+) -> None:
+    """One dead letter with its full original payload.
+
+    Example: tpx dlq show 1732800000000-0
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    with cmd.redis() as client:
+        letter = cmd.guarded(lambda: dlq.show(client, cmd.settings, entry_id))
+    cmd.answer(letter.to_dict(), lambda: render.print_letter(letter))
+
+
+@app.command("replay")
+@with_settings(*DLQ_OPTIONS, json=True)
+def replay(
+    cmd: Invocation,
+    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...", help="Dead letter ids.")] = None,
+    replay_all: Annotated[
+        bool, typer.Option("--all", help="Every dead letter matching the filters.")
+    ] = False,
+    stage: StageOpt = None,
+    device: DeviceOpt = None,
+    max_replays: MaxReplays = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Put dead letters back on the input stream (replays + 1), each moved atomically.
+
+    Example: tpx dlq replay --all --stage write --max-replays 3
+    """
+    if bool(ids) == replay_all:
+        fail("give dead letter ids, or --all (with --stage/--device filters), not both", exitcodes.USAGE)
+    if ids and (stage or device):
+        fail("--stage and --device filter --all; they do not apply to explicit ids", exitcodes.USAGE)
+    _replay(cmd, ids or [], replay_all, stage, device, max_replays, dry_run)
+
+
+def _replay(
+    cmd: Invocation,
+    ids: list[str],
+    replay_all: bool,
+    stage: str | None,
+    device: str | None,
+    max_replays: int | None,
+    dry_run: bool,
+) -> None:
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    with cmd.redis() as client:
+        cmd.guarded(lambda: [dlq.check_id(entry_id) for entry_id in ids])
+        chosen = (
+            cmd.guarded(lambda: dlq.matching_ids(client, cmd.settings, stage, device)) if replay_all else ids
+        )
+        with render.progress_bar("replaying", len(chosen)) as advance:
+            results = cmd.guarded(
+                lambda: dlq.replay(client, cmd.settings, chosen, max_replays, dry_run, advance)
+            )
+    cmd.answer([asdict(r) for r in results], lambda: render.print_replays(results))
+    if any(r.outcome == "missing" for r in results) and not replay_all:
+        raise typer.Exit(exitcodes.ERROR)
+
+
+@app.command("drain")
+@with_settings(*DLQ_OPTIONS, json=True)
+def drain(
+    cmd: Invocation,
+    stage: StageOpt = None,
+    device: DeviceOpt = None,
+    max_replays: MaxReplays = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Replay every matching dead letter; with --dry-run, a histogram of why they failed.
+
+    Example: tpx dlq drain --dry-run
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    if not dry_run:
+        _replay(cmd, [], True, stage, device, max_replays, False)
+        return
+    with cmd.redis() as client:
+        letters = cmd.guarded(lambda: list(dlq.iter_letters(client, cmd.settings, stage, device)))
+    rows = dlq.histogram(letters)
+    cmd.answer(
+        [{"stage": st, "reason": why, "count": n} for st, why, n in rows],
+        lambda: render.print_histogram(rows),
+    )
+
+
+@app.command("export")
+@with_settings(*DLQ_OPTIONS)
+def export(
+    cmd: Invocation,
+    file: Annotated[Path, typer.Argument(help="Where to write JSON lines ('-' for stdout).")],
+    stage: StageOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Write dead letters as JSON lines (id, dlq fields, original fields).
+
+    Example: tpx dlq export /tmp/dlq-$(date +%F).jsonl --stage decode
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    to_stdout = str(file) == "-"
+    with cmd.redis() as client:
+        total = cmd.guarded(lambda: dlq.length(client, cmd.settings))
+        with render.progress_bar("exporting", total) as advance:
+            if to_stdout:
+                count = cmd.guarded(
+                    lambda: dlq.export(client, cmd.settings, sys.stdout, stage, device, advance)
+                )
+            else:
+                try:
+                    count = cmd.guarded(
+                        lambda: dlq.export_file(
+                            client, cmd.settings, file, stage=stage, device=device, progress=advance
+                        )
+                    )
+                except OSError as exc:
+                    fail(f"cannot write {file}: {exc.strerror}", exitcodes.ERROR)
+    if not to_stdout:
+        render.err_console.print(f"exported {count:,} dead letters to {file}")
+
+
+@app.command("purge")
+@with_settings(*DLQ_OPTIONS, json=True)
+def purge(
+    cmd: Invocation,
+    older_than: Annotated[str, typer.Option("--older-than", help="e.g. 7d, 12h, 90m.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Delete dead letters older than a duration (by when they were dead-lettered).
+
+    Example: tpx dlq purge --older-than 30d --dry-run
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    seconds: float = guarded(lambda: parse_duration(older_than))
+    with cmd.redis() as client:
+        result = cmd.guarded(lambda: dlq.purge(client, cmd.settings, seconds, dry_run))
+    cmd.answer(asdict(result), lambda: render.print_purge(result))

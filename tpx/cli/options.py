@@ -1,0 +1,232 @@
+"""What every `tpx` command shares: the settings flags (declared once), one-line failures, exit codes.
+
+A command names the settings it takes, and whether it answers in JSON, in one decorator::
+
+    @with_settings(*GROUP_OPTIONS, json=True)
+    def status(cmd: Invocation, watch: bool = False) -> None:
+        with cmd.redis() as client:
+            ...
+
+:func:`with_settings` adds those flags (``--redis-url``, ``--stream``, ``--group``, ``--json``) to
+the command's own parameters and hands the function one :class:`Invocation` holding them; its
+:attr:`~Invocation.settings` are loaded (environment + flags) when first read, and its connections
+are made when the command asks. Each flag is declared once, in :data:`SETTINGS_OPTIONS`: giving
+the dead-letter commands ``--group`` is one edit of :data:`DLQ_OPTIONS`.
+
+Heavy modules (redis, psycopg, the ops functions, rich) are imported where a command runs, never
+at import time, so ``tpx --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import typing
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn, TypeVar
+
+import typer
+
+from tpx import exitcodes
+from tpx.config import ConfigError, Settings, env_name, load, mask_url
+from tpx.errors import OpsError, first_line
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger("tpx")
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = exitcodes.ERROR) -> NoReturn:
+    typer.echo(f"tpx: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
+    """Run ``fn``; turn the failures a user can hit into one line and an exit code."""
+    import psycopg
+    import redis
+
+    try:
+        return fn()
+    except ConfigError as exc:
+        for line in exc.lines:
+            typer.echo(f"tpx: invalid setting {line}", err=True)
+        raise typer.Exit(exitcodes.USAGE) from None
+    except redis.AuthenticationError as exc:  # a ConnectionError, but retrying will not help
+        where = mask_url(settings.redis_url) if settings else "Redis"
+        fail(f"Redis at {where} refused tpx: {exc} (fix TPX_REDIS_URL)", exitcodes.USAGE)
+    except redis.ConnectionError as exc:
+        where = mask_url(settings.redis_url) if settings else "Redis"
+        fail(f"cannot reach Redis at {where}: {exc}", exitcodes.UNAVAILABLE)
+    except redis.TimeoutError as exc:
+        fail(f"Redis timed out: {exc}", exitcodes.UNAVAILABLE)
+    except OpsError as exc:
+        fail(str(exc), exitcodes.ERROR)
+    except ValueError as exc:  # a malformed argument (entry id, duration...)
+        fail(str(exc), exitcodes.USAGE)
+    except redis.ResponseError as exc:
+        fail(f"Redis refused the command: {exc}", exitcodes.ERROR)
+    except psycopg.OperationalError as exc:  # 2 when the server said no, 3 when it did not answer
+        code, message = exitcodes.postgres_connect_failure(exc, settings.database_url if settings else None)
+        fail(message, code)
+    except psycopg.Error as exc:
+        fail(f"PostgreSQL error: {mask_url(first_line(exc))}", exitcodes.ERROR)
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from the environment plus the non-None ``overrides``; exit 2 when one is invalid."""
+    return guarded(lambda: load(**overrides))
+
+
+def emit(data: Any, indent: int | None = 2) -> None:
+    """``data`` as JSON on stdout (datetimes and the like as their text)."""
+    typer.echo(json.dumps(data, indent=indent, default=str))
+
+
+class Invocation:
+    """One run of a command: the settings flags it was given, and whether it answers in JSON."""
+
+    def __init__(self, overrides: dict[str, Any], as_json: bool) -> None:
+        self.overrides = overrides
+        self.as_json = as_json
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The environment plus the flags, loaded on first use (exit 2 when invalid)."""
+        if self._settings is None:
+            self._settings = settings_from(**self.overrides)
+        return self._settings
+
+    def settings_with(self, **more: Any) -> Settings:
+        """The settings with more overrides than the flags (the demo's embedded servers)."""
+        self._settings = settings_from(**{**self.overrides, **more})
+        return self._settings
+
+    def answer(self, data: Any, show: Callable[[], None]) -> None:
+        """Answer with ``data`` as JSON under --json, else with ``show()`` (the human rendering)."""
+        if self.as_json:
+            emit(data)
+        else:
+            show()
+
+    def guarded(self, fn: Callable[[], T]) -> T:
+        """:func:`guarded`, naming this command's servers in the one line."""
+        return guarded(fn, self.settings)
+
+    @contextlib.contextmanager
+    def redis(self) -> Iterator[redis.Redis]:
+        """A Redis client that has answered a PING (else exit 3 or 2), closed afterwards."""
+        from tpx.connections import redis_client
+
+        client = redis_client(self.settings)
+        self.guarded(client.ping)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+# --- the flags, declared once -----------------------------------------------------------------
+
+
+def _env(field: str) -> str:
+    return f"[env {env_name(field)}]"
+
+
+#: Every settings flag a command may take: the :class:`~tpx.config.Settings` field it overrides
+#: -> its type and flag (None: not given, the environment or the default applies).
+SETTINGS_OPTIONS: Final[dict[str, Any]] = {
+    "redis_url": Annotated[str | None, typer.Option("--redis-url", help=_env("redis_url"))],
+    "database_url": Annotated[str | None, typer.Option("--database-url", help=_env("database_url"))],
+    "db_schema": Annotated[str | None, typer.Option("--db-schema", help=_env("db_schema"))],
+    "stream": Annotated[str | None, typer.Option("--stream", help=_env("stream"))],
+    "group": Annotated[str | None, typer.Option("--group", help=_env("group"))],
+    "consumer": Annotated[str | None, typer.Option("--consumer", help=_env("consumer"))],
+    "http_addr": Annotated[
+        str | None, typer.Option("--http-addr", help=f"host:port or off {_env('http_addr')}")
+    ],
+    "writers": Annotated[int | None, typer.Option(help=_env("writers"))],
+    "batch_size": Annotated[int | None, typer.Option(help=_env("batch_size"))],
+    "batch_max_latency_ms": Annotated[int | None, typer.Option(help=_env("batch_max_latency_ms"))],
+    "read_count": Annotated[int | None, typer.Option(help=_env("read_count"))],
+    "queue_batches": Annotated[int | None, typer.Option(help=_env("queue_batches"))],
+    "device_cache_size": Annotated[int | None, typer.Option(help=_env("device_cache_size"))],
+    "drain_timeout_s": Annotated[float | None, typer.Option(help=_env("drain_timeout_s"))],
+    "migrate_on_start": Annotated[
+        bool | None, typer.Option("--migrate/--no-migrate", help=_env("migrate_on_start"))
+    ],
+    "log_level": Annotated[str | None, typer.Option(help=_env("log_level"))],
+    "log_format": Annotated[str | None, typer.Option(help=_env("log_format"))],
+    "compress_after": Annotated[
+        str | None, typer.Option("--compress-after", help=f"TimescaleDB: e.g. 14d {_env('compress_after')}")
+    ],
+    "retain_for": Annotated[
+        str | None, typer.Option("--retain-for", help=f"TimescaleDB: e.g. 365d {_env('retain_for')}")
+    ],
+}
+
+#: The input stream's Redis.
+REDIS_OPTIONS: Final = ("redis_url", "stream")
+#: ... and the consumer group read on it.
+GROUP_OPTIONS: Final = (*REDIS_OPTIONS, "group")
+#: The database holding positions.
+POSTGRES_OPTIONS: Final = ("database_url", "db_schema")
+#: What the dead-letter commands take (the dead-letter stream is the input stream's).
+DLQ_OPTIONS: Final = REDIS_OPTIONS
+#: Every connection setting: what `tpx serve` takes.
+CONNECTION_OPTIONS: Final = ("redis_url", *POSTGRES_OPTIONS, "stream", "group", "consumer")
+
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")]
+#: The parameter name ``--json`` arrives under.
+_JSON_PARAM: Final = "as_json"
+
+
+def with_settings(*fields: str, json: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the settings flags ``fields`` (keys of :data:`SETTINGS_OPTIONS`) and, with
+    ``json``, ``--json``. The function's first parameter receives the :class:`Invocation`; its
+    other parameters stay its own flags and arguments, listed first in ``--help``."""
+    unknown = [f for f in fields if f not in SETTINGS_OPTIONS]
+    if unknown:
+        raise TypeError(f"not settings flags: {', '.join(unknown)}")
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in list(inspect.signature(fn).parameters.values())[1:]  # the first: the Invocation
+        ]
+        added = [
+            inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SETTINGS_OPTIONS[f])
+            for f in fields
+        ]
+        if json:
+            added.append(
+                inspect.Parameter(
+                    _JSON_PARAM, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=AsJson
+                )
+            )
+        clash = {p.name for p in own} & {p.name for p in added}
+        if clash:
+            raise TypeError(f"{fn.__name__} declares shared flags itself: {', '.join(sorted(clash))}")
+
+        def command(**given: Any) -> None:
+            overrides = {f: given.pop(f) for f in fields}
+            as_json = bool(given.pop(_JSON_PARAM, False))
+            fn(Invocation(overrides, as_json), **given)
+
+        command.__name__ = fn.__name__
+        command.__qualname__ = fn.__qualname__
+        command.__doc__ = fn.__doc__
+        command.__module__ = fn.__module__
+        parameters = [*own, *added]
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command
+
+    return decorate

@@ -1,0 +1,266 @@
+"""Human renderings of the ops results (rich tables, progress bars); ``--json`` bypasses this module.
+
+The plain-text pieces the dashboard shows too (times, ages, a consumer's cells) come from
+:mod:`tpx.format`; this module only lays them out for a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tpx.format import CONSUMER_COLUMNS, ago, consumer_cells, ms_time
+
+if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine for every command
+    from tpx.ops.claim import ClaimReport
+    from tpx.ops.control import ControlResult, DeviceReport
+    from tpx.ops.dlq import DeadLetterView, PurgeResult, ReplayResult
+    from tpx.ops.inspect import PendingEntry, Status
+    from tpx.simulate import SimulationReport
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+#: The consumer table's text columns; the numbers are right-aligned.
+_LEFT_COLUMNS = ("consumer", "state")
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (only on a terminal); yields ``advance(n)``."""
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+    with bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+
+        yield advance
+
+
+@contextlib.contextmanager
+def live_status() -> Iterator[Callable[[Status], None]]:
+    """`tpx status --watch`: yields ``show(status)``, which redraws the screen in place."""
+    with Live(console=console, auto_refresh=False) as live:
+        yield lambda st: live.update(Group(*status_renderables(st)), refresh=True)
+
+
+def status_renderables(st: Status) -> list[Any]:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row(
+        "stream",
+        f"{st.stream}  ({st.stream_length:,} entries"
+        + (f", newest {ago(st.last_entry_age_s)} ago)" if st.last_entry_id else ")")
+        if st.stream_exists
+        else f"{st.stream}  (does not exist yet)",
+    )
+    lag = "unknown" if st.lag is None else f"{st.lag:,}"
+    head.add_row("group", f"{st.group}  lag {lag}" if st.group_exists else f"{st.group}  (not created yet)")
+    oldest = f", oldest {ago(st.oldest_pending_age_s)} old" if st.oldest_pending_id else ""
+    head.add_row("pending", f"{st.pending:,}{oldest}")
+    head.add_row("dead letters", f"{st.dlq_length:,}")
+    alive = sum(1 for i in st.instances)
+    head.add_row("instances", f"{alive} alive")
+    out: list[Any] = [head]
+    if st.consumers:
+        table = Table(title="consumers", title_justify="left", expand=False)
+        for column in CONSUMER_COLUMNS:
+            table.add_column(column, justify="left" if column in _LEFT_COLUMNS else "right")
+        for c in st.consumers:
+            table.add_row(*consumer_cells(c))
+        out.append(table)
+    known = {c.name for c in st.consumers}
+    starting = [i for i in st.instances if i.consumer not in known]
+    if starting:
+        out.append("instances not yet in the group: " + ", ".join(i.consumer for i in starting))
+    if st.dead_with_pending:
+        names = ", ".join(c.name for c in st.dead_with_pending)
+        out.append(
+            f"[bold]dead consumers hold pending entries:[/bold] {names} — "
+            f"run `tpx claim --dead-consumer NAME` (see OPERATIONS.md)"
+        )
+    return out
+
+
+def print_status(st: Status) -> None:
+    for item in status_renderables(st):
+        console.print(item)
+
+
+def print_pending(rows: list[PendingEntry]) -> None:
+    if not rows:
+        console.print("no pending entries")
+        return
+    table = Table()
+    for column in ("id", "consumer", "idle", "deliveries", "age"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r.id, r.consumer, ago(r.idle_ms / 1000), str(r.deliveries), ago(r.age_s))
+    console.print(table)
+
+
+def print_letters(letters: list[DeadLetterView]) -> None:
+    if not letters:
+        console.print("no dead letters")
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("device", overflow="fold")
+    table.add_column("deliv", justify="right")
+    table.add_column("repl", justify="right")
+    table.add_column("age", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
+    for letter in letters:
+        table.add_row(
+            letter.id,
+            letter.stage,
+            letter.device_id,
+            str(letter.deliveries),
+            str(letter.replays),
+            ago(letter.age_s),
+            letter.error,
+        )
+    console.print(table)
+
+
+def print_letter(letter: DeadLetterView) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("id", letter.id)
+    grid.add_row("stage", letter.stage)
+    grid.add_row("error", letter.error)
+    grid.add_row("source id", letter.source_id)
+    grid.add_row("deliveries", str(letter.deliveries))
+    grid.add_row("consumer", letter.consumer)
+    grid.add_row("dead-lettered", ms_time(letter.at_ms) if letter.at_ms else "-")
+    grid.add_row("replays", str(letter.replays))
+    console.print(grid)
+    console.print("[bold]original fields[/bold]")
+    for key, value in letter.original().items():
+        shown = value
+        if key == "record":
+            with contextlib.suppress(ValueError):  # not JSON: shown as it came
+                shown = json.dumps(json.loads(value), indent=2)
+        console.print(f"  {key}: {shown}", markup=False, highlight=False)
+
+
+def print_replays(results: list[ReplayResult]) -> None:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        if r.outcome == "replayed":
+            console.print(f"replayed {r.id} -> {r.new_id}")
+        elif r.outcome in ("refused", "would-refuse"):
+            console.print(f"{r.outcome} {r.id}: already replayed {r.replays} times")
+        elif r.outcome == "missing":
+            console.print(f"missing {r.id}: no such dead letter")
+        else:
+            console.print(f"{r.outcome} {r.id}")
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing to do"
+    console.print(summary)
+
+
+def print_histogram(rows: list[tuple[str, str, int]]) -> None:
+    if not rows:
+        console.print("no dead letters match")
+        return
+    table = Table(title="failure reasons (dry run: nothing replayed)", title_justify="left")
+    table.add_column("count", justify="right")
+    table.add_column("stage")
+    table.add_column("reason", overflow="fold")
+    for stage, why, n in rows:
+        table.add_row(f"{n:,}", stage, why)
+    console.print(table)
+
+
+def print_purge(result: PurgeResult) -> None:
+    verb = "would delete" if result.dry_run else "deleted"
+    console.print(f"{verb} {result.removed:,} dead letters older than {ms_time(result.cutoff_ms)} UTC")
+
+
+def print_claim(r: ClaimReport) -> None:
+    if r.dry_run:
+        console.print(f"would claim {r.claimed:,} of {r.pending_before:,} pending entries of {r.consumer}")
+        return
+    console.print(
+        f"claimed {r.claimed:,} entries of {r.consumer}: {r.written:,} written, {r.duplicates:,} already "
+        f"stored, {r.dead_lettered:,} dead-lettered, {r.vanished:,} gone from the stream"
+    )
+    if r.left_pending:
+        console.print(
+            f"{r.left_pending:,} refused by the database stay pending under {r.claimer} "
+            "for redelivery by the running instances"
+        )
+    console.print(
+        f"consumer {r.consumer} removed from the group"
+        if r.consumer_removed
+        else f"consumer {r.consumer} still has pending entries (idle below --min-idle): not removed"
+    )
+
+
+def print_control(result: ControlResult) -> None:
+    if result.confirmed:
+        console.print(f"{result.op} {result.device}: confirmed by {', '.join(result.confirmed)}")
+    else:
+        console.print(f"{result.op} {result.device}: no instance answered")
+    if result.silent:
+        console.print(f"no answer from: {', '.join(result.silent)}")
+
+
+def print_device(report: DeviceReport) -> None:
+    if report.cached:
+        for item in report.cached:
+            state = item["state"]
+            last = ms_time(state["last_ts_us"] // 1000) if state.get("last_ts_us") else "-"
+            console.print(
+                f"cached by {item['consumer']}: last fix {last} at {state.get('latitude')}, "
+                f"{state.get('longitude')}; records {state.get('records')}, duplicates "
+                f"{state.get('duplicates')}, out of order {state.get('out_of_order')}"
+            )
+    else:
+        console.print(f"{report.device}: not cached by any running instance")
+    if report.silent:
+        console.print(f"no answer from: {', '.join(report.silent)}")
+    if not report.rows:
+        console.print("no rows in positions")
+        return
+    table = Table(title=f"newest rows of {report.device}", title_justify="left")
+    for column in ("ts", "latitude", "longitude", "speed", "satellites", "valid"):
+        table.add_column(column)
+    for row in report.rows:
+        table.add_row(
+            str(row["ts"]),
+            str(row["latitude"]),
+            str(row["longitude"]),
+            str(row["speed"]),
+            str(row["satellites"]),
+            str(row["valid"]),
+        )
+    console.print(table)
+
+
+def print_simulation(report: SimulationReport, stream: str) -> None:
+    console.print(
+        f"published {report.produced:,} records to {stream} in {report.seconds:.1f}s "
+        f"({report.rate:,.0f}/s): {report.duplicates:,} duplicates, {report.late:,} late, "
+        f"{report.poison:,} poison"
+    )

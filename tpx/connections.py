@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import redis
 from psycopg import sql
-from psycopg_pool import ConnectionPool
 
 from tpx.config import Settings
+
+if TYPE_CHECKING:  # the pool is imported where one is built: ops commands and the CLI never need it
+    from psycopg_pool import ConnectionPool
 
 #: Seconds a Redis socket may stay silent; longer than any BLOCK we issue.
 REDIS_SOCKET_TIMEOUT_S = 15.0
@@ -60,6 +62,7 @@ def writer_timeouts(settings: Settings) -> list[sql.Composable]:
 
 def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Composable]) -> ConnectionPool:
     """A psycopg pool whose connections have tpx's search_path and the given setup."""
+    from psycopg_pool import ConnectionPool
     statements = [search_path(settings), *configure_sql]
 
     def configure(conn):  # type: ignore[no-untyped-def]

@@ -153,7 +153,7 @@ class Demo:
     def summary(self, embedded: bool) -> DemoSummary:
         """What the run did; ``embedded``: it ran on the embedded servers (:attr:`Servers.embedded`)."""
         from tpx.connections import redis_client
-        from tpx.engine.deadletter import STAGE_DECODE, STAGE_WRITE
+        from tpx.contract import STAGE_DECODE, STAGE_WRITE
         from tpx.ops.inspect import status
 
         m = self.engine.metrics

@@ -6,6 +6,7 @@ Redis hands back bytes (tpx's clients keep replies undecoded) and stream entry i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -30,3 +31,22 @@ def entry_order(entry_id: bytes | str) -> tuple[int, int]:
     text = as_text(entry_id)
     _, _, seq = text.partition("-")
     return entry_ms(text), int(seq or 0)
+
+
+def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: int) -> int | None:
+    """The group's lag, unless the stream's ids contradict it; None when Redis cannot tell.
+
+    Redis 7.0 computes ``lag`` from counters (entries-added - entries-read) that an AOF
+    reload can leave stale: a lag of 1,620 with nothing left to deliver. When the group's
+    last-delivered-id is the stream's last-generated-id the lag is 0, and it is never more
+    than the entries the stream holds.
+    """
+    delivered = group.get("last-delivered-id")
+    if (
+        delivered is not None
+        and last_generated_id is not None
+        and as_text(delivered) == as_text(last_generated_id)
+    ):
+        return 0
+    lag = group.get("lag")
+    return None if lag is None else min(int(lag), stream_length)

@@ -6,56 +6,36 @@ when Prometheus scrapes, never by a polling thread. When Redis cannot answer,
 the series are simply absent from that scrape (and ``tpx_redis_up`` is 0);
 ``lag`` is absent where Redis cannot tell (before 7.0, or after deletions), and
 0 when the stream's ids say nothing is left to deliver, whatever XINFO's counter
-says (:func:`group_lag`).
+says (:func:`tpx.streams.group_lag`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
 
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tpx.config import Settings
-from tpx.streams import as_text, entry_ms
-
-
-def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: int) -> int | None:
-    """The group's lag, unless the stream's ids contradict it; None when Redis cannot tell.
-
-    Redis 7.0 computes ``lag`` from counters (entries-added - entries-read) that an AOF
-    reload can leave stale: a lag of 1,620 with nothing left to deliver. When the group's
-    last-delivered-id is the stream's last-generated-id the lag is 0, and it is never more
-    than the entries the stream holds.
-    """
-    delivered = group.get("last-delivered-id")
-    if (
-        delivered is not None
-        and last_generated_id is not None
-        and as_text(delivered) == as_text(last_generated_id)
-    ):
-        return 0
-    lag = group.get("lag")
-    return None if lag is None else min(int(lag), stream_length)
+from tpx.streams import entry_ms, group_lag
 
 
 class StreamCollector(Collector):
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
-        self.s = settings
+        self.settings = settings
         self.client = client
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("tpx_redis_up", "1 when the scrape could read the stream's state from Redis")
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.xinfo_groups(self.s.stream)
-            pipe.xpending(self.s.stream, self.s.group)
-            pipe.xlen(self.s.dlq_stream)
-            pipe.xlen(self.s.stream)
-            pipe.xinfo_stream(self.s.stream)
+            pipe.xinfo_groups(self.settings.stream)
+            pipe.xpending(self.settings.stream, self.settings.group)
+            pipe.xlen(self.settings.dlq_stream)
+            pipe.xlen(self.settings.stream)
+            pipe.xinfo_stream(self.settings.stream)
             groups, pending, dlq_len, stream_len, info = pipe.execute()
         except redis.RedisError:
             up.add_metric([], 0)
@@ -63,7 +43,9 @@ class StreamCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        group = next((g for g in groups if g["name"] in (self.s.group, self.s.group.encode())), None)
+        group = next(
+            (g for g in groups if g["name"] in (self.settings.group, self.settings.group.encode())), None
+        )
         group_lag_now = None if group is None else group_lag(group, info["last-generated-id"], stream_len)
         if group_lag_now is not None:
             lag = GaugeMetricFamily("tpx_group_lag", "Entries in the stream not yet delivered to the group")

@@ -1,54 +1,23 @@
 """Dead letters (CONTRACT.md §3): the original fields verbatim plus ``dlq_*``.
 
-The one home of the dead-letter vocabulary: the field names, the stages and what a replay
-can come to, read by the engine (which writes dead letters) and the ops commands (which read,
-replay and drain them). The original entry is acknowledged only after its dead letter was
-added, so a crash in between may leave a dead letter twice but never loses one.
+Writing them is the engine's; their vocabulary (field names, stages, replay outcomes) lives in
+:mod:`tpx.contract`, shared with the ops commands that read, replay and drain them. The original
+entry is acknowledged only after its dead letter was added, so a crash in between may leave a
+dead letter twice but never loses one.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
 
 import redis
 
+from tpx.contract import AT, CONSUMER, DELIVERIES, ERROR, SOURCE_ID, STAGE, Stage
+
+__all__ = ["DeadLetter", "Stage", "add_dead_letters", "dead_letter"]
 from tpx.streams import dlq_stream
-
-#: Every field a dead letter adds to the original entry's starts with this (a replay drops them).
-FIELD_PREFIX: Final = "dlq_"
-#: The original entry's stream id.
-SOURCE_ID: Final = "dlq_source_id"
-#: Where it failed: a :class:`Stage`.
-STAGE: Final = "dlq_stage"
-#: A one-line reason naming the offending field or value.
-ERROR: Final = "dlq_error"
-#: How many times it was delivered before it was dead-lettered.
-DELIVERIES: Final = "dlq_deliveries"
-#: The consumer that dead-lettered it.
-CONSUMER: Final = "dlq_consumer"
-#: Epoch milliseconds when it was dead-lettered.
-AT: Final = "dlq_at"
-
-
-class Stage(enum.StrEnum):
-    """Where a record failed (``dlq_stage``, and the ``stage`` label of the metrics)."""
-
-    #: not a valid record by the contract
-    DECODE = "decode"
-    #: the database refused it
-    WRITE = "write"
-
-
-STAGE_DECODE: Final = Stage.DECODE
-STAGE_WRITE: Final = Stage.WRITE
-
-#: What a replay of one dead letter came to (``tpx dlq replay``): done, refused because it was
-#: replayed too often already, not found, or, under ``--dry-run``, what would happen.
-ReplayOutcome = Literal["replayed", "refused", "missing", "would-replay", "would-refuse"]
 
 _SOURCE_ID = SOURCE_ID.encode()
 _STAGE = STAGE.encode()

@@ -20,6 +20,7 @@ from typing import IO, Any, cast
 import redis
 
 from tpx.config import Settings
+from tpx.contract import AT, CONSUMER, DELIVERIES, ERROR, FIELD_PREFIX, SOURCE_ID, STAGE, ReplayOutcome
 from tpx.errors import OpsError
 from tpx.ops.inspect import entry_age_s
 from tpx.streams import as_text
@@ -76,7 +77,7 @@ class DeadLetterView:
         return entry_age_s(self.id)
 
     def original(self) -> dict[str, str]:
-        return {k: v for k, v in self.fields.items() if not k.startswith("dlq_")}
+        return {k: v for k, v in self.fields.items() if not k.startswith(FIELD_PREFIX)}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,12 +105,12 @@ def _view(entry_id: Any, raw: dict[Any, Any] | None) -> DeadLetterView:
 
     return DeadLetterView(
         id=as_text(entry_id),
-        source_id=fields.get("dlq_source_id", ""),
-        stage=fields.get("dlq_stage", ""),
-        error=fields.get("dlq_error", ""),
-        deliveries=number("dlq_deliveries"),
-        consumer=fields.get("dlq_consumer", ""),
-        at_ms=number("dlq_at"),
+        source_id=fields.get(SOURCE_ID, ""),
+        stage=fields.get(STAGE, ""),
+        error=fields.get(ERROR, ""),
+        deliveries=number(DELIVERIES),
+        consumer=fields.get(CONSUMER, ""),
+        at_ms=number(AT),
         device_id=fields.get("device_id", ""),
         replays=number("replays"),
         fields=fields,
@@ -185,7 +186,7 @@ def show(client: redis.Redis, settings: Settings, entry_id: str) -> DeadLetterVi
 @dataclass
 class ReplayResult:
     id: str
-    outcome: str  # replayed | refused | missing | would-replay | would-refuse
+    outcome: ReplayOutcome
     new_id: str = ""
     replays: int = 0
 
@@ -209,7 +210,7 @@ def replay_one(
             args=[entry_id, _NO_REPLAY_LIMIT if max_replays is None else max_replays],
         ),
     )
-    result = ReplayResult(entry_id, as_text(outcome))
+    result = ReplayResult(entry_id, cast(ReplayOutcome, as_text(outcome)))  # the script's first value
     if result.outcome == "replayed":
         result.new_id = as_text(value)
     elif result.outcome == "refused":

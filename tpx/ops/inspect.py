@@ -16,9 +16,8 @@ import redis
 
 from tpx import keys
 from tpx.config import Settings
-from tpx.engine.collector import group_lag
 from tpx.errors import OpsError
-from tpx.streams import as_text, entry_ms
+from tpx.streams import as_text, entry_ms, group_lag
 
 #: Keys per SCAN step when looking for heartbeats: the keyspace holds a handful of tpx keys per
 #: stream, so a few round trips cover even a Redis shared with much else.

@@ -159,3 +159,14 @@ def test_ci_workflow_runs_readme_test_command() -> None:
     runs = [step.get("run", "").strip() for job in workflow["jobs"].values() for step in job["steps"]]
     assert command in runs
     assert shlex.split(command)[-2:] == [".venv/bin/pytest", "-q"]
+
+
+def test_the_contract_in_the_repository_is_the_shared_one() -> None:
+    """docs/CONTRACT.md is what a clone reads; where the platform's shared copy is beside the
+    checkout (../shared/CONTRACT.md, as on the project machines), the two are identical."""
+    ours = ROOT / "docs" / "CONTRACT.md"
+    assert ours.is_file()
+    shared = ROOT.parent / "shared" / "CONTRACT.md"
+    if not shared.is_file():
+        pytest.skip("no ../shared/CONTRACT.md beside this checkout to compare with")
+    assert ours.read_text() == shared.read_text(), "docs/CONTRACT.md differs from ../shared/CONTRACT.md"

@@ -24,6 +24,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tpx.streams import dlq_stream
 
 ENV_PREFIX = "TPX_"
+#: The highest TCP port number.
+MAX_PORT = 65535
 _SECRET_FIELDS = ("redis_url", "database_url")
 
 
@@ -181,7 +183,7 @@ class Settings(BaseSettings):
         if value.lower() == "off":
             return "off"
         host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
+        if not sep or not port.isdigit() or int(port) > MAX_PORT:
             raise ValueError("must be host:port (port 0 picks a free one) or 'off'")
         del host
         return value

@@ -63,6 +63,7 @@ def writer_timeouts(settings: Settings) -> list[sql.Composable]:
 def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Composable]) -> ConnectionPool:
     """A psycopg pool whose connections have tpx's search_path and the given setup."""
     from psycopg_pool import ConnectionPool
+
     statements = [search_path(settings), *configure_sql]
 
     def configure(conn):  # type: ignore[no-untyped-def]

@@ -32,6 +32,17 @@ POISON_KINDS = (
     "ts_too_old",
 )
 
+#: Of the fixes: this fraction has no GPS (0 satellites), and of those this fraction also 0/0.
+LOST_FIX_FRACTION = 0.01
+ZERO_ZERO_FRACTION = 0.5
+#: Records with priority 0 (low) and with event_io_id 0 (periodic), as a tracker mostly sends.
+LOW_PRIORITY_FRACTION = 0.97
+PERIODIC_FRACTION = 0.9
+#: Above this speed (km/h) io 240, "movement", is 1.
+MOVING_KMH = 3
+#: How many of its recent records a device may send again as a duplicate.
+RESEND_MEMORY = 8
+
 
 @dataclass
 class _Device:
@@ -103,9 +114,11 @@ class Fleet:
         d.lon = (d.lon + 180) % 360 - 180
         d.alt = max(-50.0, d.alt + rng.gauss(0, 1.5))
         d.odometer += int(metres)
-        lost = rng.random() < 0.01
+        lost = rng.random() < LOST_FIX_FRACTION
         satellites = 0 if lost else rng.randrange(4, 21)
-        lat, lon = (0.0, 0.0) if lost and rng.random() < 0.5 else (round(d.lat, 7), round(d.lon, 7))
+        lat, lon = (
+            (0.0, 0.0) if lost and rng.random() < ZERO_ZERO_FRACTION else (round(d.lat, 7), round(d.lon, 7))
+        )
         return {
             "ts": d.ts_ms,
             "lat": lat,
@@ -114,11 +127,11 @@ class Fleet:
             "angle": round(d.heading, 1),
             "speed": round(d.speed, 1),
             "satellites": satellites,
-            "priority": 0 if rng.random() < 0.97 else rng.choice((1, 2)),
-            "event_io_id": 0 if rng.random() < 0.9 else rng.choice((239, 240, 247, 252)),
+            "priority": 0 if rng.random() < LOW_PRIORITY_FRACTION else rng.choice((1, 2)),
+            "event_io_id": 0 if rng.random() < PERIODIC_FRACTION else rng.choice((239, 240, 247, 252)),
             "io": {
                 "239": int(d.speed > 0),
-                "240": int(d.speed > 3),
+                "240": int(d.speed > MOVING_KMH),
                 "21": rng.randrange(1, 6),
                 "69": 1,
                 "66": rng.randrange(11_800, 14_400),
@@ -181,6 +194,6 @@ class Fleet:
             }
             stats.valid += 1
             d.sent.append(entry)
-            if len(d.sent) > 8:
+            if len(d.sent) > RESEND_MEMORY:
                 del d.sent[0]
             yield entry

@@ -53,6 +53,9 @@ from tpx.streams import entry_order
 
 log = logging.getLogger(__name__)
 
+#: XAUTOCLAIM's reply fields on Redis 6.2 (next id, entries); Redis 7 adds the deleted ids.
+AUTOCLAIM_FIELDS_6_2 = 2
+
 #: BLOCK time (ms) while no batch is open; bounds how fast a stop request is noticed.
 IDLE_BLOCK_MS = 500
 #: Back-off bounds (s) while Redis is unreachable.
@@ -326,7 +329,7 @@ class Reader(threading.Thread):
             # Redis 7: [next, entries, deleted ids]; Redis 6.2: [next, entries] (a deleted one: nil)
             next_id = cast(bytes, reply[0])
             entries = cast(list[tuple[bytes, list[bytes] | None] | None], reply[1])
-            deleted = cast(list[bytes], reply[2]) if len(reply) > 2 else []
+            deleted = cast(list[bytes], reply[2]) if len(reply) > AUTOCLAIM_FIELDS_6_2 else []
             if deleted:
                 self._settle([], deleted)
             if any(e is None for e in entries):  # Redis 6.2 names no id for a deleted entry

@@ -68,10 +68,15 @@ def test_serve_end_to_end(
 def test_sigterm_while_idle_exits_zero_quickly(serve_env: dict[str, str], tmp_path: Path) -> None:
     serve = Serve(serve_env, tmp_path / "serve.log").start()
     wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+    started = time.monotonic()
     serve.signal(signal.SIGTERM)
     assert serve.wait(10) == 0
+    # nothing to drain: it must not sit out the drain budget (TPX_DRAIN_TIMEOUT_S, 8 s by default)
+    assert time.monotonic() - started < IDLE_STOP_S
 
 
+#: An idle instance stops well inside this (s): its threads only wait on a queue and a BLOCK.
+IDLE_STOP_S = 3.0
 #: writers in the stuck-writer tests: each one holding a batch used to cost its own fixed join
 STUCK_WRITERS = 3
 

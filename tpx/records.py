@@ -36,8 +36,12 @@ from tpx.errors import first_line
 
 # --- the contract's limits -------------------------------------------------
 
-#: 2000-01-01T00:00:00Z in epoch microseconds: no fix can be older.
-MIN_TS_US: Final = 946_684_800_000_000
+#: 2000-01-01T00:00:00Z in epoch microseconds: PostgreSQL's epoch. A ``timestamptz`` in binary
+#: form is the microseconds since then, so the decoder hands the writer ``ts_us - PG_EPOCH_US``.
+PG_EPOCH_US: Final = 946_684_800_000_000
+#: No fix can be older than 2000-01-01T00:00:00Z (the contract), which is PostgreSQL's epoch too:
+#: a stored ``ts`` in binary form is never negative.
+MIN_TS_US: Final = PG_EPOCH_US
 #: ``event_io_id`` is stored in an ``integer`` column.
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
@@ -70,9 +74,6 @@ class DecodeError(ValueError):
         super().__init__(" ".join(message.split()))
 
 
-#: 2000-01-01T00:00:00Z in epoch microseconds: PostgreSQL's epoch. A ``timestamptz`` in binary
-#: form is the microseconds since then, so the decoder hands the writer ``ts_us - PG_EPOCH_US``.
-PG_EPOCH_US: Final = 946_684_800_000_000
 #: A ``jsonb`` value in binary form: a version byte, then the JSON text.
 JSONB_VERSION: Final = b"\x01"
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
 from psycopg import sql
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "tpx_schema_migrations"
+#: What ``positions`` is: a TimescaleDB hypertable on ``ts``, or an ordinary table.
+Storage = Literal["hypertable", "table"]
 _FILE_RE = re.compile(r"(\d{3,})_([a-z0-9_]+)\.sql")
 
 #: Where ``CREATE EXTENSION timescaledb`` puts the extension. Its control file fixes no schema
@@ -77,7 +79,7 @@ class Migration:
 class MigrationReport:
     schema: str
     applied: list[str] = field(default_factory=list)
-    storage: str = "table"  # "hypertable" or "table"
+    storage: Storage = "table"
     storage_reason: str = ""
     #: What the operator can do to get the hypertable ("" when there is nothing to do).
     storage_hint: str = ""
@@ -178,7 +180,7 @@ def _preload_problem(conn: psycopg.Connection[tuple[object, ...]]) -> str | None
 
 @dataclass
 class _Storage:
-    storage: str
+    storage: Storage
     reason: str = ""
     hint: str = ""
     policies: list[str] = field(default_factory=list)

@@ -40,7 +40,7 @@ import traceback
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import redis
@@ -61,7 +61,7 @@ from tpx.engine.stages import PostCommitStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import Writer
 from tpx.errors import first_line
-from tpx.schema import current_version, latest_version, migrate_for
+from tpx.schema import Storage, current_version, latest_version, migrate_for
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class Engine:
         self.abort = threading.Event()
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.storage = "unknown"
+        #: what positions is, once migrated or checked (heartbeat, panic dump); "unknown" before
+        self.storage: Storage | Literal["unknown"] = "unknown"
         self.client: redis.Redis | None = None
         self.pool: ConnectionPool | None = None
         self.reader: Reader | None = None

@@ -88,6 +88,7 @@ def test_status_shows_stream_group_consumers_and_instances(
             "pending": 0,
             "idle_ms": consumers["serve-1"]["idle_ms"],
             "alive": True,
+            "state": "alive",
         }
     }
     assert data["pending"] == 0 and data["oldest_pending_id"] is None

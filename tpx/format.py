@@ -40,13 +40,57 @@ def us_time(us: int) -> str:
     return dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-#: A consumer with pending entries and no heartbeat: its entries wait for a claim.
+#: A consumer with pending entries, no heartbeat and no HTTP listener that answers: its entries
+#: wait for a claim.
 DEAD_WITH_PENDING = "DEAD, HAS PENDING"
+#: A consumer with no heartbeat whose HTTP listener answers: it runs (it lost Redis?), holding
+#: its queued batches; claiming its entries would write them twice over.
+HEARTBEAT_MISSING = "HEARTBEAT MISSING"
+#: An instance whose writers keep failing (its /readyz is 503): alive, but writing nothing.
+WRITERS_FAILING = "WRITERS FAILING"
 
 
-def consumer_state(alive: bool, pending: int) -> str:
-    """A consumer's state spelled out, readable without colour."""
-    return "alive" if alive else (DEAD_WITH_PENDING if pending else "dead")
+def consumer_state(
+    alive: bool, pending: int, failing: tuple[float, str] | None = None, answers: bool | None = None
+) -> str:
+    """A consumer's state spelled out, readable without colour.
+
+    ``failing``: (seconds, reason) of its failing writers, from its heartbeat; ``answers``:
+    whether its HTTP listener answered, for one without a heartbeat (None: not known).
+    """
+    if alive:
+        return "alive" if failing is None else f"alive, {WRITERS_FAILING} {ago(failing[0])}: {failing[1]}"
+    if answers:
+        return f"{HEARTBEAT_MISSING}, HAS PENDING" if pending else HEARTBEAT_MISSING
+    return DEAD_WITH_PENDING if pending else "dead"
+
+
+def consumer_view_state(c: ConsumerView) -> str:
+    """:func:`consumer_state` of what tpx.ops.inspect learnt of a consumer."""
+    return consumer_state(c.alive, c.pending, c.failing, c.answers)
+
+
+def consumer_known(c: ConsumerView) -> str:
+    """For a consumer without a heartbeat: what tpx knows of it, and what it cannot know."""
+    probe = c.probe
+    seen = probe.last_seen if probe else None
+    parts = [
+        f"last heartbeat {ago(seen.heartbeat_age_s)} ago" if seen else "no heartbeat in the last day",
+        f"idle {ago(c.idle_ms / 1000)} in the group",
+    ]
+    if probe is None or not probe.url:
+        parts.append("no HTTP address known")
+    elif probe.answers:
+        parts.append(f"{probe.url} answers: it still runs, holding what it read")
+    else:
+        parts.append(f"{probe.url} does not answer ({probe.error})")
+    unknown = "whether it will come back" if not probe or not probe.answers else "why it stopped heartbeating"
+    return f"{c.name}: {', '.join(parts)}; not known: {unknown}"
+
+
+def claim_command(name: str) -> str:
+    """The command that takes over a dead consumer's pending entries."""
+    return f"tpx claim --dead-consumer {name}"
 
 
 def short_us_time(us: int | None) -> str:
@@ -75,7 +119,7 @@ def consumer_cells(c: ConsumerView) -> tuple[str, ...]:
     i = c.instance
     return (
         c.name,
-        consumer_state(c.alive, c.pending),
+        consumer_view_state(c),
         f"{c.pending:,}",
         ago(c.idle_ms / 1000),
         f"{i.read_per_s:,.0f}" if i else "-",

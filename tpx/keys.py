@@ -11,6 +11,9 @@ from __future__ import annotations
 #: HEARTBEAT_TTL_S has expired and counts as dead.
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 15
+#: Seconds an instance's last heartbeat is kept after it expires: long enough for an operator to
+#: learn, a day later, when a dead consumer was last seen and where its HTTP listener was.
+LAST_SEEN_TTL_S = 86_400
 
 
 def prefix(stream: str) -> str:
@@ -20,6 +23,11 @@ def prefix(stream: str) -> str:
 def heartbeat(stream: str, consumer: str) -> str:
     """A JSON document describing one live instance; expires when it stops refreshing it."""
     return f"{prefix(stream)}:instance:{consumer}"
+
+
+def last_seen(stream: str, consumer: str) -> str:
+    """The instance's newest heartbeat document, kept for :data:`LAST_SEEN_TTL_S` after it stops."""
+    return f"{prefix(stream)}:seen:{consumer}"
 
 
 def heartbeat_pattern(stream: str) -> str:

@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleDimensions, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from tpx.format import CONSUMER_COLUMNS, ago, consumer_cells, ms_time
+from tpx.format import CONSUMER_COLUMNS, ago, claim_command, consumer_cells, consumer_known, ms_time
 
 if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine for every command
     from tpx.ops.claim import ClaimReport
@@ -26,8 +27,26 @@ if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine f
     from tpx.ops.inspect import PendingEntry, Status
     from tpx.simulate import SimulationReport
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+#: The width rich lays output out in when it does not go to a terminal: wide enough that no row
+#: of tpx's wraps or folds (kubectl and kafka-consumer-groups never wrap into a pipe either).
+UNWRAPPED_WIDTH = 1 << 16
+
+
+class _Console(Console):
+    """A rich Console that squeezes nothing to 80 columns when its output is a pipe or a file."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 #: The consumer table's text columns; the numbers are right-aligned.
 _LEFT_COLUMNS = ("consumer", "state")
 
@@ -76,8 +95,11 @@ def status_renderables(st: Status) -> list[Any]:
     oldest = f", oldest {ago(st.oldest_pending_age_s)} old" if st.oldest_pending_id else ""
     head.add_row("pending", f"{st.pending:,}{oldest}")
     head.add_row("dead letters", f"{st.dlq_length:,}")
-    alive = sum(1 for i in st.instances)
-    head.add_row("instances", f"{alive} alive")
+    failing = [c.name for c in st.consumers if c.alive and c.failing is not None]
+    head.add_row(
+        "instances",
+        f"{len(st.instances)} alive" + (f", writers failing on {', '.join(failing)}" if failing else ""),
+    )
     out: list[Any] = [head]
     if st.consumers:
         table = Table(title="consumers", title_justify="left", expand=False)
@@ -90,11 +112,20 @@ def status_renderables(st: Status) -> list[Any]:
     starting = [i for i in st.instances if i.consumer not in known]
     if starting:
         out.append("instances not yet in the group: " + ", ".join(i.consumer for i in starting))
-    if st.dead_with_pending:
-        names = ", ".join(c.name for c in st.dead_with_pending)
+    for c in st.consumers:
+        if not c.alive and c.pending:
+            out.append(Text(consumer_known(c)))
+    for c in st.heartbeat_missing:
+        if c.pending:
+            out.append(
+                Text(
+                    f"{c.name} has no heartbeat but answers on HTTP: do not claim its entries while "
+                    "it runs (see OPERATIONS.md, Redis outage)"
+                )
+            )
+    for c in st.dead_with_pending:
         out.append(
-            f"[bold]dead consumers hold pending entries:[/bold] {names} — "
-            f"run `tpx claim --dead-consumer NAME` (see OPERATIONS.md)"
+            Text(f"{c.name} is dead and holds {c.pending:,} pending entries: run {claim_command(c.name)}")
         )
     return out
 

@@ -57,6 +57,7 @@ class Heartbeat(threading.Thread):
         self.extra = extra
         self.interval = interval
         self.key = keys.heartbeat(settings.stream, settings.consumer)
+        self.seen_key = keys.last_seen(settings.stream, settings.consumer)
         self.started_at = time.time()
         self._last: tuple[float, float, float] | None = None
 
@@ -84,7 +85,11 @@ class Heartbeat(threading.Thread):
         }
 
     def beat(self) -> None:
-        self.client.set(self.key, json.dumps(self.document()), ex=keys.HEARTBEAT_TTL_S)
+        doc = json.dumps(self.document())
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key, doc, ex=keys.HEARTBEAT_TTL_S)
+        pipe.set(self.seen_key, doc, ex=keys.LAST_SEEN_TTL_S)  # outlives the heartbeat: `tpx status`
+        pipe.execute()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -94,7 +99,7 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed: %s", exc)
             self.stop_event.wait(self.interval)
         with contextlib.suppress(redis.RedisError):  # a clean stop says so at once, not after the TTL
-            self.client.delete(self.key)
+            self.client.delete(self.key, self.seen_key)
 
 
 class Control(threading.Thread):

@@ -248,6 +248,12 @@ class Engine:
             "cache_size": len(self.states),
             "writers": self.settings.writers,
             "writers_failing": [w.name for w in self.writers if w.failing_since is not None],
+            # since how long and why, for `tpx status` (``for_s``: seconds, as at the heartbeat's ``at``)
+            "writers_failing_detail": [
+                {"writer": w.name, "for_s": time.monotonic() - since, "reason": w.committer.health.last_error}
+                for w in self.writers
+                if (since := w.failing_since) is not None
+            ],
             "http": self.http.address if self.http is not None else None,
             "storage": self.storage,
             "stopping": self._stopping,

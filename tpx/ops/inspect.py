@@ -22,6 +22,12 @@ from tpx.streams import as_text, entry_ms, group_lag
 #: Keys per SCAN step when looking for heartbeats: the keyspace holds a handful of tpx keys per
 #: stream, so a few round trips cover even a Redis shared with much else.
 HEARTBEAT_SCAN_COUNT = 500
+#: Seconds to wait for a silent consumer's /healthz: a live instance answers in milliseconds, and
+#: `tpx status` must not hang on a host that drops packets.
+PROBE_TIMEOUT_S = 0.5
+#: Consumers without a heartbeat probed per status: a group of stale pod names stays quick.
+MAX_PROBES = 16
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 (bind addresses, read not bound)
 
 
 def entry_age_s(entry_id: bytes | str | None, now: float | None = None) -> float | None:
@@ -47,9 +53,27 @@ class Instance:
     queue_depth: int = 0
     cache_size: int = 0
     writers_failing: list[str] = field(default_factory=list)
+    #: {"writer", "for_s", "reason"} of each failing writer (empty from instances before 0.x)
+    writers_failing_detail: list[dict[str, Any]] = field(default_factory=list)
+    #: its HTTP listener, host:port as it bound it (None: off)
+    http: str | None = None
     e2e_p50_s: float | None = None
     e2e_p95_s: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Probe:
+    """What tpx learnt of a consumer that has no heartbeat: its last one, and its HTTP listener."""
+
+    #: its newest heartbeat, kept for a day after it stops (None: none in that time)
+    last_seen: Instance | None = None
+    #: the /healthz probed (None: no address known, nothing probed)
+    url: str | None = None
+    #: whether it answered (any HTTP status); None when nothing was probed
+    answers: bool | None = None
+    #: why it did not answer (connection refused, timed out...)
+    error: str = ""
 
 
 @dataclass
@@ -59,6 +83,44 @@ class ConsumerView:
     idle_ms: int
     alive: bool
     instance: Instance | None = None
+    #: for a consumer without a heartbeat: what else tpx knows of it
+    probe: Probe | None = None
+
+    @property
+    def failing(self) -> tuple[float, str] | None:
+        """(seconds, reason) of its longest-failing writer, from its heartbeat; None: none fail."""
+        detail = self.instance.writers_failing_detail if self.instance else []
+        if not detail:
+            if self.instance and self.instance.writers_failing:  # an older instance: names only
+                return 0.0, ", ".join(self.instance.writers_failing)
+            return None
+        worst = max(detail, key=lambda d: float(d.get("for_s", 0)))
+        return float(worst.get("for_s", 0)), f"{worst.get('writer', '?')}: {worst.get('reason', '')}"
+
+    @property
+    def answers(self) -> bool | None:
+        return self.probe.answers if self.probe else None
+
+    def to_dict(self) -> dict[str, Any]:
+        from tpx.format import consumer_view_state
+
+        out: dict[str, Any] = {
+            "name": self.name,
+            "pending": self.pending,
+            "idle_ms": self.idle_ms,
+            "alive": self.alive,
+            "state": consumer_view_state(self),
+        }
+        failing = self.failing
+        if failing is not None:
+            out["writers_failing"] = {"for_s": failing[0], "reason": failing[1]}
+        if self.probe is not None:
+            seen = self.probe.last_seen
+            out["last_heartbeat_age_s"] = seen.heartbeat_age_s if seen else None
+            out["http"] = self.probe.url
+            out["http_answers"] = self.probe.answers
+            out["http_error"] = self.probe.error or None
+        return out
 
 
 @dataclass
@@ -81,7 +143,13 @@ class Status:
 
     @property
     def dead_with_pending(self) -> list[ConsumerView]:
-        return [c for c in self.consumers if not c.alive and c.pending > 0]
+        """Consumers with pending entries, no heartbeat, and no HTTP listener that answers."""
+        return [c for c in self.consumers if not c.alive and c.pending > 0 and c.answers is not True]
+
+    @property
+    def heartbeat_missing(self) -> list[ConsumerView]:
+        """Consumers without a heartbeat whose HTTP listener answers: they still run."""
+        return [c for c in self.consumers if not c.alive and c.answers is True]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,10 +165,7 @@ class Status:
             "oldest_pending_id": self.oldest_pending_id,
             "oldest_pending_age_s": self.oldest_pending_age_s,
             "dlq_length": self.dlq_length,
-            "consumers": [
-                {"name": c.name, "pending": c.pending, "idle_ms": c.idle_ms, "alive": c.alive}
-                for c in self.consumers
-            ],
+            "consumers": [c.to_dict() for c in self.consumers],
             "instances": [{k: v for k, v in vars(i).items() if k != "raw"} for i in self.instances],
             "at": self.at,
         }
@@ -116,9 +181,14 @@ def instances(client: redis.Redis, stream: str) -> list[Instance]:
     )
     if not found:
         return []
+    return sorted(_documents(client.mget(found)), key=lambda i: i.consumer)
+
+
+def _documents(raws: list[Any]) -> list[Instance]:
+    """The heartbeat documents ``raws`` (MGET's answer) as Instances; missing or bad ones skipped."""
     now = time.time()
     out = []
-    for raw in client.mget(found):
+    for raw in raws:
         if raw is None:  # expired between SCAN and MGET
             continue
         try:
@@ -138,15 +208,66 @@ def instances(client: redis.Redis, stream: str) -> list[Instance]:
                 queue_depth=int(doc.get("queue_depth", 0)),
                 cache_size=int(doc.get("cache_size", 0)),
                 writers_failing=list(doc.get("writers_failing", [])),
+                writers_failing_detail=list(doc.get("writers_failing_detail", [])),
+                http=doc.get("http"),
                 e2e_p50_s=doc.get("e2e_p50_s"),
                 e2e_p95_s=doc.get("e2e_p95_s"),
                 raw=doc,
             )
         )
-    return sorted(out, key=lambda i: i.consumer)
+    return out
 
 
-def status(client: redis.Redis, settings: Settings) -> Status:
+def healthz_url(instance: Instance) -> str | None:
+    """Where the instance's /healthz answers (a wildcard bind is reached by its host name)."""
+    if not instance.http:
+        return None
+    host, _, port = instance.http.rpartition(":")
+    if host.strip("[]") in _WILDCARD_HOSTS:
+        host = instance.host or "127.0.0.1"
+    return f"http://{host}:{port}/healthz"
+
+
+def probe_http(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether anything answers HTTP at ``url`` within ``timeout`` (a 503 answers too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (an http:// URL we built)
+            return True, ""
+    except urllib.error.HTTPError:
+        return True, ""
+    except urllib.error.URLError as exc:
+        return False, str(exc.reason)
+    except OSError as exc:  # timed out, reset
+        return False, str(exc) or type(exc).__name__
+
+
+def probe_consumers(client: redis.Redis, stream: str, views: list[ConsumerView]) -> None:
+    """Fill the :class:`Probe` of each consumer without a heartbeat: its last heartbeat and, when
+    it named an HTTP listener, whether that answers (probed at once, one bound for all)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    silent = [c for c in views if not c.alive][:MAX_PROBES]
+    if not silent:
+        return
+    seen = {i.consumer: i for i in _documents(client.mget([keys.last_seen(stream, c.name) for c in silent]))}
+    for c in silent:
+        last = seen.get(c.name)
+        c.probe = Probe(last_seen=last, url=healthz_url(last) if last else None)
+    probes = [c.probe for c in silent if c.probe is not None and c.probe.url]
+    if not probes:
+        return
+    with ThreadPoolExecutor(max_workers=len(probes), thread_name_prefix="tpx-probe") as pool:
+        answers = list(pool.map(probe_http, [cast(str, p.url) for p in probes]))
+    for p, (ok, error) in zip(probes, answers, strict=True):
+        p.answers, p.error = ok, error
+
+
+def status(client: redis.Redis, settings: Settings, probe: bool = True) -> Status:
+    """The pipeline at a glance; ``probe``: also ask each consumer without a heartbeat's HTTP
+    listener whether it still runs (at most :data:`PROBE_TIMEOUT_S`)."""
     s = settings
     result = Status(stream=s.stream, group=s.group, stream_exists=bool(client.exists(s.stream)))
     result.dlq_length = int(client.xlen(s.dlq_stream))
@@ -182,6 +303,8 @@ def status(client: redis.Redis, settings: Settings) -> Status:
                 instance=alive.get(name),
             )
         )
+    if probe:
+        probe_consumers(client, s.stream, result.consumers)
     return result
 
 

@@ -22,7 +22,7 @@ FLAGS = {
     "serve": "--redis-url --database-url --db-schema --stream --group --consumer --http-addr --writers "
     "--batch-size --batch-max-latency-ms --read-count --queue-batches --device-cache-size "
     "--drain-timeout-s --migrate --log-level --log-format",
-    "migrate": "--database-url --db-schema --compress-after --retain-for --json",
+    "migrate": "--dry-run --database-url --db-schema --compress-after --retain-for --json",
     "config": "--json",
     "top": "--interval --redis-url --database-url --db-schema --stream --group",
     "demo": "--headless --duration --rate --devices --poison --data-dir --json",
@@ -32,13 +32,13 @@ FLAGS = {
     "pending": "--consumer --min-idle --limit --redis-url --stream --group --json",
     "claim": "--dead-consumer --min-idle --force --dry-run --redis-url --database-url --db-schema --stream "
     "--group --json",
-    "rehydrate": "--timeout --redis-url --stream --json",
+    "rehydrate": "--timeout --dry-run --redis-url --stream --json",
     "device": "--limit --timeout --redis-url --database-url --db-schema --stream --json",
     "dlq list": "--stage --device --limit --redis-url --stream --json",
     "dlq show": "--redis-url --stream --json",
     "dlq replay": "--all --stage --device --max-replays --dry-run --redis-url --stream --json",
     "dlq drain": "--stage --device --max-replays --dry-run --redis-url --stream --json",
-    "dlq export": "--stage --device --redis-url --stream",
+    "dlq export": "--stage --device --force --redis-url --stream --json",
     "dlq purge": "--older-than --dry-run --redis-url --stream --json",
 }
 

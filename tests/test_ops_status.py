@@ -5,9 +5,6 @@ from a pipe, as a script or `docker exec` reads it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +15,12 @@ from psycopg import sql
 
 from tests.helpers import Serve, add_entries, record, wait_for
 from tests.proxy import Proxy, redis_target, redis_via
+from tests.test_ops_pipes import run
 from tpx import keys
 from tpx.config import Settings
 from tpx.schema import migrate
 
 pytestmark = pytest.mark.slow
-
-
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The real `tpx` with stdout to a pipe (no terminal, no COLUMNS)."""
-    full = {k: v for k, v in {**os.environ, **env}.items() if k not in ("COLUMNS", "TPX_CONSUMER")}
-    return subprocess.run(
-        [sys.executable, "-m", "tpx", *args], env=full, capture_output=True, text=True, timeout=60
-    )
 
 
 def status_json(env: dict[str, str]) -> dict:

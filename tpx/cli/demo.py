@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -143,17 +142,10 @@ def simulate(
     )
     stop = threading.Event()
     stream = cmd.settings.stream
-    with cmd.redis() as client:
-
-        def show(produced: int, per_s: float) -> None:
-            if sys.stderr.isatty():
-                render.err_console.print(f"\r{produced:,} records  {per_s:,.0f}/s", end="")
-
+    with cmd.redis() as client, render.simulation_progress(count) as show:
         try:
             report = cmd.guarded(lambda: run(client, stream, fleet, rate, count, duration, stop, show))
         except KeyboardInterrupt:
             stop.set()
             raise typer.Exit(exitcodes.OK) from None
-    if sys.stderr.isatty():
-        render.err_console.print()
     cmd.answer(report.to_dict(), lambda: render.print_simulation(report, stream))

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from tpx import exitcodes
-from tpx.cli.options import DLQ_OPTIONS, DryRun, Invocation, fail, guarded, with_settings
+from tpx.cli.options import DLQ_OPTIONS, DryRun, Invocation, emit, fail, guarded, with_settings
 from tpx.config import parse_duration
 
 app = typer.Typer(help="Inspect, replay, export and purge dead letters.", no_args_is_help=True)
@@ -139,14 +139,16 @@ def drain(
 
 
 @app.command("export")
-@with_settings(*DLQ_OPTIONS)
+@with_settings(*DLQ_OPTIONS, json=True)
 def export(
     cmd: Invocation,
-    file: Annotated[Path, typer.Argument(help="Where to write JSON lines ('-' for stdout).")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write JSON lines ('-' for stdout).")],
     stage: StageOpt = None,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite FILE if it exists.")] = False,
 ) -> None:
-    """Write dead letters as JSON lines (id, dlq fields, original fields).
+    """Write dead letters as JSON lines (id, dlq fields, original fields); an existing FILE is
+    kept unless --force. With --json, the summary is a JSON object.
 
     Example: tpx dlq export /tmp/dlq-$(date +%F).jsonl --stage decode
     """
@@ -154,6 +156,10 @@ def export(
     from tpx.ops import dlq
 
     to_stdout = str(file) == "-"
+    if to_stdout and cmd.as_json:
+        fail("--json with FILE '-': the dead letters are the JSON lines on stdout already", exitcodes.USAGE)
+    if not to_stdout and file.exists() and not force:
+        fail(f"{file} exists: give --force to overwrite it, or another FILE", exitcodes.USAGE)
     with cmd.redis() as client:
         total = cmd.guarded(lambda: dlq.length(client, cmd.settings))
         with render.progress_bar("exporting", total) as advance:
@@ -165,12 +171,24 @@ def export(
                 try:
                     count = cmd.guarded(
                         lambda: dlq.export_file(
-                            client, cmd.settings, file, stage=stage, device=device, progress=advance
+                            client,
+                            cmd.settings,
+                            file,
+                            overwrite=force,
+                            stage=stage,
+                            device=device,
+                            progress=advance,
                         )
                     )
+                except FileExistsError:  # created since the check above
+                    fail(f"{file} exists: give --force to overwrite it, or another FILE", exitcodes.USAGE)
                 except OSError as exc:
                     fail(f"cannot write {file}: {exc.strerror}", exitcodes.ERROR)
-    if not to_stdout:
+    if to_stdout:
+        return
+    if cmd.as_json:
+        emit({"exported": count, "file": str(file)}, indent=None)
+    else:
         render.err_console.print(f"exported {count:,} dead letters to {file}")
 
 

@@ -117,10 +117,11 @@ def claim(
 @with_settings(*REDIS_OPTIONS, json=True)
 def rehydrate(
     cmd: Invocation,
-    device: Annotated[str, typer.Argument(help="The device_id.")],
+    device: Annotated[str, typer.Argument(metavar="DEVICE", help="The device_id.")],
     timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds to wait for the instances.")
     ] = REHYDRATE_WAIT_S,
+    dry_run: DryRun = False,
 ) -> None:
     """Make every running instance drop a device's cached state and reseed it from Postgres.
 
@@ -130,6 +131,13 @@ def rehydrate(
     from tpx.ops import control
 
     with cmd.redis() as client:
+        if dry_run:
+            asked = cmd.guarded(lambda: control.rehydrate_plan(client, cmd.settings, device))
+            cmd.answer(
+                {"device": device, "dry_run": True, "would_ask": asked},
+                lambda: render.print_rehydrate_plan(device, asked),
+            )
+            return
         result = cmd.guarded(lambda: control.rehydrate(client, cmd.settings, device, timeout))
     cmd.answer(result.to_dict(), lambda: render.print_control(result))
     if result.silent:

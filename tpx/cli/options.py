@@ -20,6 +20,7 @@ at import time, so ``tpx --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import json
 import logging
@@ -40,8 +41,21 @@ log = logging.getLogger("tpx")
 T = TypeVar("T")
 
 
-def fail(message: str, code: int = exitcodes.ERROR) -> NoReturn:
-    typer.echo(f"tpx: {message}", err=True)
+#: Whether the running command answers in JSON (set by :func:`with_settings` for the call):
+#: its errors are then a JSON object on stdout as well as the line on stderr.
+_ERRORS_AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("tpx_errors_as_json", default=False)
+
+
+def fail(message: str, code: int = exitcodes.ERROR, lines: list[str] | None = None) -> NoReturn:
+    """One ``tpx: …`` line per message on stderr (and, under --json, ``{"error", "exit_code"}`` on
+    stdout), then exit ``code``: the one place errors become exit codes."""
+    for line in lines or [message]:
+        typer.echo(f"tpx: {line}", err=True)
+    if _ERRORS_AS_JSON.get():
+        error: dict[str, Any] = {"error": message, "exit_code": code}
+        if lines:
+            error["errors"] = lines
+        typer.echo(json.dumps(error))
     raise typer.Exit(code)
 
 
@@ -53,9 +67,8 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
     try:
         return fn()
     except ConfigError as exc:
-        for line in exc.lines:
-            typer.echo(f"tpx: invalid setting {line}", err=True)
-        raise typer.Exit(exitcodes.USAGE) from None
+        lines = [f"invalid setting {line}" for line in exc.lines]
+        fail("; ".join(lines), exitcodes.USAGE, lines)
     except redis.AuthenticationError as exc:  # a ConnectionError, but retrying will not help
         where = mask_url(settings.redis_url) if settings else "Redis"
         fail(f"Redis at {where} refused tpx: {exc} (fix TPX_REDIS_URL)", exitcodes.USAGE)
@@ -218,7 +231,11 @@ def with_settings(*fields: str, json: bool = False) -> Callable[[Callable[..., N
         def command(**given: Any) -> None:
             overrides = {f: given.pop(f) for f in fields}
             as_json = bool(given.pop(_JSON_PARAM, False))
-            fn(Invocation(overrides, as_json), **given)
+            token = _ERRORS_AS_JSON.set(as_json)
+            try:
+                fn(Invocation(overrides, as_json), **given)
+            finally:
+                _ERRORS_AS_JSON.reset(token)
 
         command.__name__ = fn.__name__
         command.__qualname__ = fn.__qualname__

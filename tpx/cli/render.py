@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,39 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None
             bar.advance(task, n)
 
         yield advance
+
+
+#: Seconds between the plain progress lines written when stderr is not a terminal (a CI log
+#: gets a line every few seconds, not one per half second).
+PLAIN_PROGRESS_EVERY_S = 5.0
+
+
+@contextlib.contextmanager
+def simulation_progress(total: int | None) -> Iterator[Callable[[int, float], None]]:
+    """`tpx simulate`'s progress on stderr: a rich progress display on a terminal, else a plain
+    line every :data:`PLAIN_PROGRESS_EVERY_S`; yields ``show(produced, per_s)``."""
+    if not sys.stderr.isatty():
+        last = time.monotonic()
+
+        def line(produced: int, per_s: float) -> None:
+            nonlocal last
+            if time.monotonic() - last >= PLAIN_PROGRESS_EVERY_S:
+                last = time.monotonic()
+                err_console.print(f"simulate: {produced:,} records published, {per_s:,.0f}/s")
+
+        yield line
+        return
+    bar = Progress(
+        TextColumn("publishing"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} records  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task("publishing", total=total, rate="")
+        yield lambda produced, per_s: bar.update(task, completed=produced, rate=f"{per_s:,.0f}/s")
 
 
 @contextlib.contextmanager
@@ -255,6 +289,13 @@ def print_control(result: ControlResult) -> None:
         console.print(f"{result.op} {result.device}: no instance answered")
     if result.silent:
         console.print(f"no answer from: {', '.join(result.silent)}")
+
+
+def print_rehydrate_plan(device: str, asked: list[str]) -> None:
+    if asked:
+        console.print(f"would ask {', '.join(asked)} to drop the cached state of {device} (dry run)")
+    else:
+        console.print(f"no running instance to ask about {device} (dry run)")
 
 
 def print_device(report: DeviceReport) -> None:

@@ -10,6 +10,7 @@ from tpx import exitcodes
 from tpx.cli.options import (
     CONNECTION_OPTIONS,
     POSTGRES_OPTIONS,
+    DryRun,
     Invocation,
     emit,
     fail,
@@ -80,7 +81,7 @@ def _forced_exit() -> None:
 
 
 @with_settings(*POSTGRES_OPTIONS, "compress_after", "retain_for", json=True)
-def migrate(cmd: Invocation) -> None:
+def migrate(cmd: Invocation, dry_run: DryRun = False) -> None:
     """Apply pending schema migrations and the TimescaleDB policies, then exit (safe to run concurrently).
 
     Example: tpx migrate --database-url postgresql://postgres@127.0.0.1/fleet --compress-after 14d
@@ -89,6 +90,20 @@ def migrate(cmd: Invocation) -> None:
     from tpx.schema import migrate_for
 
     settings = cmd.settings
+    if dry_run:
+        from tpx.ops.migrations import pending_migrations
+
+        pending = cmd.guarded(lambda: pending_migrations(settings.database_url, settings.db_schema))
+        if cmd.as_json:
+            emit({"schema": settings.db_schema, "dry_run": True, "would_apply": pending}, indent=None)
+            return
+        for name in pending:
+            typer.echo(f"would apply {name}")
+        typer.echo(
+            f"schema {settings.db_schema}: {len(pending)} migrations to apply (dry run; the "
+            "TimescaleDB policies are checked only when migrating)"
+        )
+        return
     logs.setup(
         settings.log_level, settings.log_format, settings.consumer, stream=sys.stderr
     )  # stdout: report

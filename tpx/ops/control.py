@@ -146,6 +146,13 @@ def latest_rows(settings: Settings, limit: int = DEVICES_LIMIT_DEFAULT) -> list[
     ]
 
 
+def rehydrate_plan(client: redis.Redis, settings: Settings, device: str) -> list[str]:
+    """`tpx rehydrate --dry-run`: the instances that would be asked (a device the instances
+    would refuse raises here, as the real request does); nothing is published."""
+    ControlRequest.new(settings.stream, "rehydrate", device, DEVICES_LIMIT_DEFAULT)
+    return [i.consumer for i in instances(client, settings.stream)]
+
+
 def rehydrate(
     client: redis.Redis, settings: Settings, device: str, timeout: float = REPLY_WAIT_S
 ) -> ControlResult:

@@ -268,8 +268,11 @@ def export(
     return count
 
 
-def export_file(client: redis.Redis, settings: Settings, path: Path, **kw: Any) -> int:
-    with path.open("w", encoding="utf-8") as out:
+def export_file(
+    client: redis.Redis, settings: Settings, path: Path, overwrite: bool = False, **kw: Any
+) -> int:
+    """:func:`export` to ``path``; an existing file raises FileExistsError unless ``overwrite``."""
+    with path.open("w" if overwrite else "x", encoding="utf-8") as out:
         return export(client, settings, out, **kw)
 
 

@@ -30,6 +30,16 @@ def last_seen(stream: str, consumer: str) -> str:
     return f"{prefix(stream)}:seen:{consumer}"
 
 
+#: Seconds the last write error of a pending entry is kept (`tpx pending` shows it): a day covers
+#: every redelivery of an entry the database keeps refusing.
+REFUSALS_TTL_S = 86_400
+
+
+def refusals(stream: str) -> str:
+    """Hash: pending entry id -> the database's last reason for refusing its row."""
+    return f"{prefix(stream)}:refused"
+
+
 def heartbeat_pattern(stream: str) -> str:
     return f"{prefix(stream)}:instance:*"
 

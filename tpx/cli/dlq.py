@@ -1,4 +1,5 @@
-"""`tpx dlq list / show / replay / drain / export / purge`: inspect and fix dead letters."""
+"""`tpx dlq list / show / replay / drain / reasons / export / delete / purge`: inspect and fix
+dead letters."""
 
 from __future__ import annotations
 
@@ -13,9 +14,25 @@ from tpx import exitcodes
 from tpx.cli.options import DLQ_OPTIONS, DryRun, Invocation, emit, fail, guarded, with_settings
 from tpx.config import parse_duration
 
-app = typer.Typer(help="Inspect, replay, export and purge dead letters.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect, replay, export, delete and purge dead letters.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
-StageOpt = Annotated[str | None, typer.Option("--stage", help="Only this stage: decode or write.")]
+#: The stages a dead letter has (contract §3), spelled here so `tpx --help` loads no contract.
+STAGES = ("decode", "write")
+
+
+def _stage(value: str | None) -> str | None:
+    if value is not None and value not in STAGES:
+        raise typer.BadParameter(f"{value!r} is not a stage: give {' or '.join(STAGES)}")
+    return value
+
+
+StageOpt = Annotated[
+    str | None, typer.Option("--stage", callback=_stage, help="Only this stage: decode or write.")
+]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Only this device_id.")]
 MaxReplays = Annotated[
     int | None, typer.Option("--max-replays", min=0, help="Refuse entries already replayed this many times.")
@@ -64,7 +81,7 @@ def show(
 @with_settings(*DLQ_OPTIONS, json=True)
 def replay(
     cmd: Invocation,
-    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...", help="Dead letter ids.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID...]", help="Dead letter ids.")] = None,
     replay_all: Annotated[
         bool, typer.Option("--all", help="Every dead letter matching the filters.")
     ] = False,
@@ -77,8 +94,10 @@ def replay(
 
     Example: tpx dlq replay --all --stage write --max-replays 3
     """
-    if bool(ids) == replay_all:
-        fail("give dead letter ids, or --all (with --stage/--device filters), not both", exitcodes.USAGE)
+    if not ids and not replay_all:
+        fail("give the dead letter ids to replay, or --all (with --stage/--device filters)", exitcodes.USAGE)
+    if ids and replay_all:
+        fail("give dead letter ids or --all, not both", exitcodes.USAGE)
     if ids and (stage or device):
         fail("--stage and --device filter --all; they do not apply to explicit ids", exitcodes.USAGE)
     _replay(cmd, ids or [], replay_all, stage, device, max_replays, dry_run)
@@ -123,18 +142,32 @@ def drain(
 
     Example: tpx dlq drain --dry-run
     """
-    from tpx.cli import render
-    from tpx.ops import dlq
-
     if not dry_run:
         _replay(cmd, [], True, stage, device, max_replays, False)
         return
+    _reasons(cmd, stage, device, "failure reasons (dry run: nothing replayed)")
+
+
+@app.command("reasons")
+@with_settings(*DLQ_OPTIONS, json=True)
+def reasons(cmd: Invocation, stage: StageOpt = None, device: DeviceOpt = None) -> None:
+    """Why things fail: the dead letters' reasons (values blanked), most frequent first.
+
+    Example: tpx dlq reasons --stage write
+    """
+    _reasons(cmd, stage, device, "failure reasons")
+
+
+def _reasons(cmd: Invocation, stage: str | None, device: str | None, title: str) -> None:
+    from tpx.cli import render
+    from tpx.ops import dlq
+
     with cmd.redis() as client:
         letters = cmd.guarded(lambda: list(dlq.iter_letters(client, cmd.settings, stage, device)))
     rows = dlq.histogram(letters)
     cmd.answer(
         [{"stage": st, "reason": why, "count": n} for st, why, n in rows],
-        lambda: render.print_histogram(rows),
+        lambda: render.print_histogram(rows, title),
     )
 
 
@@ -192,21 +225,55 @@ def export(
         render.err_console.print(f"exported {count:,} dead letters to {file}")
 
 
-@app.command("purge")
+@app.command("delete")
 @with_settings(*DLQ_OPTIONS, json=True)
-def purge(
+def delete(
     cmd: Invocation,
-    older_than: Annotated[str, typer.Option("--older-than", help="e.g. 7d, 12h, 90m.")],
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Dead letter ids.")],
     dry_run: DryRun = False,
 ) -> None:
-    """Delete dead letters older than a duration (by when they were dead-lettered).
+    """Delete dead letters by id (export them first if you may need them).
 
-    Example: tpx dlq purge --older-than 30d --dry-run
+    Example: tpx dlq delete 1732800000000-0 1732800000001-0
     """
     from tpx.cli import render
     from tpx.ops import dlq
 
-    seconds: float = guarded(lambda: parse_duration(older_than))
     with cmd.redis() as client:
-        result = cmd.guarded(lambda: dlq.purge(client, cmd.settings, seconds, dry_run))
+        result = cmd.guarded(lambda: dlq.delete(client, cmd.settings, ids, dry_run))
+    cmd.answer(asdict(result), lambda: render.print_delete(result))
+    if result.missing:
+        raise typer.Exit(exitcodes.ERROR)
+
+
+@app.command("purge")
+@with_settings(*DLQ_OPTIONS, json=True)
+def purge(
+    cmd: Invocation,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Dead-lettered longer ago than this: 7d, 12h, 90m.")
+    ] = None,
+    stage: StageOpt = None,
+    device: DeviceOpt = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Only those whose error contains TEXT.")
+    ] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Delete the dead letters matching every filter given (at least one).
+
+    Example: tpx dlq purge --stage decode --reason "out of range" --dry-run
+    """
+    from tpx.cli import render
+    from tpx.ops import dlq
+
+    filters = {k: v for k, v in {"stage": stage, "device": device, "reason": reason}.items() if v is not None}
+    if older_than is None and not filters:
+        fail("give --older-than, --stage, --device or --reason (every filter given applies)", exitcodes.USAGE)
+    seconds = None if older_than is None else guarded(lambda: parse_duration(older_than))
+    with cmd.redis() as client:
+        if filters or seconds is None:
+            result = cmd.guarded(lambda: dlq.purge_matching(client, cmd.settings, filters, seconds, dry_run))
+        else:  # by age alone: one XTRIM MINID
+            result = cmd.guarded(lambda: dlq.purge(client, cmd.settings, seconds, dry_run))
     cmd.answer(asdict(result), lambda: render.print_purge(result))

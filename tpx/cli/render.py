@@ -24,7 +24,7 @@ from tpx.format import CONSUMER_COLUMNS, ago, claim_command, consumer_cells, con
 if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine for every command
     from tpx.ops.claim import ClaimReport
     from tpx.ops.control import ControlResult, DeviceReport
-    from tpx.ops.dlq import DeadLetterView, PurgeResult, ReplayResult
+    from tpx.ops.dlq import DeadLetterView, DeleteResult, PurgeResult, ReplayResult
     from tpx.ops.inspect import PendingEntry, Status
     from tpx.simulate import SimulationReport
 
@@ -174,10 +174,18 @@ def print_pending(rows: list[PendingEntry]) -> None:
         console.print("no pending entries")
         return
     table = Table()
-    for column in ("id", "consumer", "idle", "deliveries", "age"):
+    for column in ("id", "consumer", "device", "idle", "deliveries", "age", "last error"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.id, r.consumer, ago(r.idle_ms / 1000), str(r.deliveries), ago(r.age_s))
+        table.add_row(
+            r.id,
+            r.consumer,
+            r.device_id or "(gone)",
+            ago(r.idle_ms / 1000),
+            str(r.deliveries),
+            ago(r.age_s),
+            r.last_error or "-",
+        )
     console.print(table)
 
 
@@ -242,15 +250,19 @@ def print_replays(results: list[ReplayResult]) -> None:
             console.print(f"{r.outcome} {r.id}")
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing to do"
     console.print(summary)
+    warned = [r for r in results if r.warning]
+    if warned:
+        verb = "would replay" if warned[0].outcome == "would-replay" else "replayed"
+        console.print(f"warning: {verb} {len(warned):,} letters of the {warned[0].warning}")
 
 
-def print_histogram(rows: list[tuple[str, str, int]]) -> None:
+def print_histogram(rows: list[tuple[str, str, int]], title: str = "failure reasons") -> None:
     if not rows:
         console.print("no dead letters match")
         return
-    table = Table(title="failure reasons (dry run: nothing replayed)", title_justify="left")
-    table.add_column("count", justify="right")
-    table.add_column("stage")
+    table = Table(title=title, title_justify="left")
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
     table.add_column("reason", overflow="fold")
     for stage, why, n in rows:
         table.add_row(f"{n:,}", stage, why)
@@ -259,7 +271,21 @@ def print_histogram(rows: list[tuple[str, str, int]]) -> None:
 
 def print_purge(result: PurgeResult) -> None:
     verb = "would delete" if result.dry_run else "deleted"
-    console.print(f"{verb} {result.removed:,} dead letters older than {ms_time(result.cutoff_ms)} UTC")
+    which = [f"{k} {v!r}" if k == "reason" else f"{k} {v}" for k, v in result.filters.items()]
+    if result.cutoff_ms is not None:
+        which.append(f"older than {ms_time(result.cutoff_ms)} UTC")
+    console.print(f"{verb} {result.removed:,} dead letters ({', '.join(which)})")
+
+
+def print_delete(result: DeleteResult) -> None:
+    verb = "would delete" if result.dry_run else "deleted"
+    console.print(
+        f"{verb} {len(result.deleted):,} dead letters"
+        + (": " if result.deleted else "")
+        + " ".join(result.deleted)
+    )
+    if result.missing:
+        console.print(f"no such dead letter: {' '.join(result.missing)}")
 
 
 def print_claim(r: ClaimReport) -> None:

@@ -59,6 +59,7 @@ from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
 from tpx.failpoints import failpoint
+from tpx.keys import REFUSALS_TTL_S, refusals
 from tpx.records import COPIED, COPY_COLUMNS, Position
 from tpx.streams import entry_ms
 
@@ -443,6 +444,7 @@ class Committer:
                 out.left_pending.append((position, error))
                 continue
             letters.append((position, error, deliveries))
+        self._record_refusals(out.left_pending)
         if not letters:
             return
         if self._dead_letter(letters, abort):
@@ -452,6 +454,20 @@ class Committer:
             out.dead_lettered += [(position, error) for position, error, _ in letters]
         else:
             out.left_pending += [(position, error) for position, error, _ in letters]
+
+    def _record_refusals(self, refused: list[Refusal]) -> None:
+        """Keep each refused, still pending entry's reason for `tpx pending` (best effort: the
+        log line above says it too, so a Redis that refuses this costs nothing but the record)."""
+        if not refused:
+            return
+        key = refusals(self.settings.stream)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping={p.entry_id: error for p, error in refused})
+        pipe.expire(key, REFUSALS_TTL_S)
+        try:
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            log.debug("could not record %d refusals: %s", len(refused), first_line(exc))
 
     def _dead_letter(self, refused: list[tuple[Position, str, int]], abort: threading.Event | None) -> bool:
         """Add the refused records' dead letters, then acknowledge them; False: left pending.

@@ -1,4 +1,4 @@
-"""The dead-letter stream: list, show, replay, drain, export, purge (CONTRACT.md §3).
+"""The dead-letter stream: list, show, replay, drain, reasons, export, delete, purge (CONTRACT.md §3).
 
 Replaying a dead letter adds its original fields (without ``dlq_*``) back to
 the input stream with ``replays`` set to one more than it was, and deletes the
@@ -20,10 +20,20 @@ from typing import IO, Any, cast
 import redis
 
 from tpx.config import Settings
-from tpx.contract import AT, CONSUMER, DELIVERIES, ERROR, FIELD_PREFIX, SOURCE_ID, STAGE, ReplayOutcome
+from tpx.contract import (
+    AT,
+    CONSUMER,
+    DELIVERIES,
+    ERROR,
+    FIELD_PREFIX,
+    SOURCE_ID,
+    STAGE,
+    STAGE_DECODE,
+    ReplayOutcome,
+)
 from tpx.errors import OpsError
 from tpx.ops.inspect import entry_age_s
-from tpx.streams import as_text
+from tpx.streams import as_text, entry_ms
 
 _ID_RE = re.compile(r"\d+-\d+")
 #: Dead letters per XRANGE page: a dead letter is a record plus its reason (~1 KB), so a page
@@ -40,22 +50,25 @@ if #found == 0 then return {'missing', ''} end
 local fields = found[1][2]
 local out = {}
 local replays = 0
+local stage = ''
 for i = 1, #fields, 2 do
   local k, v = fields[i], fields[i + 1]
   if k == 'replays' then
     replays = tonumber(v) or 0
+  elseif k == 'dlq_stage' then
+    stage = v
   elseif string.sub(k, 1, 4) ~= 'dlq_' then
     table.insert(out, k)
     table.insert(out, v)
   end
 end
 local limit = tonumber(ARGV[2])
-if limit >= 0 and replays >= limit then return {'refused', tostring(replays)} end
+if limit >= 0 and replays >= limit then return {'refused', tostring(replays), stage} end
 table.insert(out, 'replays')
 table.insert(out, tostring(replays + 1))
 local new_id = redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[1])
-return {'replayed', new_id}
+return {'replayed', new_id, stage}
 """
 
 
@@ -183,12 +196,27 @@ def show(client: redis.Redis, settings: Settings, entry_id: str) -> DeadLetterVi
     return _view(found[0][0], found[0][1])
 
 
+#: What replaying a decode-stage dead letter changes: nothing but its replays count. The decoder
+#: refuses the same bytes again unless tpx's decoder or the gateway's records were fixed.
+DECODE_REPLAY_WARNING = (
+    "decode stage: nothing changed since it was dead-lettered; it comes straight back unless "
+    "the decoder (a tpx upgrade) or the record was fixed"
+)
+
+
 @dataclass
 class ReplayResult:
     id: str
     outcome: ReplayOutcome
     new_id: str = ""
     replays: int = 0
+    stage: str = ""
+    #: set for decode-stage letters replayed (or to be): :data:`DECODE_REPLAY_WARNING`
+    warning: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage == STAGE_DECODE and self.outcome in ("replayed", "would-replay"):
+            self.warning = DECODE_REPLAY_WARNING
 
 
 def replay_one(
@@ -201,16 +229,19 @@ def replay_one(
             return ReplayResult(entry_id, "missing")
         letter = _view(found[0][0], found[0][1])
         refused = max_replays is not None and letter.replays >= max_replays
-        return ReplayResult(entry_id, "would-refuse" if refused else "would-replay", replays=letter.replays)
+        would: ReplayOutcome = "would-refuse" if refused else "would-replay"
+        return ReplayResult(entry_id, would, replays=letter.replays, stage=letter.stage)
     script = client.register_script(_REPLAY_LUA)
-    outcome, value = cast(
+    outcome, value, *stage = cast(
         list[bytes],
         script(
             keys=[settings.dlq_stream, settings.stream],
             args=[entry_id, _NO_REPLAY_LIMIT if max_replays is None else max_replays],
         ),
     )
-    result = ReplayResult(entry_id, cast(ReplayOutcome, as_text(outcome)))  # the script's first value
+    result = ReplayResult(  # the script's first value is an outcome; "missing" has no stage
+        entry_id, cast(ReplayOutcome, as_text(outcome)), stage=as_text(stage[0]) if stage else ""
+    )
     if result.outcome == "replayed":
         result.new_id = as_text(value)
     elif result.outcome == "refused":
@@ -234,8 +265,13 @@ def replay(
     return results
 
 
+#: The values in an error message: quoted strings, lists, objects, and numbers standing alone (not
+#: inside a word or a range such as ``1-64`` or ``0-9``, nor a character class such as
+#: ``[a-z0-9-]``: those are the message's own text).
 _VALUE_RE = re.compile(
-    r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|b'[^']*'|-?\d+(?:\.\d+)?(?:e[+-]?\d+)?|\[[^\]]*\]|\{.*\})"
+    r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|b'[^']*'"
+    r"|(?<![\w.-])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w.]|-\d)"
+    r"|\[(?:\s*(?:\"[^\"]*\"|-?\d[\d.e+-]*|true|false|null)\s*,?)*\]|\{.*\})"
 )
 
 
@@ -277,10 +313,59 @@ def export_file(
 
 
 @dataclass
+class DeleteResult:
+    deleted: list[str]
+    missing: list[str]
+    dry_run: bool
+
+
+def delete(client: redis.Redis, settings: Settings, ids: list[str], dry_run: bool = False) -> DeleteResult:
+    """Delete the dead letters ``ids`` (an unfixable poison, once exported); missing ones named."""
+    for entry_id in ids:
+        check_id(entry_id)
+    pipe = client.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xrange(settings.dlq_stream, entry_id, entry_id, count=1)
+    found = pipe.execute() if ids else []
+    present = [entry_id for entry_id, hit in zip(ids, found, strict=True) if hit]
+    if present and not dry_run:
+        client.xdel(settings.dlq_stream, *present)
+    return DeleteResult(present, [i for i in ids if i not in present], dry_run)
+
+
+@dataclass
 class PurgeResult:
-    cutoff_ms: int
+    #: dead letters older than this went (None: no --older-than)
+    cutoff_ms: int | None
     removed: int
     dry_run: bool
+    #: the --stage/--device/--reason filters given
+    filters: dict[str, str] = field(default_factory=dict)
+
+
+def purge_matching(
+    client: redis.Redis,
+    settings: Settings,
+    filters: dict[str, str],
+    older_than_s: float | None = None,
+    dry_run: bool = False,
+) -> PurgeResult:
+    """Delete the dead letters matching ``filters`` (stage, device, reason: a text the error
+    contains) and, with ``older_than_s``, dead-lettered that long ago."""
+    cutoff_ms = None if older_than_s is None else int((time.time() - older_than_s) * 1000)
+    wanted = filters.get("reason")
+    chosen = [
+        letter.id
+        for letter in iter_letters(client, settings, filters.get("stage"), filters.get("device"))
+        if (wanted is None or wanted in letter.error)
+        and (cutoff_ms is None or entry_ms(letter.id) < cutoff_ms)
+    ]
+    removed = len(chosen)
+    if not dry_run:
+        removed = sum(
+            int(client.xdel(settings.dlq_stream, *chosen[i : i + PAGE])) for i in range(0, len(chosen), PAGE)
+        )
+    return PurgeResult(cutoff_ms, removed, dry_run, filters)
 
 
 def purge(client: redis.Redis, settings: Settings, older_than_s: float, dry_run: bool = False) -> PurgeResult:

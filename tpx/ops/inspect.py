@@ -315,6 +315,10 @@ class PendingEntry:
     idle_ms: int
     deliveries: int
     age_s: float | None
+    #: the entry's device_id ("" when the entry is gone from the stream)
+    device_id: str = ""
+    #: the database's last reason for refusing its row (None: never refused, or not recorded)
+    last_error: str | None = None
 
 
 def pending(
@@ -337,7 +341,15 @@ def pending(
     rows = client.xpending_range(
         s.stream, s.group, min="-", max="+", count=limit, consumername=consumer, idle=min_idle_ms
     )
+    if not rows:
+        return []
     now = time.time()
+    ids = [r["message_id"] for r in rows]
+    pipe = client.pipeline(transaction=False)  # one round trip for the page: an XRANGE per entry
+    for entry_id in ids:
+        pipe.xrange(s.stream, entry_id, entry_id, count=1)
+    pipe.hmget(keys.refusals(s.stream), ids)
+    *found, errors = pipe.execute()
     return [
         PendingEntry(
             id=as_text(r["message_id"]),
@@ -345,6 +357,8 @@ def pending(
             idle_ms=int(r["time_since_delivered"]),
             deliveries=int(r["times_delivered"]),
             age_s=entry_age_s(as_text(r["message_id"]), now),
+            device_id=as_text(entry[0][1].get(b"device_id", b"")) if entry else "",
+            last_error=as_text(error) if error is not None else None,
         )
-        for r in rows
+        for r, entry, error in zip(rows, found, errors, strict=True)
     ]

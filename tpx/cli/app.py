@@ -3,7 +3,8 @@
 Every command turns failures into one line on stderr and a named exit code
 (:mod:`tpx.exitcodes`); a traceback is never the user interface. The commands live by kind:
 :mod:`tpx.cli.serve` (serve, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
-rehydrate, device, top), :mod:`tpx.cli.dlq`, :mod:`tpx.cli.demo` (demo, simulate); their shared
+rehydrate, device, top), :mod:`tpx.cli.dlq`,
+:mod:`tpx.cli.groups` (groups, group reset/prune), :mod:`tpx.cli.demo` (demo, simulate); their shared
 flags and error handling in :mod:`tpx.cli.options`, their tables in :mod:`tpx.cli.render`.
 """
 
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tpx import __version__
-from tpx.cli import demo, dlq, ops, serve
+from tpx.cli import demo, dlq, groups, ops, serve
 
 app = typer.Typer(
     name="tpx",
@@ -52,6 +53,8 @@ app.command()(ops.status)
 app.command()(ops.pending)
 app.command()(ops.claim)
 app.add_typer(dlq.app, name="dlq")
+app.command()(groups.groups)
+app.add_typer(groups.app, name="group")
 app.command()(ops.rehydrate)
 app.command()(ops.device)
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine f
     from tpx.ops.claim import ClaimReport
     from tpx.ops.control import ControlResult, DeviceReport
     from tpx.ops.dlq import DeadLetterView, DeleteResult, PurgeResult, ReplayResult
+    from tpx.ops.groups import Listing, PruneResult, ResetResult
     from tpx.ops.inspect import PendingEntry, Status
     from tpx.simulate import SimulationReport
 
@@ -362,3 +363,57 @@ def print_simulation(report: SimulationReport, stream: str) -> None:
         f"({report.rate:,.0f}/s): {report.duplicates:,} duplicates, {report.late:,} late, "
         f"{report.poison:,} poison"
     )
+
+
+def print_groups(listing: Listing) -> None:
+    if not listing.streams:
+        console.print("no streams match")
+        return
+    table = Table()
+    for column in ("stream", "entries", "group", "consumers", "pending", "lag", "last delivered"):
+        table.add_column(
+            column, justify="left" if column in ("stream", "group", "last delivered") else "right"
+        )
+    for st in listing.streams:
+        if not st.groups:
+            table.add_row(st.stream, f"{st.length:,}", "-", "-", "-", "-", "-")
+        for g in st.groups:
+            lag = "unknown" if g.lag is None else f"{g.lag:,}"
+            table.add_row(
+                st.stream,
+                f"{st.length:,}",
+                g.name,
+                str(g.consumers),
+                f"{g.pending:,}",
+                lag,
+                g.last_delivered_id,
+            )
+    console.print(table)
+    if listing.truncated:
+        console.print(f"more streams than the {len(listing.streams)} listed: narrow with --match")
+
+
+def print_reset(r: ResetResult) -> None:
+    verb = "would move" if r.dry_run else "moved"
+    console.print(f"{verb} group {r.group} on {r.stream} from {r.old_id} to {r.new_id}")
+    if r.reread:
+        console.print(
+            f"{r.reread:,} entries {'would be' if r.dry_run else 'will be'} read again (idempotent writes)"
+        )
+    if r.skipped:
+        console.print(f"{r.skipped:,} entries {'would be' if r.dry_run else 'are'} skipped: never written")
+    if not r.reread and not r.skipped:
+        console.print("no entries between the two positions")
+    if r.live:
+        console.print(f"running instances read from the new position at once: {', '.join(r.live)}")
+
+
+def print_prune(r: PruneResult) -> None:
+    verb = "would remove" if r.dry_run else "removed"
+    names = ", ".join(r.removed)
+    console.print(
+        f"{verb} {len(r.removed):,} consumers with no heartbeat and nothing pending"
+        + (f": {names}" if names else "")
+    )
+    if r.kept:
+        console.print(f"kept (they read entries meanwhile): {', '.join(r.kept)}")

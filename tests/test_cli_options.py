@@ -101,7 +101,7 @@ def test_an_invalid_setting_is_one_line_and_exit_2() -> None:
     probe, _ = probe_app(*GROUP_OPTIONS)
     result = runner.invoke(probe, ["look"], env={"TPX_READ_COUNT": "many"})
     assert result.exit_code == 2
-    assert result.stderr.startswith("tpx: invalid setting TPX_READ_COUNT / --read-count:")
+    assert result.stderr.startswith("tpx: invalid setting TPX_READ_COUNT:")  # look takes no --read-count
     assert "Traceback" not in result.output
 
 
@@ -121,3 +121,34 @@ def test_declaring_a_shared_flag_twice_or_an_unknown_one_fails_at_import() -> No
 
     with pytest.raises(TypeError, match="not settings flags: colour"):
         with_settings("colour")
+
+
+def test_setting_errors_name_only_flags_the_command_has() -> None:
+    """`tpx serve` has --writers and --migrate, no --claim-idle-ms, --late-window or --max-future-s."""
+    cases = {
+        "TPX_WRITERS": ("0", "tpx: invalid setting TPX_WRITERS / --writers: "),
+        "TPX_MIGRATE_ON_START": ("perhaps", "tpx: invalid setting TPX_MIGRATE_ON_START / --migrate: "),
+        "TPX_CLAIM_IDLE_MS": ("5", "tpx: invalid setting TPX_CLAIM_IDLE_MS: "),
+        "TPX_MAX_FUTURE_S": ("-1", "tpx: invalid setting TPX_MAX_FUTURE_S: "),
+    }
+    for name, (value, line) in cases.items():
+        result = runner.invoke(app, ["serve"], env={name: value})
+        assert result.exit_code == 2 and result.stderr.startswith(line), (name, result.stderr)
+    result = runner.invoke(app, ["serve"], env={"TPX_LATE_WINDOW": "banana"})
+    assert result.stderr.count("banana") == 1 and "not a duration: 'banana'" in result.stderr
+
+
+def test_a_cross_setting_error_names_the_setting_at_fault() -> None:
+    env = {"TPX_COMPRESS_AFTER": "14d", "TPX_RETAIN_FOR": "7d"}
+    result = runner.invoke(app, ["migrate", "--json"], env=env)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("tpx: invalid setting TPX_RETAIN_FOR / --retain-for: 7d must be longer")
+
+
+def test_a_misspelled_tpx_variable_gets_one_warning() -> None:
+    result = runner.invoke(app, ["config", "--json"], env={"TPX_BATCH_SIZ": "5"})
+    assert result.exit_code == 0
+    assert (
+        result.stderr
+        == "tpx: warning: TPX_BATCH_SIZ is not a tpx setting; ignored (did you mean TPX_BATCH_SIZE?)\n"
+    )

@@ -9,14 +9,17 @@ start-up: :func:`load` turns every problem into one line of a
 
 from __future__ import annotations
 
+import difflib
 import re
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tpx.streams import dlq_stream
@@ -28,11 +31,28 @@ _SECRET_FIELDS = ("redis_url", "database_url")
 
 
 class ConfigError(Exception):
-    """One or more invalid settings; ``lines`` holds one message per problem."""
+    """One or more invalid settings: ``problems`` holds (field, message) per problem, ``lines``
+    one line each, naming the env var (the command line adds its flag where it has one)."""
 
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("; ".join(lines))
-        self.lines = lines
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        self.lines = [f"{env_name(name)}: {message}" for name, message in problems]
+        super().__init__("; ".join(self.lines))
+
+
+#: ``TPX_*`` variables that are not settings yet are tpx's: the fail points, the tests' servers.
+OTHER_ENV: frozenset[str] = frozenset({"TPX_FAILPOINTS", "TPX_TEST_DATABASE_URL", "TPX_TEST_REDIS_URL"})
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``TPX_*`` variable that is no setting (a misspelling is otherwise silent)."""
+    known = {env_name(name) for name in Settings.model_fields} | OTHER_ENV
+    out = []
+    for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n.upper() not in known):
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        out.append(f"{name} is not a tpx setting; ignored{hint}")
+    return out
 
 
 class Settings(BaseSettings):
@@ -167,16 +187,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _compression_after_late_window(self) -> Settings:
         if self.compress_after and parse_duration(self.compress_after) < parse_duration(self.late_window):
-            raise ValueError(
-                f"TPX_COMPRESS_AFTER ({self.compress_after}) must be at least TPX_LATE_WINDOW "
-                f"({self.late_window}): late records would land on compressed chunks"
+            raise _cross_setting(
+                "compress_after",
+                f"{self.compress_after} must be at least TPX_LATE_WINDOW ({self.late_window}): late "
+                "records would land on compressed chunks",
             )
         if (
             self.retain_for
             and self.compress_after
             and parse_duration(self.retain_for) <= parse_duration(self.compress_after)
         ):
-            raise ValueError("TPX_RETAIN_FOR must be longer than TPX_COMPRESS_AFTER")
+            raise _cross_setting(
+                "retain_for",
+                f"{self.retain_for} must be longer than TPX_COMPRESS_AFTER ({self.compress_after}): "
+                "chunks would be dropped before they are compressed",
+            )
         return self
 
     @field_validator("http_addr")
@@ -260,12 +285,20 @@ def load(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        lines = []
+        problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "compress_after"
-            flag = "--" + field.replace("_", "-")
-            # model-level errors carry every given value as input: never echo those (secrets)
-            shown = "" if field in _SECRET_FIELDS or not err["loc"] else f" (got {err.get('input')!r})"
+            if not err["loc"]:  # a cross-setting error names its setting (_cross_setting)
+                ctx = err.get("ctx") or {}
+                problems.append((str(ctx.get("field", "?")), str(ctx.get("message", err["msg"]))))
+                continue
+            field = str(err["loc"][0])
             message = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"{env_name(field)} / {flag}: {message}{shown}")
-        raise ConfigError(lines) from None
+            value = repr(err.get("input"))
+            shown = "" if field in _SECRET_FIELDS or value in message else f" (got {value})"
+            problems.append((field, f"{message}{shown}"))
+        raise ConfigError(problems) from None
+
+
+def _cross_setting(name: str, message: str) -> PydanticCustomError:
+    """A problem found by comparing settings, charged to ``name`` (pydantic gives it no field)."""
+    return PydanticCustomError("cross_setting", "{message}", {"field": name, "message": message})

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn, TypeVar
 import typer
 
 from tpx import exitcodes
-from tpx.config import ConfigError, Settings, env_name, load, mask_url
+from tpx.config import ConfigError, Settings, env_name, load, mask_url, unknown_env
 from tpx.errors import OpsError, first_line
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ T = TypeVar("T")
 #: Whether the running command answers in JSON (set by :func:`with_settings` for the call):
 #: its errors are then a JSON object on stdout as well as the line on stderr.
 _ERRORS_AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("tpx_errors_as_json", default=False)
+#: The settings fields the running command takes as flags: an invalid setting names its flag only
+#: when the command has one.
+_COMMAND_FIELDS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("tpx_fields", default=())
 
 
 def fail(message: str, code: int = exitcodes.ERROR, lines: list[str] | None = None) -> NoReturn:
@@ -67,7 +70,7 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
     try:
         return fn()
     except ConfigError as exc:
-        lines = [f"invalid setting {line}" for line in exc.lines]
+        lines = [f"invalid setting {_setting_name(name)}: {message}" for name, message in exc.problems]
         fail("; ".join(lines), exitcodes.USAGE, lines)
     except redis.AuthenticationError as exc:  # a ConnectionError, but retrying will not help
         where = mask_url(settings.redis_url) if settings else "Redis"
@@ -90,8 +93,25 @@ def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
         fail(f"PostgreSQL error: {mask_url(first_line(exc))}", exitcodes.ERROR)
 
 
+def _setting_name(field: str) -> str:
+    """``TPX_X / --x`` when the running command takes the flag ``--x``, else ``TPX_X``."""
+    if field not in _COMMAND_FIELDS.get():
+        return env_name(field)
+    option = typing.get_args(SETTINGS_OPTIONS[field])[1]
+    # typer reads Option's first argument as a declaration under Annotated: it sits in .default
+    given = [option.default, *option.param_decls] if isinstance(option.default, str) else option.param_decls
+    declared = [d for d in given if d.startswith("--")]
+    flag = declared[0].split("/", 1)[0] if declared else "--" + field.replace("_", "-")
+    return f"{env_name(field)} / {flag}"
+
+
 def settings_from(**overrides: Any) -> Settings:
-    """Settings from the environment plus the non-None ``overrides``; exit 2 when one is invalid."""
+    """Settings from the environment plus the non-None ``overrides``; exit 2 when one is invalid.
+    A ``TPX_*`` variable that is no setting gets one warning line on stderr."""
+    import os
+
+    for warning in unknown_env(os.environ):
+        typer.echo(f"tpx: warning: {warning}", err=True)
     return guarded(lambda: load(**overrides))
 
 
@@ -232,9 +252,11 @@ def with_settings(*fields: str, json: bool = False) -> Callable[[Callable[..., N
             overrides = {f: given.pop(f) for f in fields}
             as_json = bool(given.pop(_JSON_PARAM, False))
             token = _ERRORS_AS_JSON.set(as_json)
+            fields_token = _COMMAND_FIELDS.set(fields)
             try:
                 fn(Invocation(overrides, as_json), **given)
             finally:
+                _COMMAND_FIELDS.reset(fields_token)
                 _ERRORS_AS_JSON.reset(token)
 
         command.__name__ = fn.__name__

@@ -131,6 +131,13 @@ class Settings(BaseSettings):
     # --- process ---
     #: Metrics and health listener, ``host:port``; ``off`` disables it.
     http_addr: str = "0.0.0.0:9108"
+    #: A bearer token for the HTTP listener (empty: none). When set, ``/devices/*`` (live
+    #: positions) needs ``Authorization: Bearer <token>``; ``/healthz`` and ``/readyz`` stay open
+    #: for the orchestrator's probes. Never logged; ``tpx config`` shows it as ``***``.
+    http_token: str = ""
+    #: With ``http_token`` set: require it for ``/metrics`` too (default: metrics stay open, as
+    #: most Prometheus set-ups scrape without credentials).
+    http_token_metrics: bool = False
     #: Apply pending migrations before serving.
     migrate_on_start: bool = True
     #: On SIGTERM, time allowed for queued batches to be written before exiting (s); the whole
@@ -229,12 +236,31 @@ class Settings(BaseSettings):
         host, _, port = self.http_addr.rpartition(":")
         return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
+    def http_access(self) -> HttpAccess | None:
+        """What the HTTP listener protects, and with which token (None: everything open)."""
+        if not self.http_token:
+            return None
+        return HttpAccess(self.http_token, self.http_token_metrics)
+
     def masked(self) -> dict[str, Any]:
         """The effective settings with passwords masked, for ``tpx config`` and panic dumps."""
         data = self.model_dump()
         for name in _SECRET_FIELDS:
             data[name] = mask_url(data[name])
+        if data["http_token"]:
+            data["http_token"] = "***"  # noqa: S105 (the mask, not a password)
         return data
+
+
+class HttpAccess:
+    """The HTTP listener's bearer token, and whether ``/metrics`` needs it too."""
+
+    def __init__(self, token: str, metrics: bool) -> None:
+        self.token = token
+        self.metrics = metrics
+
+    def __repr__(self) -> str:  # never the token, whatever prints this
+        return f"HttpAccess(token=***, metrics={self.metrics})"
 
 
 _KV_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)

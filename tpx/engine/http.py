@@ -1,5 +1,9 @@
 """The metrics and health listener: ``/metrics``, ``/healthz``, ``/readyz``, ``/devices/<id>``.
 
+With ``TPX_HTTP_TOKEN`` set, ``/devices/*`` (live positions) answers 401 without
+``Authorization: Bearer <token>`` (``/metrics`` too with ``TPX_HTTP_TOKEN_METRICS``); the probes
+stay open. The token is compared in constant time and never logged.
+
 A small threaded ``http.server`` in a named daemon thread; each request asks
 the engine for a fresh answer (nothing is cached between scrapes). A client that
 hangs up early (a probe that gave up) is one DEBUG line, any other failure of a
@@ -8,6 +12,7 @@ connection one WARNING line: never a traceback on stderr.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import sys
@@ -18,6 +23,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tpx.config import HttpAccess
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ class HealthServer:
         alive: Check,
         ready: Check,
         device: Callable[[str], dict[str, Any] | None] | None = None,
+        access: HttpAccess | None = None,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
@@ -51,9 +59,27 @@ class HealthServer:
                 return 404, "application/json", b'{"error": "device not cached"}\n'
             return 200, "application/json", json.dumps(state).encode() + b"\n"
 
+        def refused(path: str, authorization: str | None) -> bool:
+            """Whether ``path`` needs the bearer token and the request lacks it."""
+            if access is None or not (
+                path.startswith("/devices/") or (path == "/metrics" and access.metrics)
+            ):
+                return False
+            scheme, _, given = (authorization or "").partition(" ")
+            return scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), access.token)
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if refused(path, self.headers.get("Authorization")):
+                    body = b'{"error": "this path needs Authorization: Bearer <TPX_HTTP_TOKEN>"}\n'
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="tpx"')
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 route = routes.get(path)
                 try:
                     answer = route() if route is not None else device_route(path)

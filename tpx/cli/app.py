@@ -59,5 +59,23 @@ app.command()(ops.rehydrate)
 app.command()(ops.device)
 
 
+def _summary(doc: str | None) -> str | None:
+    """A docstring's first paragraph on one line: click would cut it at 45 characters."""
+    return " ".join((doc or "").strip().split("\n\n", 1)[0].split()) or None
+
+
+def _full_summaries(typer_app: typer.Typer) -> None:
+    """Give each command its whole summary in the parent's --help (click cuts it with '...')."""
+    for info in typer_app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            info.short_help = _summary(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _full_summaries(group.typer_instance)
+
+
+_full_summaries(app)
+
+
 def main() -> None:
     app()

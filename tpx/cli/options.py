@@ -178,8 +178,37 @@ class Invocation:
 # --- the flags, declared once -----------------------------------------------------------------
 
 
+#: What each settings flag sets, for --help (config.py holds the longer story of each).
+_DESCRIPTIONS: Final[dict[str, str]] = {
+    "redis_url": "Redis holding the stream.",
+    "database_url": "PostgreSQL holding positions (URL or key=value DSN).",
+    "db_schema": "Schema holding positions and tpx's tables.",
+    "stream": "Input stream key (dead letters: <stream>:dlq).",
+    "group": "Consumer group shared by every instance.",
+    "consumer": "This instance's consumer name.",
+    "http_addr": "Metrics and health listener, host:port or off.",
+    "writers": "Writer threads (one PostgreSQL connection each).",
+    "batch_size": "Records per written batch (or see --batch-max-latency-ms).",
+    "batch_max_latency_ms": "A batch is written once its oldest record waited this long (ms).",
+    "read_count": "Entries per XREADGROUP.",
+    "queue_batches": "Batches queued ahead of the writers.",
+    "device_cache_size": "Devices kept in the state LRU.",
+    "drain_timeout_s": "Seconds allowed to drain on SIGTERM.",
+    "migrate_on_start": "Apply migrations before serving.",
+    "log_level": "DEBUG, INFO, WARNING or ERROR.",
+    "log_format": "json, text, or auto (text on a terminal).",
+    "compress_after": "TimescaleDB: compress chunks older than this, e.g. 14d.",
+    "retain_for": "TimescaleDB: drop chunks older than this, e.g. 365d.",
+}
+#: Defaults computed at start-up, spelled for --help.
+_COMPUTED_DEFAULTS: Final = {"consumer": "the host name"}
+
+
 def _env(field: str) -> str:
-    return f"[env {env_name(field)}]"
+    """A settings flag's help: what it sets, its env var and its default."""
+    default = _COMPUTED_DEFAULTS.get(field, Settings.model_fields[field].default)
+    shown = "none" if default == "" else str(default).lower() if isinstance(default, bool) else default
+    return f"{_DESCRIPTIONS[field]} [env {env_name(field)}; default: {mask_url(str(shown))}]"
 
 
 #: Every settings flag a command may take: the :class:`~tpx.config.Settings` field it overrides
@@ -191,9 +220,7 @@ SETTINGS_OPTIONS: Final[dict[str, Any]] = {
     "stream": Annotated[str | None, typer.Option("--stream", help=_env("stream"))],
     "group": Annotated[str | None, typer.Option("--group", help=_env("group"))],
     "consumer": Annotated[str | None, typer.Option("--consumer", help=_env("consumer"))],
-    "http_addr": Annotated[
-        str | None, typer.Option("--http-addr", help=f"host:port or off {_env('http_addr')}")
-    ],
+    "http_addr": Annotated[str | None, typer.Option("--http-addr", help=_env("http_addr"))],
     "writers": Annotated[int | None, typer.Option(help=_env("writers"))],
     "batch_size": Annotated[int | None, typer.Option(help=_env("batch_size"))],
     "batch_max_latency_ms": Annotated[int | None, typer.Option(help=_env("batch_max_latency_ms"))],
@@ -206,12 +233,8 @@ SETTINGS_OPTIONS: Final[dict[str, Any]] = {
     ],
     "log_level": Annotated[str | None, typer.Option(help=_env("log_level"))],
     "log_format": Annotated[str | None, typer.Option(help=_env("log_format"))],
-    "compress_after": Annotated[
-        str | None, typer.Option("--compress-after", help=f"TimescaleDB: e.g. 14d {_env('compress_after')}")
-    ],
-    "retain_for": Annotated[
-        str | None, typer.Option("--retain-for", help=f"TimescaleDB: e.g. 365d {_env('retain_for')}")
-    ],
+    "compress_after": Annotated[str | None, typer.Option("--compress-after", help=_env("compress_after"))],
+    "retain_for": Annotated[str | None, typer.Option("--retain-for", help=_env("retain_for"))],
 }
 
 #: The input stream's Redis.

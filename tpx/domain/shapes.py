@@ -106,12 +106,17 @@ def _runs(breaks: FloatArray, at_break: Sequence[bool], between: Sequence[bool])
 
 
 def _segment_sets(
-    x0: float, y0: float, dx: float, dy: float, cuts: FloatArray, member: Membership
+    x0: float, y0: float, x1: float, y1: float, cuts: FloatArray, member: Membership
 ) -> list[Interval]:
     breaks = np.unique(np.concatenate(([0.0, 1.0], cuts)))
     mids = (breaks[:-1] + breaks[1:]) / 2.0
     us = np.concatenate((breaks, mids))
-    inside = member(x0 + us * dx, y0 + us * dy)
+    xs, ys = x0 + us * (x1 - x0), y0 + us * (y1 - y0)
+    # the end fix where it is, not x0 + 1·(x1 - x0), which may round elsewhere: a fix on a
+    # boundary is inside whichever segment it ends or starts
+    last = len(breaks) - 1
+    xs[last], ys[last] = x1, y1
+    inside = member(xs, ys)
     n = len(breaks)
     return _runs(breaks, inside[:n].tolist(), inside[n:].tolist())
 
@@ -223,7 +228,7 @@ class Zone(Area):
 
     def inside(self, x0: float, y0: float, x1: float, y1: float) -> list[Interval]:
         dx, dy = x1 - x0, y1 - y0
-        return _segment_sets(x0, y0, dx, dy, _cross_hits(x0, y0, dx, dy, self.edges, True), self._in)
+        return _segment_sets(x0, y0, x1, y1, _cross_hits(x0, y0, dx, dy, self.edges, True), self._in)
 
     def inside_grown(self, x0: float, y0: float, x1: float, y1: float) -> list[Interval]:
         if self.margin_m == 0.0:
@@ -241,7 +246,7 @@ class Zone(Area):
             root = np.sqrt(disc[real])
             for u in ((-b[real] - root) / (2.0 * a), (-b[real] + root) / (2.0 * a)):
                 cuts.append(u[(u >= 0.0) & (u <= 1.0)])
-        return _segment_sets(x0, y0, dx, dy, np.concatenate(cuts), self._near)
+        return _segment_sets(x0, y0, x1, y1, np.concatenate(cuts), self._near)
 
 
 def _rings(polygon: shapely.Geometry) -> list[shapely.Geometry]:

@@ -61,7 +61,9 @@ class Event:
     uncertainty_s: float
     #: The fix time the segment starts at (which geofence version's past the event belongs to).
     segment_start_us: int
-    rank: int = field(default=RANK_ENTER, compare=False)
+    #: Its place among events of the same millisecond (part of equality, so that a replay that
+    #: only reorders them re-sends them: the writer's order then matches).
+    rank: int = RANK_ENTER
 
     def sort_key(self) -> tuple[int, int, str]:
         return (self.ts_ms, self.rank, repr(self.geofence))
@@ -411,3 +413,141 @@ def _trim(state: DeviceState, floor: int, max_history: int) -> DeviceState:
     reach = base.last_kept.ts_us if base.last_kept is not None else last.fix.ts_us
     anchors = {gid: t for gid, t in state.anchors.items() if t > reach}
     return replace(state, base=base, history=history[cut:], anchors=anchors)
+
+
+# --------------------------------------------------------------------------- serialisation
+# A device's state as plain JSON values (lists, numbers, strings), for a hot-state store or a
+# panic dump. Geofence ids keep their type (JSON object keys would turn them into strings).
+
+
+def _fix_json(fix: Fix | None) -> list[object] | None:
+    return None if fix is None else [fix.ts_us, fix.lat, fix.lon, fix.valid, fix.speed]
+
+
+def _fix_from(value: object) -> Fix | None:
+    if value is None:
+        return None
+    ts, lat, lon, valid, speed = _items(value, 5)
+    return Fix(_int(ts), _float(lat), _float(lon), bool(valid), None if speed is None else _float(speed))
+
+
+def _event_json(ev: Event) -> list[object]:
+    return [
+        str(ev.id),
+        ev.geofence,
+        ev.event,
+        ev.ts_ms,
+        ev.latitude,
+        ev.longitude,
+        ev.speed,
+        ev.direction,
+        ev.uncertainty_s,
+        ev.segment_start_us,
+        ev.rank,
+    ]
+
+
+_EVENT_KINDS: dict[object, EventKind] = {"enter": "enter", "exit": "exit", "cross": "cross"}
+
+
+def _kind(value: object) -> EventKind:
+    kind = _EVENT_KINDS.get(value)
+    if kind is None:
+        raise ValueError(f"expected enter, exit or cross, got {value!r}")
+    return kind
+
+
+def _event_from(device_id: str, value: object) -> Event:
+    eid, gid, kind, ts_ms, lat, lon, speed, direction, uncertainty, start, rank = _items(value, 11)
+    return Event(
+        uuid.UUID(str(eid)),
+        device_id,
+        _gid(gid),
+        _kind(kind),
+        _int(ts_ms),
+        _float(lat),
+        _float(lon),
+        None if speed is None else _float(speed),
+        None if direction is None else _int(direction),
+        _float(uncertainty),
+        _int(start),
+        _int(rank),
+    )
+
+
+def state_to_json(state: DeviceState) -> dict[str, object]:
+    """The state as JSON values; :func:`state_from_json` reads it back equal."""
+    return {
+        "device_id": state.device_id,
+        "base": [sorted(state.base.inside, key=repr), _fix_json(state.base.last_kept), state.base.horizon_us],
+        "history": [
+            [_fix_json(e.fix), e.kept, sorted(e.inside, key=repr), [_event_json(ev) for ev in e.events]]
+            for e in state.history
+        ],
+        "newest_us": state.newest_us,
+        "generation": state.generation,
+        "versions": [[gid, fp] for gid, fp in state.versions.items()],
+        "anchors": [[gid, t] for gid, t in state.anchors.items()],
+    }
+
+
+def state_from_json(data: Mapping[str, object]) -> DeviceState:
+    device_id = str(data["device_id"])
+    inside, last_kept, horizon = _items(data["base"], 3)
+    base = Base(frozenset(_gid(g) for g in _items(inside)), _fix_from(last_kept), _opt_int(horizon))
+    history: list[Entry] = []
+    previous = base.last_kept
+    for item in _items(data["history"]):
+        raw_fix, was_kept, members, events = _items(item, 4)
+        entry_fix = _fix_from(raw_fix)
+        if entry_fix is None:
+            raise ValueError("a history entry without its fix")
+        if was_kept:
+            previous = entry_fix
+        history.append(
+            Entry(
+                entry_fix,
+                bool(was_kept),
+                frozenset(_gid(g) for g in _items(members)),
+                previous,
+                tuple(_event_from(device_id, ev) for ev in _items(events)),
+            )
+        )
+    generation = data.get("generation")
+    return DeviceState(
+        device_id,
+        base,
+        tuple(history),
+        _opt_int(data.get("newest_us")),
+        None if generation is None else str(generation),
+        {_gid(g): str(fp) for g, fp in (_items(p, 2) for p in _items(data["versions"]))},
+        {_gid(g): _int(t) for g, t in (_items(p, 2) for p in _items(data["anchors"]))},
+    )
+
+
+def _items(value: object, n: int | None = None) -> list[object]:
+    if not isinstance(value, list | tuple) or (n is not None and len(value) != n):
+        raise ValueError(f"expected a list of {n if n is not None else 'any number of'} items, got {value!r}")
+    return list(value)
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _gid(value: object) -> GeofenceId:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a geofence id, got {value!r}")
+    return value

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Literal, TypeAlias
 
 import numpy as np
@@ -242,7 +243,7 @@ def _grown_bbox(lon_lat: FloatArray, frame: Frame, grow_m: float) -> tuple[float
 class GeofenceSet:
     """The active geofences, indexed; ``generation`` changes when any of them changes."""
 
-    __slots__ = ("_ids", "by_id", "generation", "invalid", "tree")
+    __slots__ = ("_ids", "by_id", "fingerprints", "generation", "invalid", "tree")
 
     def __init__(self, geofences: Iterable[Geofence], invalid: Sequence[Invalid] = ()) -> None:
         active = [g for g in geofences if g.active]
@@ -251,9 +252,13 @@ class GeofenceSet:
         self.invalid: tuple[Invalid, ...] = tuple(invalid)
         boxes = shapely.box(*np.array([self.by_id[i].bbox for i in self._ids]).reshape(-1, 4).T)
         self.tree = shapely.STRtree(boxes)
+        #: Each geofence's fingerprint; one mapping that every device reconciled with it shares.
+        self.fingerprints: Mapping[GeofenceId, str] = MappingProxyType(
+            {gid: self.by_id[gid].fingerprint for gid in self._ids}
+        )
         digest = hashlib.sha256()
         for gid in sorted(self._ids, key=repr):
-            digest.update(f"{gid!r}={self.by_id[gid].fingerprint};".encode())
+            digest.update(f"{gid!r}={self.fingerprints[gid]};".encode())
         self.generation = digest.hexdigest()[:20]
 
     @classmethod

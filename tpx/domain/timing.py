@@ -239,7 +239,7 @@ class DeviceState:
     newest_us: int | None = None
     #: The :attr:`GeofenceSet.generation` membership was last reconciled with.
     generation: str | None = None
-    #: Each geofence's fingerprint when the device adopted it.
+    #: Each geofence's fingerprint when the device adopted it (the set's shared mapping).
     versions: Mapping[GeofenceId, str] = field(default_factory=dict)
     #: Geofences adopted after the device's first fix: the fix time they were adopted at.
     anchors: Mapping[GeofenceId, int] = field(default_factory=dict)
@@ -255,7 +255,7 @@ class DeviceState:
             Base(frozenset(inside), last_fix, None if last_fix is None else last_fix.ts_us),
             newest_us=None if last_fix is None else last_fix.ts_us,
             generation=geofences.generation,
-            versions={g.id: g.fingerprint for g in geofences.by_id.values()},
+            versions=geofences.fingerprints,
         )
 
     @property
@@ -287,7 +287,7 @@ def reconcile(state: DeviceState, geofences: GeofenceSet) -> DeviceState:
     forget removed ones."""
     if state.generation == geofences.generation:
         return state
-    versions = {gid: g.fingerprint for gid, g in geofences.by_id.items()}
+    versions = geofences.fingerprints
     changed = {gid for gid, fp in versions.items() if state.versions.get(gid) != fp}
     gone = {gid for gid in state.versions if gid not in versions} | changed
     anchors = {gid: t for gid, t in state.anchors.items() if gid not in gone}

@@ -163,11 +163,21 @@ def _coordinate(value: object) -> float:
     return float(value)
 
 
+#: GeoJSON (RFC 7946): a position is [lon, lat] (more values, e.g. altitude, are ignored), WGS84.
+POSITION_VALUES = 2
+MAX_LON = 180.0
+MAX_LAT = 90.0
+#: A linear ring is closed: at least 4 positions, the first repeated as the last (RFC 7946 3.1.6).
+MIN_RING_POSITIONS = 4
+#: A gate is a line: at least two distinct points.
+MIN_GATE_POINTS = 2
+
+
 def _position(value: object) -> tuple[float, float]:
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < 2:
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < POSITION_VALUES:
         raise _RowError(f"a position must be [lon, lat], got {value!r}")
     lon, lat = _coordinate(value[0]), _coordinate(value[1])
-    if not -180.0 <= lon <= 180.0 or not -90.0 <= lat <= 90.0:
+    if not -MAX_LON <= lon <= MAX_LON or not -MAX_LAT <= lat <= MAX_LAT:
         raise _RowError(f"position [{lon}, {lat}] is out of range (lon -180..180, lat -90..90)")
     return lon, lat
 
@@ -180,7 +190,7 @@ def _positions(value: object, what: str) -> FloatArray:
 
 def _ring(value: object) -> FloatArray:
     ring = _positions(value, "a polygon ring")
-    if len(ring) < 4:
+    if len(ring) < MIN_RING_POSITIONS:
         raise _RowError(f"a polygon ring needs at least 4 positions, got {len(ring)}")
     if not np.array_equal(ring[0], ring[-1]):
         raise _RowError("a polygon ring must end where it starts")
@@ -210,7 +220,7 @@ def _zone(gtype: str, coords: object, margin: float) -> tuple[Zone, FloatArray]:
 
 def _gate(coords: object) -> tuple[Line, FloatArray]:
     points = _positions(coords, "LineString coordinates")
-    if len(np.unique(points, axis=0)) < 2:
+    if len(np.unique(points, axis=0)) < MIN_GATE_POINTS:
         raise _RowError(f"a gate needs two distinct points, got {len(points)} position(s)")
     if np.array_equal(points[0], points[-1]):
         raise _RowError("a gate's first and last points coincide: its direction is undefined")

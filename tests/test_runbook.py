@@ -55,6 +55,15 @@ def strand(client: redis.Redis, settings: Settings, consumer: str, entries: list
     client.xreadgroup(settings.group, consumer, {settings.stream: ">"}, count=len(entries))
 
 
+def test_the_table_of_contents_lists_every_section() -> None:
+    """Each `## ` section is in the contents at the top, in order, with a link GitHub resolves."""
+    headings = re.findall(r"^## (.+)$", RUNBOOK, re.M)
+    listed = re.findall(r"^- \[(.+?)\]\(#([^)]+)\)$", RUNBOOK, re.M)
+    assert [title for title, _ in listed] == headings
+    for title, anchor in listed:  # GitHub's slug: lower case, punctuation dropped, spaces to -
+        assert anchor == re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"), title
+
+
 def test_every_block_is_tested() -> None:
     assert set(BLOCKS) == {"view-lag", "claim-dead", "dlq", "dlq-replay", "rehydrate", "scale-in", "panic"}
 

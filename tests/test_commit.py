@@ -16,7 +16,7 @@ import redis
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from tests.helpers import NOW_MS, add_entries, pending_count, record, rows, wait_for
+from tests.helpers import NOW_MS, add_entries, pending_count, record, rows, wait_for, xpending_range, xrange
 from tpx.config import Settings
 from tpx.connections import pg_pool, writer_timeouts
 from tpx.engine.batch import Batch
@@ -141,7 +141,7 @@ def test_a_refused_row_is_isolated_and_left_pending_below_max_deliveries(
     assert reason.startswith("UntranslatableCharacter: unsupported Unicode escape sequence")
     assert "\\u0000 cannot be converted to text" in reason
     assert len(rows(s.database_url, s.db_schema)) == 9
-    assert [r["message_id"] for r in rclient.xpending_range(s.stream, s.group, "-", "+", 10)] == [ids[4]]
+    assert [r["message_id"] for r in xpending_range(rclient, s.stream, s.group, 10)] == [ids[4]]
     assert rclient.xlen(s.dlq_stream) == 0
 
 
@@ -157,7 +157,7 @@ def test_a_refused_row_is_dead_lettered_at_max_deliveries(
     [(position, reason)] = out.dead_lettered
     assert position.entry_id == ids[4] and reason.startswith("UntranslatableCharacter")
     assert pending_count(rclient, s.stream) == 0
-    [(_, letter)] = rclient.xrange(s.dlq_stream)
+    [(_, letter)] = xrange(rclient, s.dlq_stream)
     assert letter[b"dlq_source_id"] == ids[4] and letter[b"dlq_stage"] == b"write"
     assert letter[b"dlq_deliveries"] == str(s.max_deliveries).encode()
     assert letter[b"device_id"] == b"nul"  # the original fields, verbatim

@@ -14,7 +14,7 @@ import pytest
 import redis
 import yaml
 
-from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for
+from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for, xrevrange
 from tpx.config import Settings
 from tpx.engine.service import Engine
 from tpx.schema import migrate
@@ -112,7 +112,7 @@ def test_dlq_replay(settings: Settings, rclient: redis.Redis, env: dict[str, str
     assert "would-replay" in out and "1 replayed" in out
     assert rclient.xlen(settings.dlq_stream) == 0
     assert rclient.xlen(settings.stream) == length + 2
-    newest = rclient.xrevrange(settings.stream, count=2)
+    newest = xrevrange(rclient, settings.stream, count=2)
     assert all(fields[b"replays"] == b"1" for _, fields in newest)
 
 

@@ -18,6 +18,10 @@ import pytest
 
 from tests.directus import NO_POSTGIS_DDL, Directus, fresh_database
 
+#: The first test here also pays for the session's Directus (bootstrap, schema apply, start):
+#: ~11 s on an idle machine, ~55 s measured with other sessions loading both cores.
+pytestmark = pytest.mark.timeout(300)
+
 #: What issue 16 says Directus 11 creates on PostgreSQL: column -> (type, NOT NULL, default).
 GEOFENCES = {
     "id": ("integer", True, "nextval('geofences_id_seq'::regclass)"),

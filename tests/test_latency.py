@@ -61,7 +61,11 @@ def test_records_accumulate_into_one_batch_while_every_writer_is_busy(
         )  # blocks COPY and INSERT, not reads
         for i, device in enumerate(("first", "second"), start=1):
             add_entries(rclient, s.stream, [record(device)])
-            wait_for(lambda i=i: _waiting_writes(locker, s.db_schema) == i, what=f"writer {i} busy")
+
+            def busy(writers: int = i) -> bool:
+                return _waiting_writes(locker, s.db_schema) == writers
+
+            wait_for(busy, what=f"writer {i} busy")
         for i in range(later):  # one XADD each: the reader sees them one read at a time
             add_entries(rclient, s.stream, [record("later", ts=NOW_MS - 100_000 + i)])
         wait_for(

@@ -167,6 +167,30 @@ def test_dlq_key_replaced_by_a_string_holds_poison_pending_until_it_is_removed(
     assert {f[b"dlq_source_id"] for _, f in xrange(r, s.dlq_stream)} == poison_ids
 
 
+def test_dead_letters_held_while_the_group_is_destroyed_still_reach_the_dlq(
+    fault_settings: Settings, private_redis: PrivateRedis
+) -> None:
+    """Poison held pending because the ``:dlq`` key is a string (WRONGTYPE), then the group is
+    destroyed: its pending entries are gone with it, but the held dead letters are not dropped
+    (they were, as "acknowledged or deleted meanwhile"): once the DLQ takes writes, each poison
+    record has its dead letter."""
+    s, r = fault_settings, private_redis.client
+    entries, valid = mixed_entries(40, 4)
+    r.set(s.dlq_stream, "someone's string")
+    ids = add_entries(r, s.stream, entries)
+    poison_ids = {i for i, e in zip(ids, entries, strict=True) if '"lat": 91' in e["record"]}
+    with running(s) as engine:
+        wait_rows(s, valid, "the valid rows")
+        wait_for(lambda: WRONGTYPE in reader_problem(engine), what="the dead letters held")
+        r.xgroup_destroy(s.stream, s.group)
+        wait_for(lambda: group_exists(r, s), what="the group recreated")
+        r.delete(s.dlq_stream)
+        wait_for(lambda: r.exists(s.dlq_stream) and r.xlen(s.dlq_stream) == len(poison_ids), what="DLQ")
+        wait_for(lambda: engine.ready()[0], what="ready again")
+        assert_alive(engine)
+    assert {f[b"dlq_source_id"] for _, f in xrange(r, s.dlq_stream)} == poison_ids
+
+
 def test_stream_key_replaced_by_a_string_backs_off_then_reads_the_new_stream(
     fault_settings: Settings, private_redis: PrivateRedis
 ) -> None:

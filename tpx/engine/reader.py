@@ -164,6 +164,9 @@ class Reader(threading.Thread):
         self.parked_error = ""
         self.parked_backoff = BACKOFF_MIN_S
         self.parked_retry_at = 0.0
+        #: the group was lost while letters were held: their originals are pending nowhere now
+        #: (nothing to XCLAIM, nothing any sweep could take), so they are written as they are
+        self.parked_orphaned = False
 
     def problem(self) -> str | None:
         """Why the reader is not keeping up, in one line; None while it is."""
@@ -192,6 +195,9 @@ class Reader(threading.Thread):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._drop_read_ahead()
                 self.connected.clear()
+                # what was read goes on to the writers (and into the in-flight set), so the
+                # re-read of pending entries after reconnecting does not decode it a second time
+                self._flush(force=True)
                 self.cursor = b"0"  # after reconnecting, pick up whatever was left pending
                 self.failing = f"reader not connected to redis: {redis_reply(exc)}"
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
@@ -202,6 +208,7 @@ class Reader(threading.Thread):
                 self.cursor = b"0"  # pick up whatever a half-done step left pending
                 if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                     self.group_lost = first_line(exc)
+                    self.parked_orphaned = bool(self.parked)
                     self.connected.clear()
                     continue
                 self.failing = f"redis refused the reader: {redis_reply(exc)}"
@@ -233,7 +240,13 @@ class Reader(threading.Thread):
             if self.last_id
             else "at 0, reading the whole stream (this instance had read nothing yet)"
         )
-        why = f" after {self.group_lost}" if self.group_lost else ""
+        why = (
+            f" after {self.group_lost}; the old group's pending entries went with it (a row the"
+            " database refused, waiting for redelivery, is not retried: move the group back to"
+            " replay it)"
+            if self.group_lost
+            else ""
+        )
         log.warning(
             "created consumer group %s on %s %s%s", self.settings.group, self.settings.stream, where, why
         )
@@ -460,11 +473,14 @@ class Reader(threading.Thread):
     def _retry_parked(self) -> None:
         """Retry the held dead letters; first XCLAIM them (no other instance's sweep takes them)."""
         ids: list[Any] = list(self.parked)
-        owned = set(
-            self.client.xclaim(
-                self.settings.stream, self.settings.group, self.settings.consumer, 0, ids, justid=True
+        if self.parked_orphaned:  # the group was recreated: no pending entry left to claim
+            owned = set(ids)
+        else:
+            owned = set(
+                self.client.xclaim(
+                    self.settings.stream, self.settings.group, self.settings.consumer, 0, ids, justid=True
+                )
             )
-        )
         gone = [entry_id for entry_id in ids if entry_id not in owned]  # acknowledged or deleted meanwhile
         for entry_id in gone:
             del self.parked[entry_id]
@@ -476,8 +492,10 @@ class Reader(threading.Thread):
         if self.parked:  # refused again: wait longer (capped, like an outage)
             self.parked_backoff = min(backoff * 2, BACKOFF_MAX_S)
             self.parked_retry_at = time.monotonic() + self.parked_backoff
-        elif letters:
-            log.info("redis took the %d dead letters it had refused", len(letters))
+        else:
+            self.parked_orphaned = False
+            if letters:
+                log.info("redis took the %d dead letters it had refused", len(letters))
 
     def _flush(self, force: bool, eager: bool = False) -> None:
         """Queue full batches (by count or bytes); queue everything once the oldest record waited

@@ -45,7 +45,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpx.engine.writer import CREATE_STAGE_SQL, INSERT_SQL, STAGE_COPY_SQL, copy_rows
+from tpx.engine.commit import CREATE_STAGE_SQL, INSERT_SQL, STAGE_COPY_SQL, copy_rows
 from tpx.fleet import Fleet
 from tpx.records import decode_entry
 from tpx.schema import migrate

@@ -28,11 +28,11 @@ from tests.helpers import (
 )
 from tpx.config import Settings
 from tpx.engine.budget import BatchQueue
+from tpx.engine.commit import CREATE_STAGE_SQL
 from tpx.engine.metrics import Metrics
 from tpx.engine.reader import Reader
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
-from tpx.engine.writer import CREATE_STAGE_SQL
 from tpx.schema import migrate
 
 

@@ -38,10 +38,11 @@ from tests.test_pipeline import running
 from tpx.config import Settings
 from tpx.connections import pg_pool, writer_timeouts
 from tpx.engine.batch import Batch
+from tpx.engine.commit import CREATE_STAGE_SQL
 from tpx.engine.metrics import Metrics
 from tpx.engine.sqlstate import MAX_REASON_CHARS, Fault, classify, describe
 from tpx.engine.state import DeviceStates
-from tpx.engine.writer import CREATE_STAGE_SQL, Writer
+from tpx.engine.writer import Writer
 from tpx.records import decode_entry
 from tpx.schema import migrate
 

@@ -24,12 +24,22 @@ from tpx.config import Settings
 from tpx.errors import first_line
 from tpx.format import DEAD_WITH_PENDING, ago, number
 from tpx.ops.inspect import Status
+from tpx.streams import EstimatedLag
 from tpx.tui.poller import Poller, Snapshot
 from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen, device_detail, letter_detail
 from tpx.tui.tables import TABLES, DevicesTable, InstancesTable, LettersTable, SnapshotTable
 
 #: Recent positions shown when a device is opened.
 DEVICE_ROWS_SHOWN = 20
+
+
+def lag_text(lag: int | None) -> str:
+    """The group's lag; one tpx counted itself (Redis reported none) is marked as an estimate."""
+    if lag is None:
+        return "unknown"
+    if isinstance(lag, EstimatedLag):
+        return f"{'≥' if lag.at_least else '≈'}{lag:,} (est.)"
+    return f"{lag:,}"
 
 
 class TopApp(App[None]):
@@ -122,7 +132,7 @@ class TopApp(App[None]):
         banner.set_class(bool(problems), "shown")
 
     def _overview(self, snap: Snapshot, st: Status) -> None:
-        lag = "unknown" if st.lag is None else f"{st.lag:,}"
+        lag = lag_text(st.lag)
         newest = f", newest {ago(st.last_entry_age_s)}" if st.last_entry_id else ""
         oldest = f" (oldest {ago(st.oldest_pending_age_s)})" if st.oldest_pending_id else ""
         dead = st.dead_with_pending

@@ -30,7 +30,14 @@ from tpx.format import DEAD_WITH_PENDING, ago, number
 from tpx.ops.inspect import Status
 from tpx.streams import EstimatedLag
 from tpx.tui.poller import Poller, Snapshot
-from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen, device_detail, letter_detail
+from tpx.tui.screens import (
+    ConfirmScreen,
+    DetailScreen,
+    HelpScreen,
+    device_detail,
+    instance_detail,
+    letter_detail,
+)
 from tpx.tui.sparkline import RateSparkline
 from tpx.tui.tables import TABLES, DevicesTable, InstancesTable, LettersTable, SnapshotTable
 
@@ -61,6 +68,7 @@ class TopApp(App[None]):
         Binding("c", "claim", "claim"),
         Binding("h", "rehydrate", "rehydrate"),
         Binding("p", "pause", "pause"),
+        Binding("w", "warnings", "warnings", show=False),
         Binding("escape", "clear_filter", "clear filter", show=False),
         *(Binding(str(n), f"tab('{t.TAB}')", show=False) for n, t in enumerate(TABLES, 1)),
     ]
@@ -198,6 +206,9 @@ class TopApp(App[None]):
             "Rehydrate device", "drop and reseed the selected device's state", self.action_rehydrate
         )
         yield SystemCommand(
+            "Recent warnings", "the selected instance's last warnings and errors", self.action_warnings
+        )
+        yield SystemCommand(
             "Resume refresh" if self.paused else "Pause refresh",
             "freeze the screen, or refresh again",
             self.action_pause,
@@ -209,7 +220,18 @@ class TopApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """While the filter box has focus, letters and digits are text, not commands."""
-        commands = {"tab", "replay", "replay_all", "claim", "rehydrate", "help", "quit", "filter", "pause"}
+        commands = {
+            "tab",
+            "replay",
+            "replay_all",
+            "claim",
+            "rehydrate",
+            "help",
+            "quit",
+            "filter",
+            "pause",
+            "warnings",
+        }
         return not (action in commands and isinstance(self.focused, Input))
 
     @on(DataTable.RowSelected, "LettersTable")
@@ -217,6 +239,23 @@ class TopApp(App[None]):
         letter = self.query_one(LettersTable).letter(str(event.row_key.value))
         if letter is not None:
             self.push_screen(DetailScreen(f"dead letter {letter.id}", letter_detail(letter)))
+
+    @on(DataTable.RowSelected, "InstancesTable")
+    def open_instance(self, event: DataTable.RowSelected) -> None:
+        self._show_instance(str(event.row_key.value))
+
+    def action_warnings(self) -> None:
+        name = self._selected(InstancesTable)
+        if name is None:
+            self.notify("select an instance first (tab 1)", severity="warning")
+            return
+        self._show_instance(name)
+
+    def _show_instance(self, name: str) -> None:
+        member = self.query_one(InstancesTable).member(name)
+        if member is not None:
+            body = instance_detail(member.name, member.state, member.instance)
+            self.push_screen(DetailScreen(f"instance {name}", body))
 
     @on(DataTable.RowSelected, "DevicesTable")
     def select_device(self, event: DataTable.RowSelected) -> None:

@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from tpx.ops.dlq import DeadLetterView
+from tpx.ops.inspect import Instance
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -125,11 +126,32 @@ def device_detail(cached: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 #: The keys, one per row, each row short enough for an 80-column terminal (the list scrolls).
+def instance_detail(name: str, state: str, instance: Instance | None) -> str:
+    """A group member: its state, its heartbeat's facts, then its recent warnings, as k9s shows a
+    pod's log (the heartbeat carries them: ``tpx.logs.RECENT_WARNINGS`` lines, secrets masked)."""
+    if instance is None:
+        return f"{name}: {state}\n\nno heartbeat: no instance runs under this name, nothing to show."
+    failing = ", ".join(instance.writers_failing) or "none"
+    lines = [
+        f"{name}: {state}",
+        f"host {instance.host}  pid {instance.pid}  version {instance.version}",
+        f"started {iso_utc(instance.started_at)}  heartbeat {instance.heartbeat_age_s:.0f}s ago",
+        f"writers failing: {failing}",
+        "",
+    ]
+    if "recent_warnings" not in instance.raw:
+        return "\n".join([*lines, "recent warnings: not reported (this instance's tpx is older)"])
+    warnings = [str(w) for w in instance.raw["recent_warnings"]]
+    lines.append(f"recent warnings ({len(warnings)}, oldest first):" if warnings else "no recent warnings")
+    return "\n".join(lines + [f"  {w}" for w in warnings])
+
+
 HELP_KEYS: tuple[tuple[str, str], ...] = (
     ("Tab, Shift+Tab", "move between panels"),
     ("1-4", "jump to a tab: instances, pending, letters, devices"),
     ("/", "filter the table (Esc clears)"),
-    ("Enter", "open the selected dead letter or device"),
+    ("Enter", "open the selected dead letter, device or instance"),
+    ("w", "the selected instance's recent warnings"),
     ("r", "replay the selected dead letter"),
     ("R", "replay all dead letters shown"),
     ("c", "claim the selected dead consumer's entries"),

@@ -25,7 +25,7 @@ from typing import Any, assert_never
 
 import redis
 
-from tpx import __version__, controlproto, keys
+from tpx import __version__, controlproto, keys, logs
 from tpx.config import Settings
 from tpx.controlproto import ControlRequest
 from tpx.engine.metrics import Metrics
@@ -80,6 +80,7 @@ class Heartbeat(threading.Thread):
             "records_read": read,
             "records_written": written,
             **rates,
+            "recent_warnings": logs.recent_warnings(),
             **self.extra(),
         }
 

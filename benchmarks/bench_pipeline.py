@@ -37,7 +37,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -45,7 +45,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpx.engine.writer import CREATE_STAGE_SQL, INSERT_SQL, STAGE_COPY_SQL, copy_rows
+from tpx.engine.commit import CREATE_STAGE_SQL, INSERT_SQL, STAGE_COPY_SQL, copy_rows
 from tpx.fleet import Fleet
 from tpx.records import decode_entry
 from tpx.schema import migrate
@@ -231,6 +231,16 @@ def _naive_unwrap(value: Any) -> Any:
     return value
 
 
+def read_naive_page(client: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    """The naive consumer's next page: XREADGROUP COUNT 100 BLOCK 1000, empty when none came.
+
+    Its client decodes replies (text, not bytes) and speaks RESP2 (a [[key, entries]] reply);
+    redis-py's reply type covers every client setting at once, so the page is named here.
+    """
+    reply = cast(list[list[Any]], client.xreadgroup("naive", "c1", {key: ">"}, count=100, block=1000))
+    return cast(list[tuple[str, dict[str, str]]], reply[0][1]) if reply else []
+
+
 def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     schema = f"bench_{uuid.uuid4().hex[:8]}"
@@ -247,10 +257,9 @@ def run_naive(args: argparse.Namespace, entries: list[dict[str, str]], expected:
     done = 0
     try:
         while done < len(entries):
-            reply = client.xreadgroup("naive", "c1", {key: ">"}, count=100, block=1000)
-            if not reply:
+            batch = read_naive_page(client, key)
+            if not batch:
                 break
-            batch = reply[0][1]
             params = []
             for _, f in batch:
                 rec = json.loads(f["record"])

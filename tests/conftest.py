@@ -10,6 +10,7 @@ import redis
 from psycopg import sql
 
 from tests import services
+from tests.directus import Directus
 from tpx.config import Settings
 
 
@@ -93,3 +94,23 @@ def serve_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
         "TPX_LOG_FORMAT": "json",
         "TPX_PANIC_DIR": str(tmp_path / "panic"),
     }
+
+
+@pytest.fixture(scope="session")
+def directus(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Directus]:
+    """A real Directus 11 on a fresh PostGIS database with deploy/directus/snapshot.yaml applied.
+
+    Session-scoped: bootstrap + schema apply + start cost ~25-40 s. Tests share it, so each uses
+    its own rows (its own device ids, geofence names). Skips, naming why, without Node 22,
+    Directus or PostGIS (.ci/run installs them).
+    """
+    from tests import directus as directus_
+
+    reason = directus_.unavailable(pg_server_url)
+    if reason:
+        pytest.skip(reason)
+    with (
+        directus_.fresh_database(pg_server_url, postgis=True) as db_url,
+        directus_.running(db_url, tmp_path_factory.mktemp("directus")) as instance,
+    ):
+        yield instance

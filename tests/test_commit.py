@@ -16,7 +16,8 @@ import redis
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from tests.helpers import NOW_MS, add_entries, pending_count, record, rows, wait_for
+from tests.helpers import NOW_MS, add_entries, pending_count, record, rows, wait_for, xpending_range, xrange
+from tests.services import PrivateRedis
 from tpx.config import Settings
 from tpx.connections import pg_pool, writer_timeouts
 from tpx.engine.batch import Batch
@@ -141,7 +142,7 @@ def test_a_refused_row_is_isolated_and_left_pending_below_max_deliveries(
     assert reason.startswith("UntranslatableCharacter: unsupported Unicode escape sequence")
     assert "\\u0000 cannot be converted to text" in reason
     assert len(rows(s.database_url, s.db_schema)) == 9
-    assert [r["message_id"] for r in rclient.xpending_range(s.stream, s.group, "-", "+", 10)] == [ids[4]]
+    assert [r["message_id"] for r in xpending_range(rclient, s.stream, s.group, 10)] == [ids[4]]
     assert rclient.xlen(s.dlq_stream) == 0
 
 
@@ -157,7 +158,7 @@ def test_a_refused_row_is_dead_lettered_at_max_deliveries(
     [(position, reason)] = out.dead_lettered
     assert position.entry_id == ids[4] and reason.startswith("UntranslatableCharacter")
     assert pending_count(rclient, s.stream) == 0
-    [(_, letter)] = rclient.xrange(s.dlq_stream)
+    [(_, letter)] = xrange(rclient, s.dlq_stream)
     assert letter[b"dlq_source_id"] == ids[4] and letter[b"dlq_stage"] == b"write"
     assert letter[b"dlq_deliveries"] == str(s.max_deliveries).encode()
     assert letter[b"device_id"] == b"nul"  # the original fields, verbatim
@@ -214,3 +215,40 @@ def test_perf_path_plain_copy_first_then_on_conflict_for_a_while(
     assert out.fallbacks == 0 and len(out.inserted) == 1  # straight to ON CONFLICT: no attempt undone
     assert metrics.count(metrics.insert_fallbacks) == 1
     assert len(rows(s.database_url, s.db_schema)) == 5
+
+
+#: Room left in the private Redis: one or two of three ~200 KB dead letters (and the replies that
+#: read their originals, which count as used memory too) fit, not all three.
+HEADROOM = 500_000
+
+
+def test_dead_letters_redis_refuses_partly_are_retried_alone_never_added_twice(
+    migrated: Settings, pool: ConnectionPool, private_redis: PrivateRedis
+) -> None:
+    """Redis checks maxmemory before each command: with little room left, the first XADD of a
+    pipeline passes and fills it, the next ones answer ``OOM command not allowed when used memory >
+    'maxmemory'``. Only those are tried again (once Redis has room): each refused row ends with
+    exactly one dead letter."""
+    client = private_redis.client
+    s = migrated.model_copy(update={"redis_url": private_redis.url, "max_deliveries": 1})
+    pad = "x" * 200_000  # each dead letter carries its ~200 KB record verbatim
+    entries = [record(f"nul-{i}", ts=NOW_MS - 10_000 + i, io={**NUL_IO, "pad": pad}) for i in range(3)]
+    batch, ids = pending_batch(client, s, entries)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used + HEADROOM)
+    committer = Committer(s, pool, client, Metrics(), None)
+    result: list[CommitOutcome] = []
+    thread = threading.Thread(target=lambda: result.append(committer.commit(batch)))
+    thread.start()
+    wait_for(lambda: committer.health.dlq_problem is not None, what="Redis refusing a dead letter")
+    problem = committer.health.dlq_problem
+    assert problem is not None and "command not allowed when used memory" in problem[1]
+    assert 1 <= client.xlen(s.dlq_stream) < len(ids)  # some went in, the rest were refused
+    client.config_set("maxmemory", 0)  # room again: the retry goes through
+    thread.join(30)
+    [out] = result
+    assert sorted(p.entry_id for p, _ in out.dead_lettered) == sorted(ids) and out.left_pending == []
+    letters = xrange(client, s.dlq_stream)
+    assert sorted(fields[b"dlq_source_id"] for _, fields in letters) == sorted(ids)  # one each
+    assert pending_count(client, s.stream) == 0

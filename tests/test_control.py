@@ -39,6 +39,7 @@ from tpx.controlproto import (
     ControlRequest,
     parse,
 )
+from tpx.engine.state import DeviceStates
 from tpx.ops.control import ask
 from tpx.schema import migrate
 
@@ -383,3 +384,34 @@ def test_garbage_on_the_control_channel_under_load(
     assert rclient.type(settings.stream) == b"stream"
     assert rclient.exists(settings.dlq_stream) == 0  # every record was valid, and no list took its place
     assert rclient.type(keys.heartbeat(settings.stream, "serve-1")) == b"string"
+
+
+class _BrokenStates(DeviceStates):
+    """Device state whose snapshot hits a bug (stands in for any error ``handle`` did not foresee)."""
+
+    def snapshot(self, limit: int | None = None) -> list[Any]:
+        raise RuntimeError("a bug in the devices answer")
+
+
+def test_a_request_that_trips_a_bug_is_logged_and_the_thread_goes_on(
+    settings: Settings, rclient: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every instance receives every message: one that makes ``handle`` raise must not stop the
+    control thread (the engine panics, exit 70, when a thread dies)."""
+    from tpx.engine.heartbeat import Control
+
+    stop = threading.Event()
+    control = Control(settings, rclient, _BrokenStates(10), stop)
+    control.start()
+    try:
+        wait_for(
+            lambda: rclient.pubsub_numsub(keys.control_channel(settings.stream))[0][1] == 1, what="subscribed"
+        )
+        with caplog.at_level("ERROR"):
+            broken = ask(rclient, settings, "devices", timeout=1.0, alive=[])
+            assert broken.replies == [] and control.is_alive()
+            assert ask(rclient, settings, "ping", timeout=3.0, alive=[]).confirmed == [settings.consumer]
+        assert any("control message failed" in r.getMessage() for r in caplog.records)
+    finally:
+        stop.set()
+        control.join(5)

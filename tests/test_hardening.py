@@ -9,13 +9,24 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.helpers import Serve, add_entries, drained, pending_count, row_count, rows, wait_for
+from tests.helpers import (
+    Serve,
+    add_entries,
+    drained,
+    pending_count,
+    row_count,
+    rows,
+    wait_for,
+    xpending_range,
+    xrange,
+)
 from tests.proxy import Proxy, postgres_target, postgres_via, redis_target, redis_via
 from tpx.config import Settings
 from tpx.fleet import Fleet
@@ -64,7 +75,7 @@ def stored_keys(settings: Settings) -> list[tuple[str, int]]:
 
 
 def dlq_sources(client: redis.Redis, settings: Settings) -> set[bytes]:
-    return {f[b"dlq_source_id"] for _, f in client.xrange(settings.dlq_stream)}
+    return {f[b"dlq_source_id"] for _, f in xrange(client, settings.dlq_stream)}
 
 
 def assert_exactly_once(
@@ -118,8 +129,12 @@ def test_kill_9_at_random_moments_loses_nothing_and_writes_nothing_twice(
         target = min(
             len(keys), row_count(settings.database_url, settings.db_schema) + rng.randrange(300, 2000)
         )
+
+        def grown(t: int = target) -> bool:
+            return row_count(settings.database_url, settings.db_schema) >= t
+
         wait_for(
-            lambda t=target: row_count(settings.database_url, settings.db_schema) >= t,
+            grown,
             timeout=60,
             what="rows to grow",
             every=0.01,
@@ -211,10 +226,7 @@ def test_sigterm_during_load_drains_and_exits_zero(
     serve.signal(signal.SIGTERM)
     assert serve.wait(15) == 0, serve.logs()
     assert time.monotonic() - started < 5 + 3
-    pending = {
-        row["message_id"]
-        for row in rclient.xpending_range(settings.stream, settings.group, "-", "+", 100_000)
-    }
+    pending = {row["message_id"] for row in xpending_range(rclient, settings.stream, settings.group, 100_000)}
     last = rclient.xinfo_groups(settings.stream)[0]["last-delivered-id"]
     stored = set(stored_keys(settings))
     by_id = dict(zip(ids, entries, strict=True))
@@ -276,7 +288,7 @@ def test_writer_crash_writes_a_panic_dump_and_exits_70(
     add_entries(rclient, settings.stream, fleet_entries(10, seed=16, poison=0, dups=0, late=0))
     # a password the server does not check (trust auth) unless it already has one of its own
     url = settings.database_url
-    secret = conninfo_to_dict(url).get("password") or "s3cret-pw-4417"
+    secret = str(conninfo_to_dict(url).get("password") or "s3cret-pw-4417")
     if "password" not in conninfo_to_dict(url):
         url = make_conninfo(url, password=secret)
     env = {**serve_env, "TPX_FAILPOINTS": "writer.commit", "TPX_DATABASE_URL": url}
@@ -320,9 +332,11 @@ def test_device_state_survives_kill_and_restart(
     try:
         add_entries(rclient, settings.stream, late)
         wait_for(lambda: row_count(settings.database_url, settings.db_schema) == 505, what="late rows")
-        after = {
-            d: json.loads(wait_for(lambda d=d: serve.get(f"/devices/{d}")[1], what="state")) for d in devices
-        }
+
+        def state(d: str) -> Any:
+            return json.loads(wait_for(lambda: serve.get(f"/devices/{d}")[1], what="state"))
+
+        after = {d: state(d) for d in devices}
     finally:
         serve.stop()
     fields = ("last_ts_us", "latitude", "longitude", "valid")
@@ -347,7 +361,7 @@ def test_refused_record_is_redelivered_then_dead_lettered(settings: Settings, rc
         wait_for(lambda: rclient.xlen(s.dlq_stream) == 1, timeout=30, what="the refused record in the DLQ")
         wait_for(lambda: pending_count(rclient, s.stream) == 0, what="nothing pending")
         assert engine.metrics.count(engine.metrics.claimed) >= 1
-    letter = rclient.xrange(s.dlq_stream)[0][1]
+    letter = xrange(rclient, s.dlq_stream)[0][1]
     assert letter[b"dlq_stage"] == b"write" and letter[b"dlq_deliveries"] == b"2"
     assert b"Unicode" in letter[b"dlq_error"] or b"\\u0000" in letter[b"dlq_error"]
     assert row_count(s.database_url, s.db_schema) == 20

@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from tests.helpers import NOW_MS, add_entries, pending_count, record
+from tests.helpers import NOW_MS, add_entries, pending_count, record, xpending_range, xrange
 from tpx.config import Settings
 from tpx.engine.deadletter import Stage
 from tpx.engine.intake import delivery_counts, raw_replies, read_entries, settle, take_in
@@ -57,9 +57,9 @@ def test_a_page_splits_into_positions_dead_letters_and_vanished_ids(
 
     assert [x.entry_id for x in settled.dead_lettered] == [ids[1]] and settled.refused == []
     assert settled.refusal is None and settled.acknowledged == 1
-    [(_, dead)] = rclient.xrange(s.dlq_stream)
+    [(_, dead)] = xrange(rclient, s.dlq_stream)
     assert dead[b"dlq_source_id"] == ids[1] and dead[b"dlq_stage"] == b"decode" and dead[b"x"] == b"kept"
-    remaining = {r["message_id"] for r in rclient.xpending_range(s.stream, s.group, "-", "+", 10)}
+    remaining = {r["message_id"] for r in xpending_range(rclient, s.stream, s.group, 10)}
     assert remaining == {ids[0], ids[2]}  # valid records wait for their commit
 
 
@@ -71,7 +71,7 @@ def test_redelivered_entries_carry_their_delivery_counts(settings: Settings, rcl
     )
     read(rclient, s, ">")
     page = read(rclient, s, "0")  # the second delivery of both
-    pending = rclient.xpending_range(s.stream, s.group, "-", "+", 10, consumername=s.consumer)
+    pending = xpending_range(rclient, s.stream, s.group, 10, consumer=s.consumer)
 
     counts = delivery_counts(pending)
     intake = take_in(page, s, NOW_US, counts)

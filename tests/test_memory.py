@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import NOW_MS, Serve, add_entries, drained, record, wait_for
+from tests.helpers import NOW_MS, Serve, add_entries, drained, record, wait_for, xrange
 from tests.test_pipeline import running
 from tpx.config import Settings
 
@@ -29,7 +29,7 @@ def test_a_record_above_the_max_size_is_dead_lettered_and_its_neighbours_written
     with running(s) as engine:
         wait_for(lambda: drained(rclient, s, 19), what="19 rows, nothing pending")
         assert engine.metrics.count(engine.metrics.dead_lettered, stage="decode") == 1
-    [(_, letter)] = rclient.xrange(s.dlq_stream)
+    [(_, letter)] = xrange(rclient, s.dlq_stream)
     assert letter[b"dlq_stage"] == b"decode"
     assert letter[b"dlq_error"].decode() == (
         f"record is {size} bytes, more than the 10000 allowed (TPX_MAX_RECORD_BYTES)"

@@ -12,7 +12,17 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from tests.helpers import Serve, add_entries, pending_count, record, redis_major, row_count, wait_for
+from tests.helpers import (
+    Serve,
+    add_entries,
+    pending_count,
+    record,
+    redis_major,
+    row_count,
+    wait_for,
+    xrange,
+    xreadgroup,
+)
 from tpx import keys
 from tpx.cli import app
 from tpx.config import Settings
@@ -58,7 +68,7 @@ def strand(
     if not client.exists(settings.stream):
         client.xgroup_create(settings.stream, settings.group, id="$", mkstream=True)
     ids = add_entries(client, settings.stream, entries)
-    got = client.xreadgroup(settings.group, consumer, {settings.stream: ">"}, count=len(entries))
+    got = xreadgroup(client, settings.group, consumer, {settings.stream: ">"}, count=len(entries))
     assert sum(len(e) for _, e in got) == len(entries)
     return ids
 
@@ -187,7 +197,7 @@ def test_dlq_list_show_replay_drain_export_purge(
     assert dry[0]["outcome"] == "would-replay" and rclient.xlen(settings.dlq_stream) == 3
     result = tpx_json(env, "dlq", "replay", first["id"])
     assert result[0]["outcome"] == "replayed"
-    replayed = rclient.xrange(settings.stream, result[0]["new_id"], result[0]["new_id"])[0][1]
+    replayed = xrange(rclient, settings.stream, result[0]["new_id"], result[0]["new_id"])[0][1]
     assert replayed[b"replays"] == b"1" and replayed[b"codec"] == b"8"
     assert not any(k.startswith(b"dlq_") for k in replayed)
     wait_for(lambda: any(x["replays"] == 1 for x in tpx_json(env, "dlq", "list")), what="back in the DLQ")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -21,7 +22,7 @@ env = test_ops.env
 serve = test_ops.serve
 
 
-def answer(env: dict[str, str], *args: str) -> object:
+def answer(env: dict[str, str], *args: str) -> Any:
     done = run(env, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import redis
 
@@ -17,7 +18,7 @@ from tpx.config import Settings
 __all__ = ["env"]  # the fixture
 
 
-def answer(env: dict[str, str], *args: str) -> dict:
+def answer(env: dict[str, str], *args: str) -> Any:
     done = run(env, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -49,7 +50,7 @@ def test_group_reset_counts_what_it_rereads_or_skips(
     rclient.xgroup_create(settings.stream, settings.group, id="$", mkstream=True)
     base = 1_790_000_000_000
     for i in range(10):  # one entry per second of 2026-09-21
-        rclient.xadd(settings.stream, record("r", ts=base + i), id=f"{base + i * 1000}-0")
+        rclient.xadd(settings.stream, dict(record("r", ts=base + i)), id=f"{base + i * 1000}-0")  # type: ignore[arg-type]
     rclient.xreadgroup(settings.group, "c1", {settings.stream: ">"}, count=10)
     rclient.xack(settings.stream, settings.group, *[f"{base + i * 1000}-0" for i in range(10)])
 
@@ -61,7 +62,7 @@ def test_group_reset_counts_what_it_rereads_or_skips(
 
     moved = answer(env, "group", "reset", "--to-datetime", when)
     assert moved["reread"] == 4
-    again = rclient.xreadgroup(settings.group, "c2", {settings.stream: ">"}, count=100)
+    again: Any = rclient.xreadgroup(settings.group, "c2", {settings.stream: ">"}, count=100)
     assert [e[0] for e in again[0][1]] == [f"{base + i * 1000}-0".encode() for i in range(6, 10)]
 
     assert answer(env, "group", "reset", "--to-earliest", "--dry-run")["reread"] == 10

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,13 +24,13 @@ from tpx.schema import migrate
 pytestmark = pytest.mark.slow
 
 
-def status_json(env: dict[str, str]) -> dict:
+def status_json(env: dict[str, str]) -> Any:
     done = run(env, "status", "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-def consumer(env: dict[str, str], name: str) -> dict:
+def consumer(env: dict[str, str], name: str) -> Any:
     return next(c for c in status_json(env)["consumers"] if c["name"] == name)
 
 

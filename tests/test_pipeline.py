@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -16,14 +15,24 @@ import pytest
 import redis
 from psycopg import sql
 
-from tests.helpers import NOW_MS, add_entries, drained, pending_count, record, row_count, rows, wait_for
+from tests.helpers import (
+    NOW_MS,
+    add_entries,
+    drained,
+    pending_count,
+    record,
+    row_count,
+    rows,
+    wait_for,
+    xrange,
+)
 from tpx.config import Settings
-from tpx.engine.batch import Batch
+from tpx.engine.budget import BatchQueue
+from tpx.engine.commit import CREATE_STAGE_SQL
 from tpx.engine.metrics import Metrics
 from tpx.engine.reader import Reader
 from tpx.engine.service import Engine
 from tpx.engine.stages import Committed
-from tpx.engine.writer import CREATE_STAGE_SQL
 from tpx.schema import migrate
 
 
@@ -58,7 +67,7 @@ def test_valid_rows_written_and_poison_dead_lettered(settings: Settings, rclient
         assert engine.metrics.count(engine.metrics.written) == 300
 
     assert len(set(rows(settings.database_url, settings.db_schema))) == 300
-    letters = rclient.xrange(settings.dlq_stream)
+    letters = xrange(rclient, settings.dlq_stream)
     assert len(letters) == len(poison)
     poison_ids = [ids[100], ids[101], ids[202], ids[203], ids[204]]
     by_source = {f[b"dlq_source_id"]: f for _, f in letters}
@@ -378,7 +387,7 @@ def test_write_refusals_are_isolated_and_dead_lettered(settings: Settings, rclie
     with running(s) as engine:
         wait_for(lambda: drained(rclient, s, 26), what="26 good rows, nothing pending")
         assert engine.metrics.count(engine.metrics.dead_lettered, stage="write") == 3
-    letters = [f for _, f in rclient.xrange(s.dlq_stream)]
+    letters = [f for _, f in xrange(rclient, s.dlq_stream)]
     assert sorted(f[b"dlq_stage"] for f in letters) == [b"decode"] + [b"write"] * 3
     assert all(f[b"record"] and f[b"device_id"] == b"w" for f in letters)
     errors = [f[b"dlq_error"] for f in letters if f[b"dlq_stage"] == b"write"]
@@ -418,9 +427,14 @@ def test_stream_replies_are_read_alike_over_resp2_and_resp3(
             "read_count": 4,
         }
     )
-    sent_ahead = []
+    sent_ahead: list[int] = []
     send = Reader._send_read_ahead
-    monkeypatch.setattr(Reader, "_send_read_ahead", lambda self: sent_ahead.append(1) or send(self))
+
+    def send_counted(self: Reader) -> None:
+        sent_ahead.append(1)
+        send(self)
+
+    monkeypatch.setattr(Reader, "_send_read_ahead", send_counted)
     rclient.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(rclient, s.stream, [record("dead", ts=NOW_MS - 10_000 + i) for i in range(10)])
     rclient.xreadgroup(s.group, "gone", {s.stream: ">"}, count=10)  # a dead consumer's: claimed
@@ -433,7 +447,7 @@ def test_stream_replies_are_read_alike_over_resp2_and_resp3(
         assert engine.metrics.count(engine.metrics.claimed) == 10
     assert sent_ahead
     assert {r[0] for r in rows(s.database_url, s.db_schema)} == {"dead", "own", "new"}
-    [(_, letter)] = rclient.xrange(s.dlq_stream)
+    [(_, letter)] = xrange(rclient, s.dlq_stream)
     assert letter[b"x-extra"] == b"kept" and letter[b"record"] == b"{not json"
 
 
@@ -446,7 +460,7 @@ def test_a_page_asked_ahead_that_fails_at_shutdown_does_not_crash_the_reader(
     rclient.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(rclient, s.stream, [record("dev", ts=NOW_MS - 10_000 + i) for i in range(3)])
     stop = threading.Event()
-    out: queue.Queue[Batch | None] = queue.Queue(maxsize=4)
+    out = BatchQueue(4, s.queue_bytes)
     client = redis.Redis.from_url(s.redis_url)
     reader = Reader(s, client, out, Metrics(), stop, set())
     rclient.xgroup_destroy(s.stream, s.group)

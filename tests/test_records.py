@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tpx import records
 from tpx.records import DecodeError, Position, contract_fields, decode_entry, decode_page
 
 NOW_US = 1_795_000_000_000_000  # 2026-11-18
@@ -620,3 +621,32 @@ def test_a_sentinel_nested_deeply_gets_the_nesting_verdict() -> None:
         ts = '{"a": ' * (depth - 1) + '{"__bigint__": "1"}' + "}" * (depth - 1)
         raw = f'{{"ts": {ts}, "lat": 1, "lon": 2}}'.encode()
         assert verdict(raw).endswith(f"nested deeper than {MAX_NESTING} levels")
+
+
+def test_a_decoder_bug_sets_the_record_aside_instead_of_killing_the_reader(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception the decoder does not foresee (as a ``__bigint__`` too long for ``int()``
+    once raised ValueError) becomes that record's dead-letter reason: raised out of
+    decode_page it killed the reader, and again at every restart on the same pending entry."""
+    real = records._decode
+
+    def buggy(entry_id: bytes, *args: Any, **kwargs: Any) -> Position:
+        if entry_id == b"2-0":
+            raise ValueError("exceeds the limit (4300 digits) for integer string conversion")
+        return real(entry_id, *args, **kwargs)
+
+    monkeypatch.setattr(records, "_decode", buggy)
+    flat = [b"device_id", b"356307042441013", b"record", json.dumps(base()).encode()]
+    out: list[Position] = []
+    with caplog.at_level("ERROR"):
+        failures, _, _ = decode_page(
+            [(b"1-0", flat), (b"2-0", flat), (b"3-0", flat)], out, NOW_US, DAY_US, sys.maxsize
+        )
+    assert [p.entry_id for p in out] == [b"1-0", b"3-0"]
+    assert [(entry_id, reason.split(":")[0]) for entry_id, _, reason in failures] == [
+        (b"2-0", "the decoder failed (ValueError")
+    ]
+    assert "a tpx bug" in failures[0][2] and "decoder bug on entry 2-0" in caplog.text
+    with pytest.raises(DecodeError, match=r"the decoder failed \(ValueError"):  # tpx claim's path
+        records.decode_values(b"2-0", b"356307042441013", flat[3], None, now_us=NOW_US, max_future_us=DAY_US)

@@ -14,7 +14,7 @@ import pytest
 import redis
 import yaml
 
-from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for
+from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for, xrevrange
 from tpx.config import Settings
 from tpx.engine.service import Engine
 from tpx.schema import migrate
@@ -53,6 +53,15 @@ def strand(client: redis.Redis, settings: Settings, consumer: str, entries: list
         client.xgroup_create(settings.stream, settings.group, id="$", mkstream=True)
     add_entries(client, settings.stream, entries)
     client.xreadgroup(settings.group, consumer, {settings.stream: ">"}, count=len(entries))
+
+
+def test_the_table_of_contents_lists_every_section() -> None:
+    """Each `## ` section is in the contents at the top, in order, with a link GitHub resolves."""
+    headings = re.findall(r"^## (.+)$", RUNBOOK, re.M)
+    listed = re.findall(r"^- \[(.+?)\]\(#([^)]+)\)$", RUNBOOK, re.M)
+    assert [title for title, _ in listed] == headings
+    for title, anchor in listed:  # GitHub's slug: lower case, punctuation dropped, spaces to -
+        assert anchor == re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"), title
 
 
 def test_every_block_is_tested() -> None:
@@ -103,7 +112,7 @@ def test_dlq_replay(settings: Settings, rclient: redis.Redis, env: dict[str, str
     assert "would-replay" in out and "1 replayed" in out
     assert rclient.xlen(settings.dlq_stream) == 0
     assert rclient.xlen(settings.stream) == length + 2
-    newest = rclient.xrevrange(settings.stream, count=2)
+    newest = xrevrange(rclient, settings.stream, count=2)
     assert all(fields[b"replays"] == b"1" for _, fields in newest)
 
 

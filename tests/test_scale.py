@@ -77,7 +77,7 @@ def test_two_instances_split_then_one_fails_over(
 
         def a_holds_entries() -> bool:
             consumers = {c["name"]: c for c in rclient.xinfo_consumers(settings.stream, settings.group)}
-            return consumers[b"inst-a"]["pending"] > 0
+            return int(consumers[b"inst-a"]["pending"]) > 0
 
         wait_for(a_holds_entries, what="a to hold entries", every=0.005)
         a.kill()

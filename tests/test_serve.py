@@ -24,6 +24,7 @@ from tests.helpers import (
     row_count,
     rows,
     wait_for,
+    xpending_range,
 )
 from tests.proxy import Proxy, postgres_target, postgres_via
 from tests.services import PrivateRedis
@@ -111,7 +112,7 @@ class StuckServe:
     def assert_nothing_acknowledged_unwritten(self) -> None:
         self.proxy.restore()
         s, client = self.settings, self.rclient
-        pending = {row["message_id"] for row in client.xpending_range(s.stream, s.group, "-", "+", 10_000)}
+        pending = {row["message_id"] for row in xpending_range(client, s.stream, s.group, 10_000)}
         last = client.xinfo_groups(s.stream)[0]["last-delivered-id"]
         stored = {device for device, _ in rows(s.database_url, s.db_schema)}
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 from textual.widgets import DataTable, Input, Static
 
-from tests.helpers import add_entries, record, row_count, wait_for
+from tests.helpers import add_entries, record, row_count, wait_for, xrange
 from tests.proxy import Proxy, redis_target, redis_via
 from tpx.config import Settings
 from tpx.engine.service import Engine
@@ -312,7 +312,7 @@ async def test_cancelled_action_changes_nothing(
         await pilot.press("n")
         await pilot.pause(0.5)
         assert rclient.xlen(settings.dlq_stream) == before
-        assert {f.get(b"replays", b"0") for _, f in rclient.xrange(settings.dlq_stream)} == {b"0"}
+        assert {f.get(b"replays", b"0") for _, f in xrange(rclient, settings.dlq_stream)} == {b"0"}
 
 
 async def test_works_with_no_instance_running(settings: Settings, rclient: redis.Redis) -> None:

@@ -20,16 +20,29 @@ import pytest
 import redis
 from psycopg import sql
 
-from tests.helpers import NOW_MS, add_entries, drained, free_port, pending_count, record, row_count, wait_for
+from tests.helpers import (
+    NOW_MS,
+    add_entries,
+    drained,
+    free_port,
+    pending_count,
+    record,
+    row_count,
+    wait_for,
+    xpending_range,
+    xrange,
+    xreadgroup,
+)
 from tests.services import PrivateRedis
 from tests.test_pipeline import running
 from tpx.config import Settings
 from tpx.connections import pg_pool, writer_timeouts
 from tpx.engine.batch import Batch
+from tpx.engine.commit import CREATE_STAGE_SQL
 from tpx.engine.metrics import Metrics
 from tpx.engine.sqlstate import MAX_REASON_CHARS, Fault, classify, describe
 from tpx.engine.state import DeviceStates
-from tpx.engine.writer import CREATE_STAGE_SQL, Writer
+from tpx.engine.writer import Writer
 from tpx.records import decode_entry
 from tpx.schema import migrate
 
@@ -192,7 +205,7 @@ CREATE TRIGGER refuse_marked BEFORE INSERT ON {schema}.positions
         wait_for(lambda: row_count(s.database_url, s.db_schema) == 100, timeout=20, what="the 100 valid rows")
         wait_for(lambda: rclient.xlen(s.dlq_stream) == 1, timeout=20, what="the marked row dead-lettered")
         wait_for(lambda: pending_count(rclient, s.stream) == 0, what="nothing pending")
-    letter = rclient.xrange(s.dlq_stream)[0][1]
+    letter = xrange(rclient, s.dlq_stream)[0][1]
     assert letter[b"dlq_source_id"] == ids[50]
     assert letter[b"dlq_stage"] == b"write" and letter[b"dlq_deliveries"] == b"2"
     assert b"ProgramLimitExceeded: string too long to represent as jsonb string" in letter[b"dlq_error"]
@@ -236,7 +249,7 @@ def test_write_dead_letter_carries_postgres_detail_and_context(
     with running(s):
         wait_for(lambda: rclient.xlen(s.dlq_stream) == 1, timeout=20, what="the refused record")
         wait_for(lambda: drained(rclient, s, 1), what="the other row")
-    error = rclient.xrange(s.dlq_stream)[0][1][b"dlq_error"].decode()
+    error = xrange(rclient, s.dlq_stream)[0][1][b"dlq_error"].decode()
     assert error.startswith("UntranslatableCharacter: unsupported Unicode escape sequence")
     assert "DETAIL: \\u0000 cannot be converted to text." in error
     assert 'CONTEXT: JSON data, line 1: {"s":"nul\\u0000' in error and "column attributes" in error
@@ -340,7 +353,7 @@ def test_redis_refusing_dead_letters_keeps_valid_rows_flowing(
         assert expected in problems[0]
         wait_for(lambda: row_count(s.database_url, s.db_schema) == 50, what="the valid rows written")
         wait_for(lambda: pending_count(client, s.stream) == 1, what="the valid rows acknowledged")
-        assert client.xpending_range(s.stream, s.group, "-", "+", 10)[0]["message_id"] == bad_id
+        assert xpending_range(client, s.stream, s.group, 10)[0]["message_id"] == bad_id
         assert engine.alive()[0]
         assert any(expected in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
@@ -353,7 +366,7 @@ def test_redis_refusing_dead_letters_keeps_valid_rows_flowing(
         )
         wait_for(lambda: pending_count(client, s.stream) == 0, what="nothing pending")
         wait_for(lambda: health(engine) == [], what="ready again")
-    letter = client.xrange(s.dlq_stream)[0][1]
+    letter = xrange(client, s.dlq_stream)[0][1]
     assert letter[b"dlq_source_id"] == bad_id and letter[b"dlq_stage"] == b"write"
     client.close()
 
@@ -366,7 +379,7 @@ def test_xack_refused_by_a_read_only_replica_leaves_entries_pending(
     client = redis.Redis.from_url(private_redis.url)
     client.xgroup_create(s.stream, s.group, id="0", mkstream=True)
     add_entries(client, s.stream, [record("dev", ts=NOW_MS - 10_000 + i) for i in range(10)])
-    [[_, entries]] = client.xreadgroup(s.group, s.consumer, {s.stream: ">"})
+    [[_, entries]] = xreadgroup(client, s.group, s.consumer, {s.stream: ">"})
     now_us = int(time.time() * 1_000_000)
     positions = [decode_entry(i, f, now_us=now_us, max_future_us=86_400_000_000) for i, f in entries]
     client.replicaof("127.0.0.1", free_port())  # a primary nobody answers for: read-only at once

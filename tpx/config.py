@@ -80,9 +80,12 @@ class Settings(BaseSettings):
     # --- batching and memory bounds ---
     #: Entries asked for per XREADGROUP call.
     read_count: int = Field(default=1000, ge=1, le=100_000)
-    #: A batch is written when it holds this many records ...
+    #: A batch holds at most this many records. A record waits for a free writer, not for a
+    #: timer: an idle writer takes what the reader holds at once; records accumulate only while
+    #: every writer is busy (or a backlog is read) ...
     batch_size: int = Field(default=2000, ge=1, le=100_000)
-    #: ... or when its oldest record has waited this long (ms), whichever comes first.
+    #: ... and then a partial batch waits at most this long (ms): the ceiling of its wait, not
+    #: its floor.
     batch_max_latency_ms: int = Field(default=200, ge=1, le=60_000)
     #: Batches the reader may queue ahead of the writers; then it waits (bounded memory).
     queue_batches: int = Field(default=4, ge=1, le=1000)

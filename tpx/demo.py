@@ -27,8 +27,6 @@ from tpx.errors import DemoError
 
 log = logging.getLogger(__name__)
 
-#: The simulated fleet's first fixes are this long before now: an hour of history on the map.
-HISTORY_MS = 3_600_000
 #: The demo's fleet resends this fraction of its records, and sends this fraction late, so the
 #: dashboard shows duplicates and out-of-order fixes being handled.
 DUPLICATE_FRACTION = 0.01
@@ -136,6 +134,7 @@ class Demo:
     def __init__(self, settings: Settings, rate: float, devices: int, poison: float) -> None:
         from tpx.engine.service import Engine
         from tpx.fleet import Fleet
+        from tpx.simulate import paced_interval_ms, start_ms
 
         self.settings = settings
         self.rate = rate
@@ -143,7 +142,8 @@ class Demo:
         self.fleet = Fleet(
             devices=devices,
             seed=int(time.time()),
-            start_ms=int(time.time() * 1000) - HISTORY_MS,
+            start_ms=start_ms(),  # fixes from now on, one per device every devices/rate seconds
+            interval_ms=paced_interval_ms(devices, rate),
             duplicate_fraction=DUPLICATE_FRACTION,
             late_fraction=LATE_FRACTION,
             poison_fraction=poison,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
 from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -64,3 +65,55 @@ def setup(level: str = "INFO", fmt: str = "auto", consumer: str = "-", stream: T
     # third-party chatter stays at WARNING unless we debug
     for noisy in ("psycopg.pool", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+
+
+#: Recent WARNING+ lines an instance keeps for its heartbeat (`tpx top` shows them per instance).
+RECENT_WARNINGS = 20
+#: Characters kept of each of those lines: the heartbeat stays a small document.
+RECENT_LINE_CHARS = 240
+_RECENT_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
+
+
+class RecentWarnings(logging.Handler):
+    """The last :data:`RECENT_WARNINGS` WARNING+ records as one-line texts, secrets masked.
+
+    A ring (old lines fall out), safe to read from any thread; the first line of a message only
+    (a traceback stays in the log, its last line is the exception's)."""
+
+    def __init__(self, capacity: int = RECENT_WARNINGS) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: deque[str] = deque(maxlen=capacity)
+        self.setFormatter(logging.Formatter(_RECENT_FORMAT, "%Y-%m-%dT%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            first = self.format(record).splitlines()[0] if record.msg else ""
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None:
+                first += f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+            line = mask_url(first)
+            self.lines.append(line if len(line) <= RECENT_LINE_CHARS else line[: RECENT_LINE_CHARS - 1] + "…")
+        except Exception:
+            self.handleError(record)
+
+    def recent(self) -> list[str]:
+        return list(self.lines)
+
+
+_recent: RecentWarnings | None = None
+
+
+def keep_recent_warnings() -> RecentWarnings:
+    """Install the process's :class:`RecentWarnings` on the root logger (once; idempotent)."""
+    global _recent  # noqa: PLW0603 -- one ring per process, as logging's root is one per process
+    if _recent is None:
+        _recent = RecentWarnings()
+    root = logging.getLogger()
+    if _recent not in root.handlers:  # setup() replaces the root's handlers
+        root.addHandler(_recent)
+    return _recent
+
+
+def recent_warnings() -> list[str]:
+    """The recent WARNING+ lines of this process, oldest first (none until installed)."""
+    return [] if _recent is None else _recent.recent()

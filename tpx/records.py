@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import logging
 import math
 import re
 import struct
@@ -33,6 +34,8 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from tpx.errors import first_line
+
+log = logging.getLogger(__name__)
 
 # --- the contract's limits -------------------------------------------------
 
@@ -576,7 +579,20 @@ def decode_page(
             failures.append((entry_id, flat, str(exc)))
         except RecursionError:  # a guard: the nesting check keeps every walk shallow
             failures.append((entry_id, flat, str(_too_deep("record"))))
+        except Exception as exc:  # a decoder bug: this record is set aside, not the reader killed
+            failures.append((entry_id, flat, decoder_bug(entry_id, exc)))
     return failures, vanished, largest
+
+
+def decoder_bug(entry_id: bytes, exc: Exception) -> str:
+    """Log an error the decoder did not foresee (a bug) and give the dead letter's reason.
+
+    Raised out of the reader it would kill it, and again at every restart: the pending re-read
+    meets the same entry first (a ``__bigint__`` too long for ``int()`` once did exactly that).
+    As a dead letter the record waits, intact, for the fix and a replay.
+    """
+    log.error("decoder bug on entry %s", entry_id.decode(errors="replace"), exc_info=exc)
+    return f"the decoder failed ({type(exc).__name__}: {first_line(exc)}): a tpx bug; replay after the fix"
 
 
 def decode_values(
@@ -599,6 +615,10 @@ def decode_values(
             return _decode(entry_id, device, record, received, now_us, max_future_us, fast=False)
     except RecursionError:  # a guard: the nesting check keeps every walk shallow
         raise _too_deep("record") from None
+    except DecodeError:
+        raise
+    except Exception as exc:  # a decoder bug: the same verdict as on the reader's path
+        raise DecodeError(decoder_bug(entry_id, exc)) from exc
 
 
 def _decode(  # noqa: PLR0912, PLR0915  (the hot path: inlined on purpose, slow paths in helpers)

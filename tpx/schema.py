@@ -124,11 +124,17 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+#: The TimescaleDB step's statement whose lost session means the library is not preloaded.
+CREATE_EXTENSION_STEP = "CREATE EXTENSION timescaledb"
+
+
 class _SessionEndedError(Exception):
     """The server ended the session (a FATAL, or the connection dropped) during ``what``."""
 
     def __init__(self, what: str, message: str) -> None:
         super().__init__(f"the PostgreSQL session ended during {what}: {message}")
+        #: a session ended by CREATE EXTENSION is, on a real server, "must be preloaded"
+        self.hint = HINT_PRELOAD if what == CREATE_EXTENSION_STEP else HINT_RETRY
 
 
 def _try(conn: psycopg.Connection[tuple[object, ...]], what: str, statement: Query) -> str | None:
@@ -201,7 +207,7 @@ def _hypertable(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> tu
     if row is None:
         error = _try(
             conn,
-            "CREATE EXTENSION timescaledb",
+            CREATE_EXTENSION_STEP,
             sql.SQL("CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA {}").format(
                 sql.Identifier(EXTENSION_SCHEMA)
             ),
@@ -283,7 +289,7 @@ def _timescale(conninfo: str, schema: str, compress_after: str, retain_for: str)
                 outcome.policies = _policies(conn, schema, extension_schema, compress_after, retain_for)
             conn.commit()
     except _SessionEndedError as exc:
-        return _Storage("table", str(exc), HINT_PRELOAD)
+        return _Storage("table", str(exc), exc.hint)
     except psycopg.OperationalError as exc:  # the connection dropped between statements
         return _Storage("table", f"the PostgreSQL session ended: {first_line(exc)}", HINT_RETRY)
     if outcome.storage != "hypertable" and (compress_after or retain_for):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import redis
+
 
 def as_text(value: Any) -> str:
     """A Redis reply value as text: bytes decoded as UTF-8 (undecodable bytes replaced)."""
@@ -50,3 +52,49 @@ def group_lag(group: Mapping[str, Any], last_generated_id: Any, stream_length: i
         return 0
     lag = group.get("lag")
     return None if lag is None else min(int(lag), stream_length)
+
+
+#: Entries counted on either side of a group's position when Redis reports no lag (before 7.0,
+#: or after deletions): two bounded XRANGEs per call, never a walk over the whole stream.
+LAG_COUNT_LIMIT = 1_000
+
+
+class EstimatedLag(int):
+    """A lag tpx counted itself because Redis reported none; ``at_least``: the count hit its bound.
+
+    An ``int``, so every caller that shows or compares a lag keeps working; front ends that can
+    say "estimated" (or "≥") check for this type."""
+
+    at_least: bool
+
+    def __new__(cls, value: int, at_least: bool = False) -> EstimatedLag:
+        lag = super().__new__(cls, value)
+        lag.at_least = at_least
+        return lag
+
+
+def estimate_lag(
+    client: redis.Redis,
+    stream: str,
+    group: Mapping[str, Any],
+    last_generated_id: Any,
+    stream_length: int,
+    limit: int = LAG_COUNT_LIMIT,
+) -> int | None:
+    """The group's lag: :func:`group_lag` when Redis tells it, else counted from the stream.
+
+    Counts the entries after the group's last-delivered-id (up to ``limit``); when there are
+    more, the entries up to it (the lag is then the stream's length minus those); when both
+    sides hold ``limit`` or more, the lag is at least ``limit``."""
+    exact = group_lag(group, last_generated_id, stream_length)
+    delivered = group.get("last-delivered-id")
+    if exact is not None or delivered is None:
+        return exact
+    ms, seq = entry_order(delivered)
+    after = client.xrange(stream, min=f"{ms}-{seq + 1}", max="+", count=limit) or []
+    if len(after) < limit:
+        return EstimatedLag(len(after))
+    upto = client.xrange(stream, min="-", max=f"{ms}-{seq}", count=limit) or []
+    if len(upto) < limit:
+        return EstimatedLag(max(limit, stream_length - len(upto)))
+    return EstimatedLag(limit, at_least=True)

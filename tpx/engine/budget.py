@@ -84,12 +84,31 @@ class BatchQueue(queue.Queue[Batch | None]):
 
     A batch leaves the byte count when a writer takes it (a writer then holds one batch, bounded
     by the batch byte bound). One batch is always let in, however large, so nothing wedges.
+
+    It also counts the writers waiting in :meth:`get` (idle ones): :meth:`writer_idle` tells the
+    reader that a batch it hands over now is written at once (smart batching).
     """
 
     def __init__(self, maxsize: int, max_bytes: int) -> None:
         super().__init__(maxsize)
         self.max_bytes = max_bytes
         self.nbytes = 0
+        #: callers inside :meth:`get` that have not taken a batch yet
+        self.waiting = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Batch | None:
+        with self.mutex:
+            self.waiting += 1
+        try:
+            return super().get(block, timeout)
+        except queue.Empty:
+            with self.mutex:
+                self.waiting -= 1
+            raise
+
+    def writer_idle(self) -> bool:
+        """A writer waits with nothing queued for it: a batch queued now is taken at once."""
+        return self.waiting > self._qsize()  # a glance: a stale answer costs one read's wait
 
     def _put(self, item: Batch | None) -> None:
         if item is not None:
@@ -97,6 +116,7 @@ class BatchQueue(queue.Queue[Batch | None]):
         super()._put(item)
 
     def _get(self) -> Batch | None:
+        self.waiting -= 1  # under the mutex, in get(): this caller is busy from now on
         item = super()._get()
         if item is not None:
             self.nbytes -= item.nbytes

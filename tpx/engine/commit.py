@@ -52,7 +52,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tpx.config import Settings
 from tpx.engine.batch import Batch
-from tpx.engine.deadletter import DeadLetter, Stage, dead_letter
+from tpx.engine.deadletter import DeadLetter, Stage, add_dead_letters
 from tpx.engine.intake import FIRST_DELIVERY
 from tpx.engine.metrics import Metrics
 from tpx.engine.sqlstate import Fault, classify, describe
@@ -237,8 +237,11 @@ class Committer:
         positions, repeats = _first_of_each_key(batch.positions)
         try:
             written, already, refused = self._write_isolating(positions, abort, out)
-        except AbortedError:
+        except AbortedError:  # what did commit is acknowledged, counted and applied all the same
             out.aborted = True
+            if self.states is not None:
+                self.states.apply(out.inserted, out.duplicates)
+            self._account(batch, out.inserted, out.duplicates, started)
             return out
 
         if refused:
@@ -447,13 +450,15 @@ class Committer:
         self._record_refusals(out.left_pending)
         if not letters:
             return
-        if self._dead_letter(letters, abort):
-            self.metrics.dead_lettered.labels(Stage.WRITE).inc(len(letters))
-            for position, error, _ in letters:
+        pending = self._dead_letter(letters, abort)
+        kept = {position.entry_id for position, _, _ in pending}
+        added = [(position, error) for position, error, _ in letters if position.entry_id not in kept]
+        if added:
+            self.metrics.dead_lettered.labels(Stage.WRITE).inc(len(added))
+            for position, error in added:
                 log.info("dead-lettered %s (write): %s", position.entry_id.decode(), error)
-            out.dead_lettered += [(position, error) for position, error, _ in letters]
-        else:
-            out.left_pending += [(position, error) for position, error, _ in letters]
+            out.dead_lettered += added
+        out.left_pending += [(position, error) for position, error, _ in pending]
 
     def _record_refusals(self, refused: list[Refusal]) -> None:
         """Keep each refused, still pending entry's reason for `tpx pending` (best effort: the
@@ -469,42 +474,55 @@ class Committer:
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
             log.debug("could not record %d refusals: %s", len(refused), first_line(exc))
 
-    def _dead_letter(self, refused: list[tuple[Position, str, int]], abort: threading.Event | None) -> bool:
-        """Add the refused records' dead letters, then acknowledge them; False: left pending.
+    def _dead_letter(
+        self, refused: list[tuple[Position, str, int]], abort: threading.Event | None
+    ) -> list[tuple[Position, str, int]]:
+        """Add the refused records' dead letters, acknowledging each one Redis took; returns
+        those it kept refusing, left pending.
 
-        Redis may refuse the XADD (``OOM command not allowed when used memory > 'maxmemory'``,
-        ``WRONGTYPE`` when the ``:dlq`` key holds another type): a few tries with back-off, then
-        the entries stay pending, never acknowledged without their dead letter, and come back
-        through the claim sweep while this writer goes on with the next batches.
+        Redis may refuse an XADD (``OOM command not allowed when used memory > 'maxmemory'``,
+        ``WRONGTYPE`` when the ``:dlq`` key holds another type), some of a pipeline and not
+        others: only the refused ones are tried again (a few times, with back-off), so none is
+        added twice; then they stay pending, never acknowledged without their dead letter, and
+        come back through the claim sweep while this writer goes on with the next batches.
         """
         settings = self.settings
+        pending = refused
         for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+            by_id = {item[0].entry_id: item for item in pending}
             try:
                 letters = [
                     DeadLetter(p.entry_id, self._original_fields(p), Stage.WRITE, error, deliveries)
-                    for p, error, deliveries in refused
+                    for p, error, deliveries in pending
                 ]
-                dead_letter(self.client, settings.stream, settings.group, settings.consumer, letters)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                reason = f"dead letters refused by redis: {first_line(exc)}"
-                self.health.dlq_problem = _problem(self.health.dlq_problem, reason)
-                log.warning(
-                    "dead-lettering %d refused records failed (%s), attempt %d of %d",
-                    len(refused),
-                    first_line(exc),
-                    attempt,
-                    DEAD_LETTER_ATTEMPTS,
+                still, error = add_dead_letters(
+                    self.client, settings.stream, settings.group, settings.consumer, letters
                 )
-                if _wait(abort, min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
-                    break
-                continue
-            self.health.dlq_problem = None
-            return True
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                reason = first_line(exc)
+            else:
+                pending = [by_id[letter.entry_id] for letter in still]
+                if not pending:
+                    self.health.dlq_problem = None
+                    return []
+                reason = first_line(error) if error is not None else "refused"
+            self.health.dlq_problem = _problem(
+                self.health.dlq_problem, f"dead letters refused by redis: {reason}"
+            )
+            log.warning(
+                "dead-lettering %d refused records failed (%s), attempt %d of %d",
+                len(pending),
+                reason,
+                attempt,
+                DEAD_LETTER_ATTEMPTS,
+            )
+            if _wait(abort, min(RETRY_MAX_S, RETRY_MIN_S * 2**attempt)):
+                break
         log.warning(
             "left %d refused records pending without their dead letters; they are tried again on redelivery",
-            len(refused),
+            len(pending),
         )
-        return False
+        return pending
 
     def _original_fields(self, position: Position) -> dict[bytes, bytes]:
         """The stream entry's fields as they were (a dead letter carries them verbatim)."""

@@ -25,7 +25,7 @@ from typing import Any, assert_never
 
 import redis
 
-from tpx import __version__, controlproto, keys
+from tpx import __version__, controlproto, keys, logs
 from tpx.config import Settings
 from tpx.controlproto import ControlRequest
 from tpx.engine.metrics import Metrics
@@ -81,6 +81,7 @@ class Heartbeat(threading.Thread):
             "records_read": read,
             "records_written": written,
             **rates,
+            "recent_warnings": logs.recent_warnings(),
             **self.extra(),
         }
 
@@ -145,13 +146,28 @@ class Control(threading.Thread):
                     message = pubsub.get_message(timeout=CONTROL_POLL_S)
                     if message is None or message.get("type") != "message":
                         continue
-                    self._answer(message["data"])
+                    self._answer_safely(message["data"])
             except redis.RedisError as exc:
                 log.warning("control channel lost (%s); resubscribing", exc)
                 self.stop_event.wait(RESUBSCRIBE_WAIT_S)
             finally:
                 with contextlib.suppress(redis.RedisError):
                     pubsub.close()
+
+    def _answer_safely(self, data: bytes) -> None:
+        """Answer one message; a bug it meets is logged and the thread goes on with the next.
+
+        Every instance receives every message, so one that trips an unforeseen error in
+        ``handle`` must not stop the control thread, which would panic all of them at once (the
+        worker loops of rq and dramatiq treat a job the same way). A Redis failure is not caught
+        here: the loop resubscribes.
+        """
+        try:
+            self._answer(data)
+        except redis.RedisError:
+            raise
+        except Exception:
+            log.exception("control message failed, ignored: %s", controlproto.excerpt(data))
 
     def _answer(self, data: bytes) -> None:
         """Answer one control message. A malformed one is one warning and ignored: every

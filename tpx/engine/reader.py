@@ -7,10 +7,19 @@ page), then switches to new entries (``>``). Each page goes through
 :mod:`tpx.engine.intake`; poison records are dead-lettered and acknowledged right
 here, so they never wait behind (or hold up) valid ones.
 
-A batch goes on the queue when it holds ``batch_size`` records or when its
-oldest record has waited ``batch_max_latency_ms``; the XREADGROUP BLOCK time is
-cut to what is left of that bound. When the queue is full the reader waits:
-memory stays bounded whatever the backlog.
+Smart batching: a record waits for a free writer, not for a timer. After each
+read of new entries that came back short (the reader has caught up), the open
+batch goes on the queue at once if a writer is idle (waiting on an empty
+queue). While every writer is busy, or while pages come back full (a backlog:
+the next page is already asked for), records accumulate, and a batch goes on
+the queue when it holds ``batch_size`` records or ``queue_bytes /
+queue_batches`` bytes, or when its oldest record has waited
+``batch_max_latency_ms``: that bound is the ceiling of a partial batch's wait,
+not its floor. While a batch is open the XREADGROUP BLOCK time is cut to
+:data:`BUSY_BLOCK_MS` (and to what is left of the ceiling), so a writer that
+frees up gets the batch within a few milliseconds even when nothing new
+arrives. When the queue is full the reader waits: memory stays bounded whatever
+the backlog.
 
 The claim sweep (XAUTOCLAIM) runs here too, once the own pending entries are
 re-read and then every ``claim_interval_s``: entries pending in any consumer
@@ -58,6 +67,10 @@ AUTOCLAIM_FIELDS_6_2 = 2
 
 #: BLOCK time (ms) while no batch is open; bounds how fast a stop request is noticed.
 IDLE_BLOCK_MS = 500
+#: BLOCK time (ms) at most while a batch is open (every writer was busy): how soon a writer
+#: that frees up is given it. A commit of a small batch takes a few ms; the polls this costs
+#: (one XREADGROUP per 5 ms) happen only while the writers are busy.
+BUSY_BLOCK_MS = 5
 #: Back-off bounds (s) while Redis is unreachable.
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
@@ -139,6 +152,8 @@ class Reader(threading.Thread):
         self.next_claim = 0.0  # the first sweep runs once own pending entries are re-read
         #: a connection with an XREADGROUP sent and its reply not read yet (read-ahead)
         self.ahead: Any = None
+        #: the COUNT of the last XREADGROUP sent: a page shorter than it means the reader caught up
+        self.asked = 0
         #: the newest entry id this instance read: where a vanished group is recreated
         self.last_id: bytes | None = None
         self.group_lost = ""  # why the group is being (re)created, for its log line
@@ -149,6 +164,9 @@ class Reader(threading.Thread):
         self.parked_error = ""
         self.parked_backoff = BACKOFF_MIN_S
         self.parked_retry_at = 0.0
+        #: the group was lost while letters were held: their originals are pending nowhere now
+        #: (nothing to XCLAIM, nothing any sweep could take), so they are written as they are
+        self.parked_orphaned = False
 
     def problem(self) -> str | None:
         """Why the reader is not keeping up, in one line; None while it is."""
@@ -177,6 +195,9 @@ class Reader(threading.Thread):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._drop_read_ahead()
                 self.connected.clear()
+                # what was read goes on to the writers (and into the in-flight set), so the
+                # re-read of pending entries after reconnecting does not decode it a second time
+                self._flush(force=True)
                 self.cursor = b"0"  # after reconnecting, pick up whatever was left pending
                 self.failing = f"reader not connected to redis: {redis_reply(exc)}"
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
@@ -187,6 +208,7 @@ class Reader(threading.Thread):
                 self.cursor = b"0"  # pick up whatever a half-done step left pending
                 if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                     self.group_lost = first_line(exc)
+                    self.parked_orphaned = bool(self.parked)
                     self.connected.clear()
                     continue
                 self.failing = f"redis refused the reader: {redis_reply(exc)}"
@@ -218,7 +240,13 @@ class Reader(threading.Thread):
             if self.last_id
             else "at 0, reading the whole stream (this instance had read nothing yet)"
         )
-        why = f" after {self.group_lost}" if self.group_lost else ""
+        why = (
+            f" after {self.group_lost}; the old group's pending entries went with it (a row the"
+            " database refused, waiting for redelivery, is not retried: move the group back to"
+            " replay it)"
+            if self.group_lost
+            else ""
+        )
         log.warning(
             "created consumer group %s on %s %s%s", self.settings.group, self.settings.stream, where, why
         )
@@ -239,23 +267,26 @@ class Reader(threading.Thread):
             if not entries:
                 return
             deliveries = self._deliveries(entries[0][0], entries[-1][0], len(entries) + len(self.inflight))
+            caught_up = False  # re-reading own pending entries: big batches, as before
         elif time.monotonic() >= self.next_claim:
             self.claim_sweep()
             self.next_claim = time.monotonic() + self.settings.claim_interval_s
             return
         else:
-            if self.batch.positions:
+            if self.batch.positions:  # every writer was busy: look again soon, within the ceiling
                 left_ms = self.settings.batch_max_latency_ms - (time.monotonic() - self.batch.started) * 1000
-                block = max(1, int(left_ms))
+                block = max(1, min(int(left_ms), BUSY_BLOCK_MS))
             else:
                 block = IDLE_BLOCK_MS
             entries = self._read_ahead_reply() if self.ahead else self._read(b">", block=block)
             deliveries = None
+            caught_up = len(entries) < self.asked  # a full page: more is waiting right behind
             if len(entries) == self.settings.read_count and not self.stop_event.is_set():  # a backlog
                 self._send_read_ahead()
         if entries:
             self.pages.seen(self._decode(entries, deliveries))
-        self._flush(force=False)
+        # caught up with the stream: an idle writer takes what is open now
+        self._flush(force=False, eager=caught_up)
 
     def _drop_read_ahead(self) -> None:
         """Forget an unread reply (its entries stay pending: the pending re-read finds them)."""
@@ -273,6 +304,7 @@ class Reader(threading.Thread):
         by the re-read of own pending entries.
         """
         self.ahead = self.raw.connection_pool.get_connection()
+        self.asked = self.pages.count
         try:
             self.ahead.send_command(
                 "XREADGROUP",
@@ -302,6 +334,7 @@ class Reader(threading.Thread):
         return read_entries(reply)
 
     def _read(self, cursor: bytes, block: int | None) -> Entries:
+        self.asked = self.pages.count
         reply = self.raw.xreadgroup(
             self.settings.group,
             self.settings.consumer,
@@ -440,11 +473,14 @@ class Reader(threading.Thread):
     def _retry_parked(self) -> None:
         """Retry the held dead letters; first XCLAIM them (no other instance's sweep takes them)."""
         ids: list[Any] = list(self.parked)
-        owned = set(
-            self.client.xclaim(
-                self.settings.stream, self.settings.group, self.settings.consumer, 0, ids, justid=True
+        if self.parked_orphaned:  # the group was recreated: no pending entry left to claim
+            owned = set(ids)
+        else:
+            owned = set(
+                self.client.xclaim(
+                    self.settings.stream, self.settings.group, self.settings.consumer, 0, ids, justid=True
+                )
             )
-        )
         gone = [entry_id for entry_id in ids if entry_id not in owned]  # acknowledged or deleted meanwhile
         for entry_id in gone:
             del self.parked[entry_id]
@@ -456,15 +492,21 @@ class Reader(threading.Thread):
         if self.parked:  # refused again: wait longer (capped, like an outage)
             self.parked_backoff = min(backoff * 2, BACKOFF_MAX_S)
             self.parked_retry_at = time.monotonic() + self.parked_backoff
-        elif letters:
-            log.info("redis took the %d dead letters it had refused", len(letters))
+        else:
+            self.parked_orphaned = False
+            if letters:
+                log.info("redis took the %d dead letters it had refused", len(letters))
 
-    def _flush(self, force: bool) -> None:
+    def _flush(self, force: bool, eager: bool = False) -> None:
         """Queue full batches (by count or bytes); queue everything once the oldest record waited
-        long enough."""
+        the ceiling, or, when ``eager``, as soon as a writer is idle (smart batching)."""
         batch = self.batch
         positions = batch.positions
-        aged = force or (time.monotonic() - batch.started) * 1000 >= self.settings.batch_max_latency_ms
+        aged = (
+            force
+            or (eager and bool(positions) and self.out.writer_idle())
+            or (time.monotonic() - batch.started) * 1000 >= self.settings.batch_max_latency_ms
+        )
         while positions:
             size, nbytes = cut(self.sizes, len(positions), self.settings.batch_size, self.batch_bytes)
             if (

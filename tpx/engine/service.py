@@ -46,7 +46,7 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
-from tpx import __version__, exitcodes
+from tpx import __version__, exitcodes, logs
 from tpx.config import Settings
 from tpx.connections import pg_connect, pg_pool, redis_client, writer_timeouts
 from tpx.engine.budget import BatchQueue
@@ -183,6 +183,7 @@ class Engine:
 
     def start(self) -> None:
         s = self.settings
+        logs.keep_recent_warnings()  # the heartbeat carries them: `tpx top` shows why writers fail
         self.client = self._connect_redis()
         self._check_postgres()
         self._prepare_schema()

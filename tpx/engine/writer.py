@@ -23,20 +23,10 @@ from psycopg_pool import ConnectionPool
 
 from tpx.config import Settings
 from tpx.engine.batch import Batch
-from tpx.engine.commit import (
-    COPY_SQL,
-    CREATE_STAGE_SQL,
-    INSERT_SQL,
-    STAGE_COPY_SQL,
-    Committer,
-    copy_rows,
-)
+from tpx.engine.commit import Committer
 from tpx.engine.metrics import Metrics
 from tpx.engine.stages import Committed, PostCommitStage
 from tpx.engine.state import DeviceStates
-
-# the statements' home is tpx.engine.commit; named here too for the code that imports them from here
-__all__ = ["COPY_SQL", "CREATE_STAGE_SQL", "INSERT_SQL", "STAGE_COPY_SQL", "Writer", "copy_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +89,12 @@ class Writer(threading.Thread):
                 )
             else:
                 if outcome.aborted:
-                    log.warning("gave up on a batch of %d at shutdown; its entries stay pending", len(batch))
-                elif self.stages and (outcome.inserted or outcome.duplicates):
+                    log.warning(
+                        "gave up on a batch of %d at shutdown: %d committed, the rest stays pending",
+                        len(batch),
+                        outcome.acknowledged,
+                    )
+                if self.stages and (outcome.inserted or outcome.duplicates):
                     self._run_stages(Committed(outcome.inserted, outcome.duplicates))
             # an unexpected exception skips this on purpose: the panic dump shows what was in flight
             self.inflight_ids.difference_update(ids)

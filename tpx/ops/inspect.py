@@ -17,7 +17,7 @@ import redis
 from tpx import keys
 from tpx.config import Settings
 from tpx.errors import OpsError
-from tpx.streams import as_text, entry_ms, group_lag
+from tpx.streams import as_text, entry_ms, estimate_lag
 
 #: Keys per SCAN step when looking for heartbeats: the keyspace holds a handful of tpx keys per
 #: stream, so a few round trips cover even a Redis shared with much else.
@@ -285,7 +285,7 @@ def status(client: redis.Redis, settings: Settings, probe: bool = True) -> Statu
         return result
     result.group_exists = True
     last_generated = client.xinfo_stream(s.stream)["last-generated-id"]
-    result.lag = group_lag(group, last_generated, result.stream_length)
+    result.lag = estimate_lag(client, s.stream, group, last_generated, result.stream_length)
     summary = client.xpending(s.stream, s.group)
     result.pending = int(summary["pending"])
     if summary["min"]:

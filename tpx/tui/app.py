@@ -11,25 +11,47 @@ and report with a notification.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, ClassVar
 
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.worker import get_current_worker
 
 from tpx.config import Settings
 from tpx.errors import first_line
 from tpx.format import DEAD_WITH_PENDING, ago, number
 from tpx.ops.inspect import Status
+from tpx.streams import EstimatedLag
 from tpx.tui.poller import Poller, Snapshot
-from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen, device_detail, letter_detail
+from tpx.tui.screens import (
+    ConfirmScreen,
+    DetailScreen,
+    HelpScreen,
+    device_detail,
+    instance_detail,
+    letter_detail,
+)
+from tpx.tui.sparkline import RateSparkline
 from tpx.tui.tables import TABLES, DevicesTable, InstancesTable, LettersTable, SnapshotTable
 
 #: Recent positions shown when a device is opened.
 DEVICE_ROWS_SHOWN = 20
+
+
+def lag_text(lag: int | None) -> str:
+    """The group's lag; one tpx counted itself (Redis reported none) is marked as an estimate."""
+    if lag is None:
+        return "unknown"
+    if isinstance(lag, EstimatedLag):
+        return f"{'≥' if lag.at_least else '≈'}{lag:,} (est.)"
+    return f"{lag:,}"
 
 
 class TopApp(App[None]):
@@ -40,11 +62,13 @@ class TopApp(App[None]):
         Binding("q", "quit", "quit"),
         Binding("ctrl+c", "quit", "quit", show=False, priority=True),
         Binding("question_mark", "help", "help"),
-        Binding("slash", "filter", "filter"),
+        Binding("slash", "filter", "filter", show=False),  # the help says it: the footer fits 80 columns
         Binding("r", "replay", "replay"),
         Binding("R", "replay_all", "replay all", show=False),
         Binding("c", "claim", "claim"),
         Binding("h", "rehydrate", "rehydrate"),
+        Binding("p", "pause", "pause"),
+        Binding("w", "warnings", "warnings", show=False),
         Binding("escape", "clear_filter", "clear filter", show=False),
         *(Binding(str(n), f"tab('{t.TAB}')", show=False) for n, t in enumerate(TABLES, 1)),
     ]
@@ -67,6 +91,8 @@ class TopApp(App[None]):
         self.snapshot = Snapshot()
         self.refreshes = 0
         self.clock = clock
+        self.paused = False
+        self._timer: Timer | None = None  # the one pending refresh: actions refresh too, never twice
 
     # --- layout ---
 
@@ -77,9 +103,9 @@ class TopApp(App[None]):
             yield Static("connecting…", id="stream-panel")
             with Vertical(id="rates"):
                 yield Static("in: -", id="in-label")
-                yield Sparkline([], id="in-spark")
+                yield RateSparkline(id="in-spark")
                 yield Static("out: -", id="out-label")
-                yield Sparkline([], id="out-spark")
+                yield RateSparkline(id="out-spark")
         yield Input(placeholder="filter (Esc clears)", id="filter")
         with TabbedContent(id="tabs"):
             for table in TABLES:
@@ -88,7 +114,7 @@ class TopApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"{self.settings.stream} / {self.settings.group}"
+        self._title()
         self.refresh_data()
         if self.duration:
             self.set_timer(self.duration, self.exit)
@@ -98,9 +124,16 @@ class TopApp(App[None]):
     @work(thread=True, exclusive=True, group="refresh")
     def refresh_data(self) -> None:
         snapshot = self.poller.poll()
-        self.call_from_thread(self.show, snapshot)
+        if not get_current_worker().is_cancelled:  # a newer refresh started: that one shows
+            self.call_from_thread(self.show, snapshot)
+
+    def _title(self) -> None:
+        paused = "  — PAUSED (p resumes)" if self.paused else ""
+        self.sub_title = f"{self.settings.stream} / {self.settings.group}{paused}"
 
     def show(self, snap: Snapshot) -> None:
+        if self.paused:  # a poll that was under way when refresh was paused: the screen stays still
+            return
         self.snapshot = snap
         self.refreshes += 1
         self._banner(snap)
@@ -109,7 +142,9 @@ class TopApp(App[None]):
         for table in self.query(SnapshotTable):
             table.show(snap)
         if self.live:
-            self.set_timer(self.interval, self.refresh_data)
+            if self._timer is not None:
+                self._timer.stop()
+            self._timer = self.set_timer(self.interval, self.refresh_data)
 
     def _banner(self, snap: Snapshot) -> None:
         banner = self.query_one("#banner", Static)
@@ -122,7 +157,7 @@ class TopApp(App[None]):
         banner.set_class(bool(problems), "shown")
 
     def _overview(self, snap: Snapshot, st: Status) -> None:
-        lag = "unknown" if st.lag is None else f"{st.lag:,}"
+        lag = lag_text(st.lag)
         newest = f", newest {ago(st.last_entry_age_s)}" if st.last_entry_id else ""
         oldest = f" (oldest {ago(st.oldest_pending_age_s)})" if st.oldest_pending_id else ""
         dead = st.dead_with_pending
@@ -142,8 +177,8 @@ class TopApp(App[None]):
         self.query_one("#stream-panel", Static).update("\n".join(lines))
         self.query_one("#in-label", Static).update(f"in  {number(snap.in_per_s, ',.0f')}/s")
         self.query_one("#out-label", Static).update(f"out {snap.out_per_s:,.0f}/s")
-        self.query_one("#in-spark", Sparkline).data = list(snap.in_history)
-        self.query_one("#out-spark", Sparkline).data = list(snap.out_history)
+        self.query_one("#in-spark", RateSparkline).data = snap.in_history
+        self.query_one("#out-spark", RateSparkline).data = snap.out_history
 
     def _active(self) -> SnapshotTable[Any]:
         pane = self.query_one("#tabs", TabbedContent).active_pane
@@ -157,9 +192,46 @@ class TopApp(App[None]):
 
     # --- interaction ---
 
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        """Ctrl+P: Textual's own commands, then every tpx action by name (each still asks first)."""
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Replay dead letter", "replay the selected dead letter", self.action_replay)
+        yield SystemCommand(
+            "Replay all dead letters", "replay every dead letter shown", self.action_replay_all
+        )
+        yield SystemCommand(
+            "Claim dead consumer", "claim the selected dead consumer's entries", self.action_claim
+        )
+        yield SystemCommand(
+            "Rehydrate device", "drop and reseed the selected device's state", self.action_rehydrate
+        )
+        yield SystemCommand(
+            "Recent warnings", "the selected instance's last warnings and errors", self.action_warnings
+        )
+        yield SystemCommand(
+            "Resume refresh" if self.paused else "Pause refresh",
+            "freeze the screen, or refresh again",
+            self.action_pause,
+        )
+        for n, table in enumerate(TABLES, 1):
+            yield SystemCommand(
+                f"Show {table.TITLE.lower()}", f"tab {n}", partial(self.action_tab, table.TAB)
+            )
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """While the filter box has focus, letters and digits are text, not commands."""
-        commands = {"tab", "replay", "replay_all", "claim", "rehydrate", "help", "quit", "filter"}
+        commands = {
+            "tab",
+            "replay",
+            "replay_all",
+            "claim",
+            "rehydrate",
+            "help",
+            "quit",
+            "filter",
+            "pause",
+            "warnings",
+        }
         return not (action in commands and isinstance(self.focused, Input))
 
     @on(DataTable.RowSelected, "LettersTable")
@@ -167,6 +239,23 @@ class TopApp(App[None]):
         letter = self.query_one(LettersTable).letter(str(event.row_key.value))
         if letter is not None:
             self.push_screen(DetailScreen(f"dead letter {letter.id}", letter_detail(letter)))
+
+    @on(DataTable.RowSelected, "InstancesTable")
+    def open_instance(self, event: DataTable.RowSelected) -> None:
+        self._show_instance(str(event.row_key.value))
+
+    def action_warnings(self) -> None:
+        name = self._selected(InstancesTable)
+        if name is None:
+            self.notify("select an instance first (tab 1)", severity="warning")
+            return
+        self._show_instance(name)
+
+    def _show_instance(self, name: str) -> None:
+        member = self.query_one(InstancesTable).member(name)
+        if member is not None:
+            body = instance_detail(member.name, member.state, member.instance)
+            self.push_screen(DetailScreen(f"instance {name}", body))
 
     @on(DataTable.RowSelected, "DevicesTable")
     def select_device(self, event: DataTable.RowSelected) -> None:
@@ -205,6 +294,15 @@ class TopApp(App[None]):
     def action_tab(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = f"tab-{tab}"
         self._active().focus()
+
+    def action_pause(self) -> None:
+        """``p``: freeze the screen (rows stay put to read or select); again, refresh at once."""
+        self.paused = not self.paused
+        self._title()
+        if self.paused and self._timer is not None:
+            self._timer.stop()
+        elif not self.paused:
+            self.refresh_data()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -40,15 +40,21 @@ class ConfigError(Exception):
         super().__init__("; ".join(self.lines))
 
 
-#: ``TPX_*`` variables that are not settings yet are tpx's: the fail points, the tests' servers.
-OTHER_ENV: frozenset[str] = frozenset({"TPX_FAILPOINTS", "TPX_TEST_DATABASE_URL", "TPX_TEST_REDIS_URL"})
+#: ``TPX_*`` variables that are not settings yet are tpx's: the fail points, the image compose runs,
+#: the CI cache, and (prefix
+#: ``TPX_TEST_``) what the test suite reads (its servers, Node and Directus for CI).
+OTHER_ENV: frozenset[str] = frozenset({"TPX_FAILPOINTS", "TPX_IMAGE", "TPX_CI_CACHE"})
+_TEST_ENV_PREFIX = "TPX_TEST_"
 
 
 def unknown_env(environ: Mapping[str, str]) -> list[str]:
     """One warning per ``TPX_*`` variable that is no setting (a misspelling is otherwise silent)."""
     known = {env_name(name) for name in Settings.model_fields} | OTHER_ENV
     out = []
-    for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n.upper() not in known):
+    given = (
+        n for n in environ if n.upper().startswith(ENV_PREFIX) and not n.upper().startswith(_TEST_ENV_PREFIX)
+    )
+    for name in sorted(n for n in given if n.upper() not in known):
         near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         out.append(f"{name} is not a tpx setting; ignored{hint}")

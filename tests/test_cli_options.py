@@ -26,7 +26,7 @@ FLAGS = {
     "config": "--json",
     "top": "--interval --redis-url --database-url --db-schema --stream --group",
     "demo": "--headless --duration --rate --devices --poison --data-dir --json",
-    "simulate": "--devices --rate --duration --count --duplicates --late --poison --seed --start-ms "
+    "simulate": "--devices --rate --duration --count --duplicates --late --poison --seed --start "
     "--redis-url --stream --json",
     "status": "--watch --interval --redis-url --stream --group --json",
     "pending": "--consumer --min-idle --limit --redis-url --stream --group --json",

@@ -15,6 +15,7 @@ from tests.test_hardening import assert_exactly_once, expectation
 from tpx.config import Settings
 from tpx.fleet import Fleet
 from tpx.schema import migrate
+from tpx.simulate import paced_interval_ms
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +88,13 @@ def test_two_instances_split_then_one_fails_over(
         assert b.stop() == 0
     entries = []
     for seed, poison, dups in ((21, 0.01, 0.01), (22, 0.0, 0.0)):
-        fleet = Fleet(
-            devices=200, seed=seed, start_ms=start_ms, poison_fraction=poison, duplicate_fraction=dups
+        fleet = Fleet(  # what `tpx simulate --devices 200 --rate 1500` sends: paced to the wall clock
+            devices=200,
+            seed=seed,
+            start_ms=start_ms,
+            interval_ms=paced_interval_ms(200, 1500),
+            poison_fraction=poison,
+            duplicate_fraction=dups,
         )
         entries += list(fleet.entries(4500))
     keys, poison_count = expectation(entries)

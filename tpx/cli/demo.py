@@ -18,11 +18,10 @@ from tpx.cli.options import REDIS_OPTIONS, Invocation, emit, fail, with_settings
 HEADLESS_DEFAULT_S = 30.0
 #: How often the headless demo looks at its stop signal and deadline (a Ctrl-C ends it this fast).
 HEADLESS_POLL_S = 0.2
+
+
 #: `tpx simulate` starts its fixes this long before now unless --start-ms says otherwise: a day of
 #: history, so late records still fall in the past.
-SIMULATE_HISTORY_MS = 86_400_000
-
-
 @with_settings(json=True)
 def demo(
     cmd: Invocation,
@@ -127,8 +126,14 @@ def simulate(
         float, typer.Option(min=0, max=1, help="Fraction of poison records (all kinds).")
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Same seed, same records.")] = 1,
-    start_ms: Annotated[
-        int | None, typer.Option(help="First fix time, epoch ms (default: now - 1 day).")
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--start",
+            "--start-ms",
+            metavar="TIME",
+            help="First fix time: now (default), a time before it (-1h), ISO 8601, or epoch ms.",
+        ),
     ] = None,
 ) -> None:
     """Publish a synthetic fleet's records to the stream: the load source for demos and tests.
@@ -139,13 +144,18 @@ def simulate(
         fail("give --duration or --count (Ctrl-C also stops it)", exitcodes.USAGE)
     from tpx.cli import render
     from tpx.fleet import Fleet
+    from tpx.simulate import paced_interval_ms, start_ms
     from tpx.simulate import simulate as run
 
-    first = start_ms if start_ms is not None else int(time.time() * 1000) - SIMULATE_HISTORY_MS
+    try:
+        first = start_ms(start)
+    except ValueError as exc:
+        fail(f"--start: {exc}", exitcodes.USAGE)
     fleet = Fleet(
         devices=devices,
         seed=seed,
         start_ms=first,
+        interval_ms=paced_interval_ms(devices, rate),
         duplicate_fraction=duplicates,
         late_fraction=late,
         poison_fraction=poison,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tpx.format import ago, consumer_state, number
+from tpx.format import ago, consumer_view_state, number
 from tpx.ops.inspect import Instance
 from tpx.tui.poller import Snapshot
 from tpx.tui.tables.base import Column, SnapshotTable
@@ -30,8 +30,7 @@ def members(snap: Snapshot) -> list[Member]:
     if st is None:
         return []
     out = [
-        Member(c.name, consumer_state(c.alive, c.pending), c.pending, c.idle_ms / 1000, c.instance)
-        for c in st.consumers
+        Member(c.name, consumer_view_state(c), c.pending, c.idle_ms / 1000, c.instance) for c in st.consumers
     ]
     known = {c.name for c in st.consumers}
     out += [Member(i.consumer, STARTING, 0, None, i) for i in st.instances if i.consumer not in known]

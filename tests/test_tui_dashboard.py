@@ -138,3 +138,29 @@ async def test_palette_runs_tpx_actions(settings: Settings) -> None:
         assert app.query_one("#tabs").active == "tab-devices"  # type: ignore[attr-defined]
         await palette(*"replay dead letter")
         await until(pilot, lambda: "select a dead letter first" in notices(app), what="the notice")
+
+
+class FailingWriters(CannedPoller):
+    """The canned data, with instance tpx-a1's writers failing for 12 s."""
+
+    def poll(self) -> Snapshot:
+        snap = super().poll()
+        assert snap.status is not None
+        for consumer in snap.status.consumers:
+            if consumer.instance is not None:
+                consumer.instance.writers_failing = ["tpx-writer-1"]
+                consumer.instance.writers_failing_detail = [
+                    {"writer": "tpx-writer-1", "for_s": 12, "reason": "UndefinedColumn: column \"speed\""}
+                ]
+        return snap
+
+
+async def test_failing_writers_are_in_the_banner_and_the_instances_table(settings: Settings) -> None:
+    """An instance whose writers fail is not plain "alive": the banner up top and its row say so."""
+    app = TopApp(settings, poller=FailingWriters(settings), interval=0.1, live=False, clock=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.refreshes >= 1, what="first render")
+        banner = str(app.query_one("#banner", Static).render())
+        assert "tpx-a1: WRITERS FAILING 12s: tpx-writer-1: UndefinedColumn" in banner, banner
+        rows = {row[0]: row for row in cells(app, "instances")}
+        assert rows["tpx-a1"][1].startswith("alive, WRITERS FAILING 12s"), rows["tpx-a1"]

@@ -26,7 +26,7 @@ from textual.worker import get_current_worker
 
 from tpx.config import Settings
 from tpx.errors import first_line
-from tpx.format import DEAD_WITH_PENDING, ago, number
+from tpx.format import DEAD_WITH_PENDING, WRITERS_FAILING, ago, number
 from tpx.ops.inspect import Status
 from tpx.streams import EstimatedLag
 from tpx.tui.poller import Poller, Snapshot
@@ -153,6 +153,10 @@ class TopApp(App[None]):
             problems.append(f"Redis unreachable: {snap.redis_error} — retrying")
         if snap.postgres_error:
             problems.append(f"PostgreSQL unreachable: {snap.postgres_error} — retrying")
+        for consumer in snap.status.consumers if snap.status else []:
+            failing = consumer.failing
+            if failing is not None:  # alive, but its writers are not writing: say why, up top
+                problems.append(f"{consumer.name}: {WRITERS_FAILING} {ago(failing[0])}: {failing[1]}")
         banner.update("\n".join(problems))
         banner.set_class(bool(problems), "shown")
 

@@ -99,3 +99,13 @@ def test_simulate_into_a_pipe_ends_with_a_summary_line(settings: Settings, env: 
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stdout + done.stderr and "\x1b" not in done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith(f"published 300 records to {settings.stream} in ")
+
+
+def test_top_without_a_terminal_refuses_in_one_line(env: dict[str, str]) -> None:
+    """`tpx top < /dev/null > file` wrote escape sequences until killed; it now says what to use."""
+    result = run(env, "top")  # stdout a pipe
+    assert result.returncode == 2
+    assert result.stdout == ""  # not one escape sequence
+    assert result.stderr.strip() == (
+        "tpx: tpx top needs a terminal; without one use `tpx status --watch` (or --json)"
+    )

@@ -7,6 +7,7 @@ long ones show a progress bar on stderr. The dead-letter commands are in :mod:`t
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from typing import Annotated
@@ -21,6 +22,7 @@ from tpx.cli.options import (
     DryRun,
     Invocation,
     emit,
+    fail,
     with_settings,
 )
 
@@ -174,6 +176,8 @@ def top(
 
     Example: tpx top --interval 2
     """
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # a pipe, a file, CI, `docker exec` without -t
+        fail("tpx top needs a terminal; without one use `tpx status --watch` (or --json)", exitcodes.USAGE)
     from tpx.tui.app import TopApp
 
     TopApp(cmd.settings, interval=interval).run()

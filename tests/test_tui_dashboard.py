@@ -150,7 +150,7 @@ class FailingWriters(CannedPoller):
             if consumer.instance is not None:
                 consumer.instance.writers_failing = ["tpx-writer-1"]
                 consumer.instance.writers_failing_detail = [
-                    {"writer": "tpx-writer-1", "for_s": 12, "reason": "UndefinedColumn: column \"speed\""}
+                    {"writer": "tpx-writer-1", "for_s": 12, "reason": 'UndefinedColumn: column "speed"'}
                 ]
         return snap
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -36,7 +35,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_pipeline import CpuMeter, drop_schema, load_stream
+from benchmarks.bench_pipeline import CpuMeter, drop_schema, load_stream, start_serve
 from tpx.fleet import Fleet
 from tpx.schema import migrate
 
@@ -92,19 +91,7 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
     if args.backlog:
         fleet = Fleet(devices=args.devices, seed=7, start_ms=int(time.time() * 1000))
         load_stream(client, key, list(fleet.entries(args.backlog)))
-    env = {
-        **os.environ,
-        "TPX_REDIS_URL": args.redis_url,
-        "TPX_DATABASE_URL": args.database_url,
-        "TPX_DB_SCHEMA": schema,
-        "TPX_STREAM": key,
-        "TPX_CONSUMER": "bench",
-        "TPX_HTTP_ADDR": "off",
-        "TPX_LOG_FORMAT": "json",
-        "TPX_LOG_LEVEL": "WARNING",
-        **dict(kv.split("=", 1) for kv in args.tpx_env),
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+    proc = start_serve(args, schema, key)
     try:
         deadline = time.monotonic() + 30
         while not _has_group(client, key):

@@ -144,13 +144,9 @@ def peak_rss_kb(pid: int) -> int:
 # --- (a) tpx --------------------------------------------------------------------------
 
 
-def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
-    client = redis.Redis.from_url(args.redis_url)
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    key = f"bench:{uuid.uuid4().hex[:8]}:t"
-    staging = key + ":loading"
-    migrate(args.database_url, schema)
-    load_stream(client, staging, entries)
+def start_serve(args: argparse.Namespace, schema: str, key: str) -> subprocess.Popen[bytes]:
+    """A `tpx serve` reading ``key`` into ``schema`` (migrated already), quiet, HTTP off, with
+    the ``--tpx-env`` overrides: the tpx every benchmark measures."""
     env = {
         **os.environ,
         "TPX_REDIS_URL": args.redis_url,
@@ -163,7 +159,17 @@ def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: i
         "TPX_LOG_LEVEL": "WARNING",
         **dict(kv.split("=", 1) for kv in args.tpx_env),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+
+
+def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
+    client = redis.Redis.from_url(args.redis_url)
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    key = f"bench:{uuid.uuid4().hex[:8]}:t"
+    staging = key + ":loading"
+    migrate(args.database_url, schema)
+    load_stream(client, staging, entries)
+    proc = start_serve(args, schema, key)
     try:
         # wait until serve has created its group on the (empty) stream, then swap the backlog in
         deadline = time.monotonic() + 30

@@ -11,6 +11,7 @@ from psycopg import sql
 
 from tests import services
 from tests.directus import Directus
+from tests.proxy import Proxy, postgres_target, redis_target
 from tpx.config import Settings
 
 
@@ -38,6 +39,22 @@ def private_redis(tmp_path: Path) -> Iterator[services.PrivateRedis]:
     workdir.mkdir()
     with services.private_redis_server(binary, workdir, free_port()) as server:
         yield server
+
+
+@pytest.fixture
+def pg_proxy(pg_server_url: str) -> Iterator[Proxy]:
+    """A TCP proxy to PostgreSQL that the test can cut and restore (tests/proxy.py)."""
+    proxy = Proxy(postgres_target(pg_server_url))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_server_url: str) -> Iterator[Proxy]:
+    """A TCP proxy to Redis that the test can cut and restore."""
+    proxy = Proxy(redis_target(redis_server_url))
+    yield proxy
+    proxy.close()
 
 
 @pytest.fixture

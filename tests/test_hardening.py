@@ -7,7 +7,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from tests.helpers import (
     xpending_range,
     xrange,
 )
-from tests.proxy import Proxy, postgres_target, postgres_via, redis_target, redis_via
+from tests.proxy import Proxy, postgres_via, redis_via
 from tpx.config import Settings
 from tpx.fleet import Fleet
 from tpx.records import DecodeError, decode_entry
@@ -99,20 +98,6 @@ def feeder(
     thread = threading.Thread(target=run, name="test-feeder", daemon=True)
     thread.start()
     return thread
-
-
-@pytest.fixture
-def pg_proxy(pg_server_url: str) -> Iterator[Proxy]:
-    proxy = Proxy(postgres_target(pg_server_url))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def redis_proxy(redis_server_url: str) -> Iterator[Proxy]:
-    proxy = Proxy(redis_target(redis_server_url))
-    yield proxy
-    proxy.close()
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_writes_nothing_twice(

@@ -5,7 +5,6 @@ from a pipe, as a script or `docker exec` reads it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import redis
 from psycopg import sql
 
 from tests.helpers import Serve, add_entries, record, wait_for
-from tests.proxy import Proxy, redis_target, redis_via
+from tests.proxy import Proxy, redis_via
 from tests.test_ops_pipes import run
 from tpx import keys
 from tpx.config import Settings
@@ -32,13 +31,6 @@ def status_json(env: dict[str, str]) -> Any:
 
 def consumer(env: dict[str, str], name: str) -> Any:
     return next(c for c in status_json(env)["consumers"] if c["name"] == name)
-
-
-@pytest.fixture
-def redis_proxy(redis_server_url: str) -> Iterator[Proxy]:
-    proxy = Proxy(redis_target(redis_server_url))
-    yield proxy
-    proxy.close()
 
 
 def test_failing_writers_show_with_their_reason(

@@ -308,7 +308,12 @@ def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> 
         users = conn.execute(
             sql.SQL("SELECT * FROM {}.directus_users").format(sql.Identifier(schema))
         ).fetchall()
-    assert set(after) - set(before) == {("positions",), (MIGRATIONS_TABLE,)}
+    assert set(after) - set(before) == {
+        ("positions",),
+        (MIGRATIONS_TABLE,),
+        ("tpx_domain_devices",),
+        ("tpx_domain_generations",),
+    }
     assert users == [(1, "a@b")]
 
 

@@ -27,6 +27,8 @@ from tpx.streams import dlq_stream
 ENV_PREFIX = "TPX_"
 #: The highest TCP port number.
 MAX_PORT = 65535
+#: A table setting is `table` or `schema.table`.
+MAX_NAME_PARTS = 2
 _SECRET_FIELDS = ("redis_url", "database_url")
 
 
@@ -118,6 +120,25 @@ class Settings(BaseSettings):
     #: How late a record may arrive and still be written to an uncompressed chunk.
     late_window: str = "7d"
 
+    # --- the domain stage: geofence membership and timing records (Directus-owned tables) ---
+    #: ``auto``: on when both tables exist (the start-up log says which); ``on``: a missing table
+    #: or column is one line naming it and exit 2; ``off``: tpx writes positions only.
+    domain: Literal["auto", "on", "off"] = "auto"
+    #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.
+    geofences_table: str = "geofences"
+    #: The timing records table (schema-qualified allowed); tpx inserts and deletes its own rows.
+    timing_table: str = "timing_records"
+    #: Geofence edits, additions and ``active`` changes are picked up within this many seconds
+    #: (and at once on ``tpx geofences --reload``).
+    geofences_reload_s: float = Field(default=10.0, gt=0, le=86_400)
+    #: A fix implying more than this speed (km/h) from the previous kept fix is not on the track.
+    max_speed_kmh: float = Field(default=500.0, gt=0, le=100_000)
+    #: How late (behind the device's newest fix) a fix may arrive and still change timing
+    #: records; a later one is stored in positions and counted. At most ``late_window``.
+    domain_late_window: str = "10m"
+    #: At most this many recent fixes per device are kept to replay late ones (memory bound).
+    domain_max_history: int = Field(default=2000, ge=2, le=1_000_000)
+
     # --- failures and redelivery ---
     #: A record the database refuses is dead-lettered (stage ``write``) once the
     #: stream has delivered it this many times; until then it is redelivered.
@@ -193,15 +214,28 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("compress_after", "retain_for", "late_window")
+    @field_validator("compress_after", "retain_for", "late_window", "domain_late_window")
     @classmethod
     def _check_duration(cls, value: str) -> str:
         if value.strip():
             parse_duration(value)
         return value.strip()
 
+    @field_validator("geofences_table", "timing_table")
+    @classmethod
+    def _check_table_name(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > MAX_NAME_PARTS or not all(part.strip() for part in parts):
+            raise ValueError("must be a table name or schema.table")
+        return value.strip()
+
     @model_validator(mode="after")
     def _compression_after_late_window(self) -> Settings:
+        if parse_duration(self.domain_late_window) > parse_duration(self.late_window):
+            raise _cross_setting(
+                "domain_late_window",
+                f"{self.domain_late_window} must be at most TPX_LATE_WINDOW ({self.late_window})",
+            )
         if self.compress_after and parse_duration(self.compress_after) < parse_duration(self.late_window):
             raise _cross_setting(
                 "compress_after",

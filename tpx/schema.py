@@ -1,10 +1,12 @@
 """Schema migrations: numbered SQL files applied under a Postgres advisory lock.
 
-The runner owns exactly two tables in its schema: ``positions`` and
-``tpx_schema_migrations`` (what it applied, when, with which checksum). It never
-touches any other table. The files run in one transaction that first takes a
-transaction-level advisory lock, so two instances starting at once apply each
-migration exactly once: the second waits, then finds nothing left to do.
+The runner owns these tables in its schema: ``positions``,
+``tpx_schema_migrations`` (what it applied, when, with which checksum) and the domain
+stage's bookkeeping (``tpx_domain_devices``, ``tpx_domain_generations``). It never
+touches any other table (the CMS's geofences and timing records included). The
+files run in one transaction that first takes a transaction-level advisory lock,
+so two instances starting at once apply each migration exactly once: the second
+waits, then finds nothing left to do.
 
 That transaction is committed before TimescaleDB is touched. The TimescaleDB
 step (create the extension, make ``positions`` a hypertable on ``ts``, add the

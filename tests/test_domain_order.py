@@ -9,13 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_domain_timing import DEVICE, Store, at, circle, fences, fix, gate, zone
+from tpx.domain.geofences import GeofenceSet
 from tpx.domain.timing import (
+    Changes,
     DeviceState,
+    NeedsHistory,
     TimingConfig,
     advance,
+    fold,
     replay,
     state_from_json,
     state_to_json,
+    with_history,
 )
 from tpx.domain.track import Fix
 
@@ -73,18 +78,52 @@ def arrivals(draw: st.DrawFn) -> tuple[list[Fix], list[list[Fix]]]:
     return fixes, batches
 
 
+class Positions:
+    """The positions table of one device, as the engine feeds the domain: the first row of each
+    time stays, and a late fix older than the memory's history is replayed from here."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Fix] = {}
+
+    def step(
+        self, state: DeviceState, geofences: GeofenceSet, batch: list[Fix], config: TimingConfig
+    ) -> tuple[DeviceState, Changes]:
+        try:
+            result = advance(state, geofences, batch, config)
+        except NeedsHistory as need:
+            loaded = [
+                f
+                for t, f in self.rows.items()
+                if f.valid
+                and (need.since_us is None or t > need.since_us)
+                and (need.until_us is None or t <= need.until_us)
+            ]
+            state = with_history(state, geofences, loaded, need.since_us, config)
+            result = advance(state, geofences, batch, config)
+        for f in batch:
+            self.rows.setdefault(f.ts_us, f)
+        return result
+
+
+def stored(state: DeviceState) -> DeviceState:
+    """The state through the store's compact JSON (history folded, fingerprints by generation)."""
+    data = json.loads(json.dumps(state_to_json(fold(state), versions=False)))
+    return state_from_json(data, versions=state.versions)
+
+
 @settings(max_examples=400, deadline=None)
-@given(arrivals())
-def test_any_arrival_order_and_batching_gives_the_sequential_replay(case):
+@given(arrivals(), st.booleans())
+def test_any_arrival_order_and_batching_gives_the_sequential_replay(case, through_store):
     fixes, batches = case
-    store, state = Store(), DeviceState(DEVICE)
+    store, state, positions = Store(), DeviceState(DEVICE), Positions()
     for batch in batches:
-        state, changes = advance(state, COURSE, batch, ROOMY)
+        state, changes = positions.step(state, COURSE, batch, ROOMY)
         store.apply(changes)
         # the state survives a trip through JSON (a hot-state store) unchanged
         thawed = state_from_json(json.loads(json.dumps(state_to_json(state))))
         assert thawed == state
-        state = thawed
+        # another instance resumes from the compact stored form (no history in it)
+        state = stored(thawed) if through_store else thawed
     assert store.events() == replay(DEVICE, COURSE, fixes)
     assert store.too_late == 0
     # the membership now is the replay's too: a fresh device fed the sorted fixes at once
@@ -98,22 +137,46 @@ def test_a_bounded_window_matches_the_replay_of_what_it_accepted(case, window_s,
     # with a short window and history, a fix older than either is refused and counted: the
     # records must then be the replay of the accepted fixes, never a half-applied change
     fixes, batches = case
-    config = TimingConfig(late_window_us=window_s * 1_000_000, max_history=max_history)
-    store, state = Store(), DeviceState(DEVICE)
+    config = TimingConfig(late_window_us=window_s * 1_000_000, max_history=max_history, max_checkpoints=3)
+    store, state, positions = Store(), DeviceState(DEVICE), Positions()
     accepted: list[Fix] = []
     for batch in batches:
         valid = [f for f in batch if f.valid]
         if valid:
-            # the rule: older than the window behind the newest fix, or at or before the base
+            # the rule: older than the window behind the newest fix, or at or before the oldest
+            # checkpoint (older fixes than the history are replayed from positions)
             newest = max([f.ts_us for f in valid] + ([state.newest_us] if state.newest_us else []))
-            horizon = state.base.horizon_us
+            horizon = state.replay_horizon_us
             accepted.extend(
                 f
                 for f in valid
                 if f.ts_us >= newest - config.late_window_us and (horizon is None or f.ts_us > horizon)
             )
-        state, changes = advance(state, COURSE, batch, config)
+        state, changes = positions.step(state, COURSE, batch, config)
         store.apply(changes)
         assert len(state.history) <= max_history
+        assert len(state.checkpoints) <= config.max_checkpoints
     assert store.too_late == sum(1 for f in fixes if f.valid) - len(accepted)
     assert store.events() == replay(DEVICE, COURSE, accepted)
+
+
+def test_a_fix_refused_as_too_late_stays_out_of_a_replay_from_positions():
+    # window 60 s, one fix of history in memory: the late fix of 45 s is older than the history
+    # and is replayed from positions, which also hold the fix of 30 s that came after the window
+    # had passed it (refused, too late): that one must stay out, as it was when it came
+    gs = fences(zone(1, 280, -10, 320, 10), zone(7, 90, 290, 110, 310))
+    config = TimingConfig(late_window_us=60_000_000, max_history=1)
+    store, state, positions = Store(), DeviceState(DEVICE), Positions()
+    accepted = [fix(0, 0, 0), fix(50, 200, 0), fix(100, 400, 0)]
+    for f in accepted:
+        state, changes = positions.step(state, gs, [f], config)
+        store.apply(changes)
+    refused = fix(30, 100, 300)  # inside zone 7: on the track, it would give zone 7's events
+    state, changes = positions.step(state, gs, [refused], config)
+    assert changes.too_late == 1
+    late = fix(45, 180, 0)
+    state, changes = positions.step(state, gs, [late], config)
+    store.apply(changes)
+    assert changes.too_late == 0
+    assert store.events() == replay(DEVICE, gs, [*accepted, late])
+    assert {e.geofence for e in store.events()} == {1}

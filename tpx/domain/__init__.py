@@ -59,11 +59,16 @@ entry, and its time, the *horizon*).
    Applying them leaves exactly the replay's records;
 5. trim the history to the window and the bound.
 
-When a device is resumed from elsewhere (:meth:`DeviceState.resume`: its membership from its
-newest timing records and its last valid fix), nothing before that fix can be replayed: an
-older fix counts as too late. To replay late fixes across a restart, the caller would seed a
-fresh state from the window's ``positions`` instead (the same ids come out for the same
-segments; only membership at the window's first fix is then taken from where that fix is).
+Memory and stores: the history in memory is short (``max_history`` fixes); what is cut from it
+becomes *checkpoints* (the state at a fix, a few hundred bytes), thinned to ``max_checkpoints``
+across the window, the oldest being the newest one before the window (the replay origin). A late
+fix older than the history raises :class:`NeedsHistory`: the caller loads the device's valid
+fixes after the checkpoint before it (from ``positions``) and calls :func:`with_history`, which
+replays them from that checkpoint; then :func:`advance` goes on as if they had been in memory.
+Fixes refused as too late are remembered (``rejected``) while a replay could reach them, so a
+replay from positions leaves them out as they were left out when they came. :func:`fold` turns
+the history into checkpoints: that compact state is what the engine stores per device, so that
+another process (another instance, or this one after a crash) resumes exactly where it was.
 
 Limits: geometry is planar in each geofence's frame, so a geofence may not cross the
 antimeridian (refused) and a segment is straight in lon/lat, not a great circle.
@@ -74,12 +79,15 @@ from tpx.domain.timing import (
     Changes,
     DeviceState,
     Event,
+    NeedsHistory,
     TimingConfig,
     advance,
     event_id,
+    fold,
     replay,
     state_from_json,
     state_to_json,
+    with_history,
 )
 from tpx.domain.track import Fix
 
@@ -92,11 +100,14 @@ __all__ = [
     "GeofenceId",
     "GeofenceSet",
     "Invalid",
+    "NeedsHistory",
     "TimingConfig",
     "advance",
     "event_id",
+    "fold",
     "parse_geofence",
     "replay",
     "state_from_json",
     "state_to_json",
+    "with_history",
 ]

@@ -203,8 +203,15 @@ class TimingConfig:
     max_speed_kmh: float = DEFAULT_MAX_SPEED_KMH
     #: How late a fix may be (behind the device's newest) and still change the events.
     late_window_us: int = 600 * US_PER_S
-    #: At most this many fixes per device are kept for replaying late ones (memory bound).
+    #: At most this many recent fixes per device are kept in memory for replaying late ones;
+    #: a fix older than those is replayed from the positions table (:class:`NeedsHistory`).
     max_history: int = 2_000
+    #: At most this many checkpoints (states at older fixes) span the window behind the history:
+    #: a late fix older than the history replays the positions from the checkpoint before it.
+    max_checkpoints: int = 8
+    #: At most this many too-late fix times are remembered (so that a replay from positions
+    #: leaves them out, as they were when they came); beyond, the oldest checkpoints go.
+    max_rejected: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +250,12 @@ class DeviceState:
     versions: Mapping[GeofenceId, str] = field(default_factory=dict)
     #: Geofences adopted after the device's first fix: the fix time they were adopted at.
     anchors: Mapping[GeofenceId, int] = field(default_factory=dict)
+    #: Older states than ``base`` (oldest first) still inside the window: a late fix older than
+    #: the history is replayed from the newest one before it, with the fixes from positions.
+    checkpoints: tuple[Base, ...] = ()
+    #: Times of valid fixes refused as too late that lie after the oldest checkpoint: a replay
+    #: from positions leaves them out (they changed nothing when they came, and never will).
+    rejected: tuple[int, ...] = ()
 
     @classmethod
     def resume(
@@ -267,6 +280,30 @@ class DeviceState:
     def last_kept(self) -> Fix | None:
         return self.history[-1].last_kept if self.history else self.base.last_kept
 
+    @property
+    def replay_horizon_us(self) -> int | None:
+        """Fixes at or before this time can no longer be replayed (None: every fix can)."""
+        return self.checkpoints[0].horizon_us if self.checkpoints else self.base.horizon_us
+
+    def now(self) -> Base:
+        """The state after the newest fix, as a checkpoint."""
+        if not self.history:
+            return self.base
+        last = self.history[-1]
+        return Base(last.inside, last.last_kept, last.fix.ts_us)
+
+
+class NeedsHistory(Exception):  # noqa: N818 (a request to the caller, not an error)
+    """:func:`advance` needs the device's valid fixes after ``since_us`` up to its newest
+    (from positions): a late fix is older than the history kept in memory. Load them and
+    call :func:`with_history`, then :func:`advance` again."""
+
+    def __init__(self, device_id: str, since_us: int | None, until_us: int | None) -> None:
+        super().__init__(f"{device_id}: fixes after {since_us} needed")
+        self.device_id = device_id
+        self.since_us = since_us
+        self.until_us = until_us
+
 
 @dataclass(frozen=True, slots=True)
 class Changes:
@@ -288,10 +325,11 @@ def reconcile(state: DeviceState, geofences: GeofenceSet) -> DeviceState:
     if state.generation == geofences.generation:
         return state
     versions = geofences.fingerprints
-    changed = {gid for gid, fp in versions.items() if state.versions.get(gid) != fp}
-    gone = {gid for gid in state.versions if gid not in versions} | changed
-    anchors = {gid: t for gid, t in state.anchors.items() if gid not in gone}
     last = state.last_kept
+    if last is None and not state.anchors:  # nothing seen yet: nothing to adopt
+        return replace(state, generation=geofences.generation, versions=versions)
+    changed, gone = _diff(state.generation, state.versions, geofences)
+    anchors = {gid: t for gid, t in state.anchors.items() if gid not in gone}
     if last is None or not gone:
         return replace(state, generation=geofences.generation, versions=versions, anchors=anchors)
     anchors.update(dict.fromkeys(changed, last.ts_us))
@@ -303,9 +341,39 @@ def reconcile(state: DeviceState, geofences: GeofenceSet) -> DeviceState:
 
     history = tuple(replace(e, inside=adopt(e.inside, e.fix.ts_us >= last.ts_us)) for e in state.history)
     base = replace(state.base, inside=adopt(state.base.inside, state.base.last_kept == last))
+    checkpoints = tuple(replace(c, inside=adopt(c.inside, c.last_kept == last)) for c in state.checkpoints)
     return replace(
-        state, base=base, history=history, generation=geofences.generation, versions=versions, anchors=anchors
+        state,
+        base=base,
+        history=history,
+        checkpoints=checkpoints,
+        generation=geofences.generation,
+        versions=versions,
+        anchors=anchors,
     )
+
+
+#: (old generation, new generation) -> (changed, gone): every device reconciles the same pair.
+_DIFFS: dict[tuple[str | None, str], tuple[frozenset[GeofenceId], frozenset[GeofenceId]]] = {}
+MAX_CACHED_DIFFS = 64
+
+
+def _diff(
+    generation: str | None, old: Mapping[GeofenceId, str], geofences: GeofenceSet
+) -> tuple[frozenset[GeofenceId], frozenset[GeofenceId]]:
+    """The geofences new or edited since ``old`` (changed), and those plus the removed (gone)."""
+    key = (generation, geofences.generation)
+    cached = _DIFFS.get(key) if generation is not None else None
+    if cached is not None:
+        return cached
+    versions = geofences.fingerprints
+    changed = frozenset(gid for gid, fp in versions.items() if old.get(gid) != fp)
+    gone = frozenset(gid for gid in old if gid not in versions) | changed
+    if generation is not None:
+        if len(_DIFFS) >= MAX_CACHED_DIFFS:
+            _DIFFS.clear()
+        _DIFFS[key] = (changed, gone)
+    return changed, gone
 
 
 def _comparable(ev: Event, geofences: GeofenceSet, anchors: Mapping[GeofenceId, int]) -> bool:
@@ -323,7 +391,12 @@ def advance(
     fixes: Sequence[Fix],
     config: TimingConfig = TimingConfig(),
 ) -> tuple[DeviceState, Changes]:
-    """One device's batch of fixes (any order) → its new state and the timing record changes."""
+    """One device's batch of fixes (any order) → its new state and the timing record changes.
+
+    Raises :class:`NeedsHistory` when a late fix is older than the history kept in memory but
+    not than the oldest checkpoint: the caller loads the fixes it names and calls
+    :func:`with_history` first.
+    """
     state = reconcile(state, geofences)
     valid = sorted((f for f in fixes if f.valid), key=_fix_time)
     if not valid:
@@ -331,23 +404,75 @@ def advance(
     newest = max(valid[-1].ts_us, state.newest_us if state.newest_us is not None else valid[-1].ts_us)
     floor = newest - config.late_window_us
     horizon = state.base.horizon_us
+    replayable = state.replay_horizon_us
     times = [e.fix.ts_us for e in state.history]
+    rejected = set(state.rejected)
     accepted: list[Fix] = []
-    too_late = duplicates = 0
+    refused: list[int] = []
+    duplicates = 0
     for fix in valid:
         t = fix.ts_us
-        if t < floor or (horizon is not None and t <= horizon):
-            too_late += 1
-        elif (accepted and accepted[-1].ts_us == t) or _has(times, t):
+        if t < floor or (replayable is not None and t <= replayable):
+            refused.append(t)
+        elif t in rejected or (accepted and accepted[-1].ts_us == t) or _has(times, t) or t == horizon:
             duplicates += 1
+        elif horizon is not None and t < horizon:
+            raise NeedsHistory(state.device_id, _checkpoint_before(state, t).horizon_us, state.newest_us)
         else:
             accepted.append(fix)
+    if refused:
+        state = replace(state, rejected=_remember(state, refused, config))
     if not accepted:
-        return state, Changes(too_late=too_late, duplicates=duplicates)
+        return state, Changes(too_late=len(refused), duplicates=duplicates)
     start = bisect.bisect_left(times, accepted[0].ts_us)
     history, added, deleted = _replay_from(state, geofences, accepted, start, config)
-    state = _trim(replace(state, history=history, newest_us=newest), floor, config.max_history)
-    return state, Changes(tuple(added), tuple(deleted), too_late, duplicates)
+    state = _trim(replace(state, history=history, newest_us=newest), floor, config)
+    return state, Changes(tuple(added), tuple(deleted), len(refused), duplicates)
+
+
+def _checkpoint_before(state: DeviceState, t: int) -> Base:
+    """The newest checkpoint strictly before ``t`` (the caller knows one is)."""
+    before = [c for c in state.checkpoints if c.horizon_us is None or c.horizon_us < t]
+    return before[-1] if before else state.checkpoints[0]
+
+
+def _remember(state: DeviceState, refused: list[int], config: TimingConfig) -> tuple[int, ...]:
+    """The too-late times a replay from positions must leave out: those after the oldest
+    checkpoint (older ones can never be replayed anyway), at most ``max_rejected``."""
+    replayable = state.replay_horizon_us
+    times = sorted({*state.rejected, *(t for t in refused if replayable is None or t > replayable)})
+    return tuple(times[-config.max_rejected :])
+
+
+def with_history(
+    state: DeviceState,
+    geofences: GeofenceSet,
+    fixes: Iterable[Fix],
+    since_us: int | None,
+    config: TimingConfig = TimingConfig(),
+) -> DeviceState:
+    """The state with its history rebuilt from the checkpoint at ``since_us`` and the valid
+    ``fixes`` after it (from positions; this batch's own rows left out), as :class:`NeedsHistory`
+    asked. The records of that history were written when its fixes came, so nothing is
+    returned: :func:`advance` then replays the late fix against it."""
+    state = reconcile(state, geofences)
+    points = [*state.checkpoints, state.base]
+    at = next((i for i, c in enumerate(points) if c.horizon_us == since_us), None)
+    if at is None:
+        raise ValueError(f"{state.device_id}: no checkpoint at {since_us}")
+    origin = points[at]
+    rejected = set(state.rejected)
+    by_time: dict[int, Fix] = {}
+    for fix in fixes:
+        t = fix.ts_us
+        if fix.valid and (since_us is None or t > since_us) and t not in rejected:
+            by_time.setdefault(t, fix)
+    rebuilt = replace(state, base=origin, checkpoints=tuple(points[:at]), history=())
+    accepted = sorted(by_time.values(), key=_fix_time)
+    if not accepted:
+        return rebuilt
+    history, _, _ = _replay_from(rebuilt, geofences, accepted, 0, config)
+    return replace(rebuilt, history=history)
 
 
 def _has(times: list[int], t: int) -> bool:
@@ -400,19 +525,48 @@ def _replay_from(
     return (*old[:start], *out, *old[i:]), added, deleted
 
 
-def _trim(state: DeviceState, floor: int, max_history: int) -> DeviceState:
-    """Drop history older than the window or beyond the bound; the last dropped becomes the base."""
+def _trim(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
+    """Keep the history's fixes inside the window, at most ``max_history``; what is cut becomes
+    checkpoints (thinned), and checkpoints older than the newest one before the window go."""
     history = state.history
     cut = bisect.bisect_left([e.fix.ts_us for e in history], floor)
-    cut = max(cut, len(history) - max_history)
-    if cut <= 0:
-        return state
-    last = history[cut - 1]
-    base = Base(last.inside, last.last_kept, last.fix.ts_us)
+    cut = max(cut, len(history) - config.max_history)
+    if cut > 0:
+        dropped = [Base(e.inside, e.last_kept, e.fix.ts_us) for e in history[:cut]]
+        points = [*state.checkpoints, state.base, *dropped]
+        state = replace(state, base=points[-1], history=history[cut:], checkpoints=tuple(points[:-1]))
+    return _prune(state, floor, config)
+
+
+def _prune(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
+    """Checkpoints: the newest before the window (the replay origin), then at most
+    ``max_checkpoints`` spaced across the window; anchors and rejected times no replay reaches."""
+    points = [*state.checkpoints, state.base]
+    origin = max((i for i, c in enumerate(points) if c.horizon_us is None or c.horizon_us < floor), default=0)
+    kept_points = _thin(points[origin:-1], config)
+    checkpoints = tuple(kept_points)
+    replayable = checkpoints[0].horizon_us if checkpoints else state.base.horizon_us
+    if replayable is None:
+        return replace(state, checkpoints=checkpoints)
     # an anchor no replay can reach any more (every segment still to compute starts after it)
-    reach = base.last_kept.ts_us if base.last_kept is not None else last.fix.ts_us
+    oldest = checkpoints[0] if checkpoints else state.base
+    reach = oldest.last_kept.ts_us if oldest.last_kept is not None else replayable
     anchors = {gid: t for gid, t in state.anchors.items() if t > reach}
-    return replace(state, base=base, history=history[cut:], anchors=anchors)
+    rejected = tuple(t for t in state.rejected if t > replayable)
+    return replace(state, checkpoints=checkpoints, anchors=anchors, rejected=rejected)
+
+
+def _thin(points: list[Base], config: TimingConfig) -> list[Base]:
+    """The first point and at most ``max_checkpoints`` - 1 more, spaced evenly in time."""
+    if len(points) <= config.max_checkpoints:
+        return points
+    spacing = config.late_window_us / max(1, config.max_checkpoints - 1)
+    out = [points[0]]
+    for c in points[1:]:
+        last = out[-1].horizon_us
+        if last is None or c.horizon_us is None or c.horizon_us - last >= spacing:
+            out.append(c)
+    return out[: config.max_checkpoints]
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -475,26 +629,57 @@ def _event_from(device_id: str, value: object) -> Event:
     )
 
 
-def state_to_json(state: DeviceState) -> dict[str, object]:
-    """The state as JSON values; :func:`state_from_json` reads it back equal."""
-    return {
+def fold(state: DeviceState, config: TimingConfig = TimingConfig()) -> DeviceState:
+    """The state with its history folded into checkpoints: what a store keeps (a few hundred
+    bytes, whatever the history). A late fix older than the newest then needs the positions
+    after the checkpoint before it (:class:`NeedsHistory`), and replays the same."""
+    if not state.history:
+        return state
+    points = [
+        *state.checkpoints,
+        state.base,
+        *(Base(e.inside, e.last_kept, e.fix.ts_us) for e in state.history),
+    ]
+    return replace(state, base=points[-1], checkpoints=tuple(_thin(points[:-1], config)), history=())
+
+
+def _base_json(base: Base) -> list[object]:
+    return [sorted(base.inside, key=repr), _fix_json(base.last_kept), base.horizon_us]
+
+
+def _base_from(value: object) -> Base:
+    inside, last_kept, horizon = _items(value, 3)
+    return Base(frozenset(_gid(g) for g in _items(inside)), _fix_from(last_kept), _opt_int(horizon))
+
+
+def state_to_json(state: DeviceState, *, versions: bool = True) -> dict[str, object]:
+    """The state as JSON values; :func:`state_from_json` reads it back equal. ``versions=False``
+    leaves out the geofence fingerprints (the reader has them by ``generation``)."""
+    data: dict[str, object] = {
         "device_id": state.device_id,
-        "base": [sorted(state.base.inside, key=repr), _fix_json(state.base.last_kept), state.base.horizon_us],
+        "base": _base_json(state.base),
         "history": [
             [_fix_json(e.fix), e.kept, sorted(e.inside, key=repr), [_event_json(ev) for ev in e.events]]
             for e in state.history
         ],
         "newest_us": state.newest_us,
         "generation": state.generation,
-        "versions": [[gid, fp] for gid, fp in state.versions.items()],
         "anchors": [[gid, t] for gid, t in state.anchors.items()],
+        "checkpoints": [_base_json(c) for c in state.checkpoints],
+        "rejected": list(state.rejected),
     }
+    if versions:
+        data["versions"] = [[gid, fp] for gid, fp in state.versions.items()]
+    return data
 
 
-def state_from_json(data: Mapping[str, object]) -> DeviceState:
+def state_from_json(
+    data: Mapping[str, object], versions: Mapping[GeofenceId, str] | None = None
+) -> DeviceState:
+    """A state from :func:`state_to_json`; ``versions``: the fingerprints of its generation,
+    when the data leaves them out (none known: every geofence counts as changed)."""
     device_id = str(data["device_id"])
-    inside, last_kept, horizon = _items(data["base"], 3)
-    base = Base(frozenset(_gid(g) for g in _items(inside)), _fix_from(last_kept), _opt_int(horizon))
+    base = _base_from(data["base"])
     history: list[Entry] = []
     previous = base.last_kept
     for item in _items(data["history"]):
@@ -514,14 +699,18 @@ def state_from_json(data: Mapping[str, object]) -> DeviceState:
             )
         )
     generation = data.get("generation")
+    if "versions" in data:
+        versions = {_gid(g): str(fp) for g, fp in (_items(p, 2) for p in _items(data["versions"]))}
     return DeviceState(
         device_id,
         base,
         tuple(history),
         _opt_int(data.get("newest_us")),
         None if generation is None else str(generation),
-        {_gid(g): str(fp) for g, fp in (_items(p, 2) for p in _items(data["versions"]))},
+        versions if versions is not None else {},
         {_gid(g): _int(t) for g, t in (_items(p, 2) for p in _items(data["anchors"]))},
+        tuple(_base_from(c) for c in _items(data.get("checkpoints", []))),
+        tuple(_int(t) for t in _items(data.get("rejected", []))),
     )
 
 

@@ -44,12 +44,13 @@ def serve(cmd: Invocation) -> None:
     import os
 
     from tpx import logs
+    from tpx.domainstage.stage import DomainStage
     from tpx.engine.service import Engine
     from tpx.signals import StopSignals
 
     settings = cmd.settings
     logs.setup(settings.log_level, settings.log_format, settings.consumer)
-    engine = Engine(settings)
+    engine = Engine(settings, tx_stage=DomainStage(settings) if settings.domain != "off" else None)
     StopSignals(engine.request_stop, _forced_exit).install()
     cmd.start(engine.start)
     try:

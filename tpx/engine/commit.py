@@ -56,6 +56,7 @@ from tpx.engine.deadletter import DeadLetter, Stage, add_dead_letters
 from tpx.engine.intake import FIRST_DELIVERY
 from tpx.engine.metrics import Metrics
 from tpx.engine.sqlstate import Fault, classify, describe
+from tpx.engine.stages import AfterCommit, TransactionStage
 from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
 from tpx.failpoints import failpoint
@@ -210,7 +211,8 @@ class Committer:
     """Commits batches on ``pool`` and acknowledges them on ``client``; one per writer thread.
 
     ``states``: the per-device state to seed and update, or None (``tpx claim``: no state kept,
-    no seed query).
+    no seed query). ``stage``: work that commits in the same transaction as the rows it derives
+    from (the domain stage), or None.
     """
 
     def __init__(
@@ -220,12 +222,14 @@ class Committer:
         client: redis.Redis,
         metrics: Metrics,
         states: DeviceStates | None,
+        stage: TransactionStage | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.client = client
         self.metrics = metrics
         self.states = states
+        self.stage = stage
         self.health = WriteHealth()
         #: monotonic time until which batches go straight to INSERT .. ON CONFLICT
         self.plain_paused_until = 0.0
@@ -362,7 +366,9 @@ class Committer:
         failpoint("writer.commit")
         states = self.states
         cold = states.cold(map(_DEVICE_ID, part)) if states is not None else []
-        with self.pool.connection() as conn:
+        # one explicit transaction: without it, a connection with nothing run yet would make the
+        # plain COPY's savepoint block a transaction of its own, committed before the stage runs
+        with self.pool.connection() as conn, conn.transaction():
             with conn.cursor() as cur:
                 seeds = cur.execute(SEED_SQL, (cold,)).fetchall() if cold else []
                 already: set[tuple[str, int]] = set()
@@ -371,10 +377,45 @@ class Committer:
                     cur.execute(INSERT_SQL)
                     if cur.rowcount != len(part):  # the keys not returned were stored before
                         already = set(map(_KEY, part)).difference(cur.fetchall())
-            conn.commit()
+            after = self._in_transaction(conn, part, already)
         if cold and states is not None:
             states.seed(cold, seeds)
+        if after is not None:
+            after()
         return already
+
+    def _in_transaction(
+        self, conn: psycopg.Connection[Any], part: list[Position], already: set[tuple[str, int]]
+    ) -> AfterCommit | None:
+        """Run the transaction stage on the rows inserted now, in a savepoint.
+
+        A fault that retrying can fix (connection, deadlock, timeout) propagates: the whole batch
+        is retried. One it cannot (the stage's tables refuse the query or a value) rolls back
+        only the savepoint: the positions commit without the stage's work, which is logged and
+        counted (the stage repairs itself from positions later, or `tpx timing recompute` does).
+        """
+        stage = self.stage
+        if stage is None:
+            return None
+        rows = part if not already else [p for p in part if _KEY(p) not in already]
+        if not rows:
+            return None
+        try:
+            with conn.transaction():
+                return stage.in_transaction(conn, rows)
+        except psycopg.Error as exc:
+            if classify(exc) is Fault.TRANSIENT or conn.closed:
+                raise
+            reason = describe(exc)
+        log.error(
+            "%s stage failed on %d rows (%s); the positions are written without it",
+            stage.name,
+            len(rows),
+            reason,
+        )
+        self.metrics.stage_errors.labels(stage.name).inc()
+        stage.failed(rows, reason)
+        return None
 
     def _copy_plain(
         self,

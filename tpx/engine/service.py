@@ -57,7 +57,7 @@ from tpx.engine.http import HealthServer
 from tpx.engine.metrics import Metrics
 from tpx.engine.probe import BoundedCheck
 from tpx.engine.reader import Reader, ensure_group
-from tpx.engine.stages import PostCommitStage
+from tpx.engine.stages import PostCommitStage, StageStartError, TransactionStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import Writer
 from tpx.errors import first_line
@@ -93,9 +93,16 @@ class StartupError(Exception):
 
 
 class Engine:
-    def __init__(self, settings: Settings, stages: Sequence[PostCommitStage] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stages: Sequence[PostCommitStage] = (),
+        tx_stage: TransactionStage | None = None,
+    ) -> None:
         self.settings = settings
         self.stages = list(stages)
+        #: work committed with the positions (the domain stage), opened after the migrations
+        self.tx_stage = tx_stage
         self.metrics = Metrics()
         self.states = DeviceStates(settings.device_cache_size)
         self.queue = BatchQueue(settings.queue_batches, settings.queue_bytes)
@@ -181,12 +188,22 @@ class Engine:
             raise StartupError(f"cannot reach PostgreSQL: {first_line(exc)}") from None
         self.storage = report.storage
 
+    def _open_stage(self) -> None:
+        stage = self.tx_stage
+        if stage is None:
+            return
+        try:
+            log.info("%s", stage.open(self.metrics.registry, self.stop_aux))
+        except StageStartError as exc:
+            raise StartupError(str(exc), exitcodes.USAGE if exc.usage else exitcodes.UNAVAILABLE) from None
+
     def start(self) -> None:
         s = self.settings
         logs.keep_recent_warnings()  # the heartbeat carries them: `tpx top` shows why writers fail
         self.client = self._connect_redis()
         self._check_postgres()
         self._prepare_schema()
+        self._open_stage()
         self.pool = pg_pool(s, s.writers, "tpx-pg", [*writer_timeouts(s), CREATE_STAGE_SQL])
         self.pool.open(wait=False)
         self.writers = [
@@ -201,6 +218,7 @@ class Engine:
                 self.stages,
                 self.abort,
                 self.inflight,
+                self.tx_stage,
             )
             for i in range(s.writers)
         ]
@@ -284,12 +302,15 @@ class Engine:
             problems.append(reader_problem)
         if problems:
             return False, {"problems": problems}
+        notes = {}
+        if self.tx_stage is not None and (note := self.tx_stage.health()) is not None:
+            notes["notes"] = [note]  # positions still flow: ready, but say what is missing
         deadline = time.monotonic() + READY_TIMEOUT_S
         runs = [self._redis_check.begin(), self._postgres_check.begin()]  # at once: one bound
         problems += [problem for run in runs if (problem := run.wait(deadline)) is not None]
         if self._stopping:
             problems.append("shutting down")
-        return not problems, {"problems": problems}
+        return not problems, {"problems": problems, **notes}
 
     def _ping_redis(self) -> str | None:
         assert self.client is not None  # noqa: S101
@@ -348,6 +369,8 @@ class Engine:
         self.stop_reading.set()
         self.stop_aux.set()
         threads: list[threading.Thread | None] = [self.reader, *self.writers, self.heartbeat, self.control]
+        if self.tx_stage is not None:
+            threads += self.tx_stage.threads()
         if self.http is not None:
             threads.append(self.http.stop())
         if self.pool is not None:  # closing fails the writers waiting for a connection at once

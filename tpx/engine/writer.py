@@ -25,7 +25,7 @@ from tpx.config import Settings
 from tpx.engine.batch import Batch
 from tpx.engine.commit import Committer
 from tpx.engine.metrics import Metrics
-from tpx.engine.stages import Committed, PostCommitStage
+from tpx.engine.stages import Committed, PostCommitStage, TransactionStage
 from tpx.engine.state import DeviceStates
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,11 @@ class Writer(threading.Thread):
         stages: Sequence[PostCommitStage],
         abort: threading.Event,
         inflight: set[bytes],
+        tx_stage: TransactionStage | None = None,
     ) -> None:
         super().__init__(name=f"tpx-writer-{index}", daemon=True)
         self.settings = settings
-        self.committer = Committer(settings, pool, client, metrics, states)
+        self.committer = Committer(settings, pool, client, metrics, states, tx_stage)
         self.source = source
         self.metrics = metrics
         self.stages = stages

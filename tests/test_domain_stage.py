@@ -1,0 +1,190 @@
+"""The domain stage in the engine, against real Redis and PostgreSQL: timing records commit with
+the positions they come from, exactly the sequential replay's, whatever the arrival order, the
+number of instances or the crashes.
+
+The CMS tables are created from deploy/directus/no-postgis.sql in the test's own schema (the same
+columns Directus creates; tests/test_directus.py checks the two stay the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
+from tpx.config import Settings
+from tpx.domain import Event, Fix, GeofenceSet, replay
+from tpx.domain.shapes import Frame
+from tpx.domainstage.stage import DomainStage
+from tpx.engine.service import Engine, StartupError
+from tpx.schema import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_POSTGIS_DDL = ROOT / "deploy" / "directus" / "no-postgis.sql"
+#: The course sits around this point (lon, lat), where tests.helpers.record puts its fixes.
+ORIGIN = (25.2797, 54.6872)
+LOCAL = Frame.at(*ORIGIN)
+#: Fix times start an hour back (the stream's records are an hour old in tests.helpers).
+T0_MS = NOW_MS - 3_600_000
+
+
+def at(east_m: float, north_m: float) -> tuple[float, float]:
+    return ORIGIN[0] + east_m / LOCAL.kx, ORIGIN[1] + north_m / LOCAL.ky
+
+
+def square(gid: int, name: str, x0: float, y0: float, x1: float, y1: float, **extra: Any) -> dict[str, Any]:
+    ring = [list(at(x, y)) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
+    return {
+        "id": gid,
+        "name": name,
+        "kind": "zone",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        **extra,
+    }
+
+
+#: A zone, a gate across the road and a circle with a margin.
+COURSE = [
+    square(1, "depot", 100, -50, 300, 50),
+    {
+        "id": 2,
+        "name": "gate",
+        "kind": "gate",
+        "geometry": {"type": "LineString", "coordinates": [list(at(500, -100)), list(at(500, 100))]},
+    },
+    {
+        "id": 3,
+        "name": "pump",
+        "kind": "circle",
+        "geometry": {"type": "Point", "coordinates": list(at(800, 0))},
+        "radius_m": 40,
+        "exit_margin_m": 5,
+    },
+]
+
+
+def cms_tables(dsn: str, schema: str, geofences: Sequence[dict[str, Any]] = COURSE) -> None:
+    """The Directus tables in ``schema``, with ``geofences`` in them."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(NO_POSTGIS_DDL.read_text())
+        for g in geofences:
+            conn.execute(
+                "INSERT INTO geofences (id, name, kind, geometry, radius_m, exit_margin_m)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    g["id"],
+                    g["name"],
+                    g["kind"],
+                    json.dumps(g["geometry"]),
+                    g.get("radius_m"),
+                    g.get("exit_margin_m") or 0,
+                ),
+            )
+
+
+def drive(
+    device: str, seconds: int, step_s: int = 5, speed_mps: float = 10.0, wiggle: float = 0.0, seed: int = 0
+) -> list[Fix]:
+    """A device driving east along the course, one fix every ``step_s`` seconds."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(0, seconds, step_s):
+        lon, lat = at(i * speed_mps, rng.uniform(-wiggle, wiggle))
+        out.append(Fix((T0_MS + i * 1000) * 1000, round(lat, 7), round(lon, 7), True, 36.0))
+    return out
+
+
+def entries(device: str, fixes: Sequence[Fix]) -> list[dict[str, str]]:
+    return [record(device, ts=f.ts_us // 1000, lat=f.lat, lon=f.lon, speed=f.speed) for f in fixes]
+
+
+def expected(
+    devices: dict[str, list[Fix]], geofences: Sequence[dict[str, Any]] = COURSE
+) -> set[tuple[Any, ...]]:
+    gs = GeofenceSet.from_rows(geofences)
+    return {brief(e) for device, fixes in devices.items() for e in replay(device, gs, fixes)}
+
+
+def brief(e: Event) -> tuple[Any, ...]:
+    return (str(e.id), e.device_id, int(e.geofence), e.event, e.ts_ms)
+
+
+def stored(dsn: str, schema: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        return conn.execute(
+            "SELECT id::text, device_id, geofence, event,"
+            " (extract(epoch FROM ts) * 1000)::int8 FROM timing_records ORDER BY ts, id"
+        ).fetchall()
+
+
+@pytest.fixture
+def domain_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"domain": "on", "geofences_reload_s": 0.5})
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[Engine]:
+    hook = threading.excepthook
+    engine = Engine(settings, tx_stage=DomainStage(settings))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+        threading.excepthook = hook
+
+
+@pytest.mark.timeout(60)
+def test_timing_records_are_the_sequential_replay(domain_settings: Settings, rclient: redis.Redis) -> None:
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    devices = {f"dev-{i}": drive(f"dev-{i}", 120, seed=i, wiggle=3.0) for i in range(3)}
+    for device, fixes in devices.items():
+        add_entries(rclient, s.stream, entries(device, fixes))
+    with running(s):
+        wait_for(lambda: drained(rclient, s, sum(map(len, devices.values()))), what="every record written")
+    got = stored(s.database_url, s.db_schema)
+    want = expected(devices)
+    assert {tuple(r) for r in got} == want
+    assert len(got) == len(want) == 3 * 5  # depot enter+exit, gate cross, pump enter+exit
+    assert {r[3] for r in got} == {"enter", "exit", "cross"}
+
+
+@pytest.mark.timeout(90)
+def test_newest_first_backlog_split_across_two_instances(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    devices = {f"dev-{i}": drive(f"dev-{i}", 150, step_s=3, seed=i, wiggle=5.0) for i in range(4)}
+    mixed = [(d, f) for d, fixes in devices.items() for f in fixes]
+    random.Random(7).shuffle(mixed)
+    mixed[: len(mixed) // 3] = sorted(mixed[: len(mixed) // 3], key=lambda x: -x[1].ts_us)  # newest first
+    add_entries(rclient, s.stream, [entries(d, [f])[0] for d, f in mixed])
+    # small batches, two writers each: a device's fixes are split between four transactions
+    small = s.model_copy(update={"batch_size": 7, "read_count": 7, "writers": 2})
+    with running(small), running(small.model_copy(update={"consumer": "second"})):
+        wait_for(lambda: drained(rclient, s, len(mixed)), timeout=60, what="every record written")
+    assert {tuple(r) for r in stored(s.database_url, s.db_schema)} == expected(devices)
+
+
+def test_domain_on_without_the_tables_is_one_line(domain_settings: Settings) -> None:
+    migrate(domain_settings.database_url, domain_settings.db_schema)
+    engine = Engine(domain_settings, tx_stage=DomainStage(domain_settings))
+    with pytest.raises(StartupError) as caught:
+        engine.start()
+    assert caught.value.code == 2
+    assert str(caught.value) == "table geofences not found (TPX_GEOFENCES_TABLE) (TPX_DOMAIN=on)"

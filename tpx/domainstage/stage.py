@@ -1,0 +1,533 @@
+"""The domain stage: timing records written in the same transaction as the positions they come from.
+
+:class:`DomainStage` is the engine's :class:`~tpx.engine.stages.TransactionStage`. A writer calls
+:meth:`DomainStage.in_transaction` after a batch's rows are in ``positions`` and before COMMIT,
+with the rows inserted now (never the duplicates: those went through the domain when they were
+first written). For the devices with valid fixes in the batch, in one transaction:
+
+1. take each device's advisory lock (``pg_advisory_xact_lock``, sorted, so two writers never
+   wait on each other in a cycle; the positions are already in, so no lock is held while a row
+   waits for another writer's insert);
+2. read each device's stored version (``tpx_domain_devices``) and, where it is not the one this
+   process holds in memory (another writer or instance moved it on, or this process never saw
+   the device), its stored state: one query for the batch;
+3. :func:`tpx.domain.advance` each device with its fixes; a late fix older than the history in
+   memory (:class:`~tpx.domain.NeedsHistory`) is replayed from the positions after the
+   checkpoint before it (one query for all such devices of the batch, this batch's own rows
+   left out);
+4. write the changes: new and changed timing records (``INSERT … ON CONFLICT (id) DO UPDATE``),
+   withdrawn ones (``DELETE`` by id), and each device's folded state with its version + 1.
+
+A crash anywhere leaves both the positions and the timing records, or neither; the redelivered
+entries then find their rows stored and are not passed again. Any number of instances give the
+same records as one process replaying each device's fixes in time order, whatever order they
+arrive in: each device's state is read under its lock, at its latest version.
+
+Per device, an unexpected error (a bug, a value the geometry cannot take) is logged, counted and
+costs that device's records for this batch only; its memory is dropped so that it resumes from
+its stored state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from psycopg import sql
+
+from tpx.config import Settings, parse_duration
+from tpx.connections import pg_connect, search_path
+from tpx.domain import (
+    Changes,
+    DeviceState,
+    Event,
+    Fix,
+    GeofenceSet,
+    NeedsHistory,
+    TimingConfig,
+    advance,
+    fold,
+    state_from_json,
+    state_to_json,
+    with_history,
+)
+from tpx.domain.geofences import GeofenceId
+from tpx.domainstage.geofences import GeofenceSource
+from tpx.domainstage.tables import CmsTables, TablesMissing, decide
+from tpx.engine.stages import AfterCommit, StageStartError
+from tpx.records import Position
+from tpx.streams import entry_ms
+
+log = logging.getLogger(__name__)
+
+#: The advisory lock class of the domain's per-device locks (two-key form: class, hashtext).
+LOCK_CLASS = 0x7478_6400  # "txd\0": an int4, as the two-key form takes
+US_PER_S = 1_000_000
+
+#: Each device's lock, in one statement, in a fixed order (the lock's key): two writers that
+#: share devices take their locks in the same order, so they never wait on each other in a cycle.
+LOCK_SQL = sql.SQL(
+    """
+SELECT count(pg_advisory_xact_lock({}, k))
+FROM (SELECT DISTINCT hashtext(d) AS k FROM unnest(%s::text[]) AS d ORDER BY 1) AS keys
+"""
+).format(sql.Literal(LOCK_CLASS))
+#: Each device's stored version, and its state where the version is not the one in memory.
+READ_SQL = """
+SELECT s.device_id, s.version, CASE WHEN s.version IS DISTINCT FROM d.v THEN s.state END
+FROM unnest(%s::text[], %s::int8[]) AS d(device_id, v)
+JOIN tpx_domain_devices AS s ON s.device_id = d.device_id
+"""
+WRITE_STATE_SQL = """
+INSERT INTO tpx_domain_devices (device_id, version, state)
+SELECT * FROM unnest(%s::text[], %s::int8[], %s::jsonb[])
+ON CONFLICT (device_id) DO UPDATE
+SET version = EXCLUDED.version, state = EXCLUDED.state, updated_at = now()
+"""
+#: The valid fixes of some devices in a time range (a replay of late fixes), oldest first.
+HISTORY_SQL = """
+SELECT d.device_id, (extract(epoch FROM p.ts) * 1000000)::int8, p.latitude, p.longitude, p.speed
+FROM unnest(%s::text[], %s::int8[], %s::int8[]) AS d(device_id, since_us, until_us)
+CROSS JOIN LATERAL (
+    SELECT ts, latitude, longitude, speed FROM positions
+    WHERE positions.device_id = d.device_id AND positions.valid
+      AND (d.since_us IS NULL OR positions.ts > to_timestamp(0) + d.since_us * interval '1 microsecond')
+      AND (d.until_us IS NULL OR positions.ts <= to_timestamp(0) + d.until_us * interval '1 microsecond')
+    ORDER BY ts
+) AS p
+"""
+GENERATION_SQL = "SELECT fingerprints FROM tpx_domain_generations WHERE generation = %s"
+SAVE_GENERATION_SQL = """
+INSERT INTO tpx_domain_generations (generation, fingerprints) VALUES (%s, %s)
+ON CONFLICT (generation) DO NOTHING
+"""
+
+
+def timing_statements(tables: CmsTables) -> tuple[sql.Composed, sql.Composed]:
+    """The upsert and the delete of timing records, for the columns this table has."""
+    optional = [c for c in ("speed", "direction", "uncertainty_s") if c in tables.timing_columns]
+    columns = ["id", "device_id", "geofence", "event", "ts", "latitude", "longitude", *optional]
+    # every value travels as an array of one type; the geofence id as text, cast to its column's
+    # type (integer, uuid...) as the catalogue names it
+    source = {
+        "id": sql.SQL("unnest(%(id)s::uuid[])"),
+        "device_id": sql.SQL("unnest(%(device_id)s::text[])"),
+        "geofence": sql.SQL("unnest(%(geofence)s::text[])::{}").format(sql.SQL(tables.geofence_id_type)),
+        "event": sql.SQL("unnest(%(event)s::text[])"),
+        "ts": sql.SQL("to_timestamp(0) + unnest(%(ts_ms)s::int8[]) * interval '1 millisecond'"),
+        "latitude": sql.SQL("unnest(%(latitude)s::float8[])"),
+        "longitude": sql.SQL("unnest(%(longitude)s::float8[])"),
+        "speed": sql.SQL("unnest(%(speed)s::float8[])"),
+        "direction": sql.SQL("unnest(%(direction)s::int4[])"),
+        "uncertainty_s": sql.SQL("unnest(%(uncertainty_s)s::float8[])"),
+    }
+    names = [*columns, *(["date_created"] if "date_created" in tables.timing_columns else [])]
+    values = [source[c] for c in columns] + ([sql.SQL("now()")] if "date_created" in names else [])
+    updates = [c for c in columns if c not in ("id", "device_id", "geofence", "event", "ts")]
+    upsert = sql.SQL(
+        "INSERT INTO {table} ({names}) SELECT {values} ON CONFLICT (id) DO UPDATE SET {updates}"
+    ).format(
+        table=tables.timing_ident(),
+        names=sql.SQL(", ").join(map(sql.Identifier, names)),
+        values=sql.SQL(", ").join(values),
+        updates=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
+    )
+    delete = sql.SQL("DELETE FROM {} WHERE id = ANY(%s::uuid[])").format(tables.timing_ident())
+    return upsert, delete
+
+
+def timing_params(events: Sequence[Event]) -> dict[str, list[Any]]:
+    return {
+        "id": [e.id for e in events],
+        "device_id": [e.device_id for e in events],
+        "geofence": [str(e.geofence) for e in events],
+        "event": [e.event for e in events],
+        "ts_ms": [e.ts_ms for e in events],
+        "latitude": [e.latitude for e in events],
+        "longitude": [e.longitude for e in events],
+        "speed": [e.speed for e in events],
+        "direction": [e.direction for e in events],
+        "uncertainty_s": [e.uncertainty_s for e in events],
+    }
+
+
+def fix_of(p: Position) -> Fix:
+    return Fix(p.ts_us, p.latitude, p.longitude, p.valid, p.speed)
+
+
+class StateCache:
+    """Each device's (version, state) as this process last committed it; a bounded LRU."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[str, tuple[int, DeviceState]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str) -> tuple[int, DeviceState] | None:
+        with self._lock:
+            found = self._data.get(device_id)
+            if found is not None:
+                self._data.move_to_end(device_id)
+            return found
+
+    def put_all(self, items: Iterable[tuple[str, int, DeviceState]]) -> None:
+        with self._lock:
+            data = self._data
+            for device_id, version, state in items:
+                data[device_id] = (version, state)
+                data.move_to_end(device_id)
+            while len(data) > self.capacity:
+                data.popitem(last=False)
+
+    def drop(self, device_ids: Iterable[str]) -> None:
+        with self._lock:
+            for device_id in device_ids:
+                self._data.pop(device_id, None)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass(slots=True)
+class _Work:
+    """One batch's domain work, computed in the transaction, applied to memory after COMMIT."""
+
+    states: list[tuple[str, int, DeviceState]] = field(default_factory=list)
+    changes: list[Changes] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    replays: int = 0
+    oldest_entry_ms: int | None = None
+
+
+class DomainMetrics:
+    def __init__(self, registry: CollectorRegistry, stage: DomainStage) -> None:
+        self.records = Counter(
+            "tpx_timing_records_written",
+            "Timing records written (new or changed)",
+            ["event"],
+            registry=registry,
+        )
+        self.withdrawn = Counter(
+            "tpx_timing_records_deleted",
+            "Timing records withdrawn (a late fix changed the track)",
+            registry=registry,
+        )
+        self.late = Counter(
+            "tpx_domain_late_fixes",
+            "Valid fixes too late to change timing records (stored in positions only)",
+            registry=registry,
+        )
+        self.replays = Counter(
+            "tpx_domain_replays",
+            "Late fixes replayed from positions (older than the history in memory)",
+            registry=registry,
+        )
+        self.device_errors = Counter(
+            "tpx_domain_device_errors",
+            "Devices whose domain step failed (their batch's records lost)",
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "tpx_domain_seconds",
+            "Time the domain stage adds to a batch's transaction",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "tpx_domain_lag_seconds",
+            "A record's age (since the gateway added it) when its timing records committed",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=registry,
+        )
+        Gauge("tpx_geofences_loaded", "Active geofences in use", registry=registry).set_function(
+            lambda: float(len(stage.geofences()))
+        )
+        Gauge("tpx_geofences_invalid", "Geofences skipped as invalid", registry=registry).set_function(
+            lambda: float(len(stage.geofences().invalid))
+        )
+        Gauge(
+            "tpx_domain_cache_size", "Devices whose domain state is in memory", registry=registry
+        ).set_function(lambda: float(len(stage.cache)))
+
+
+class DomainStage:
+    """The engine's transaction stage for geofence membership and timing records."""
+
+    name = "domain"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = TimingConfig(
+            max_speed_kmh=settings.max_speed_kmh,
+            late_window_us=int(parse_duration(settings.domain_late_window) * US_PER_S),
+            max_history=settings.domain_max_history,
+        )
+        self.cache = StateCache(settings.device_cache_size)
+        self.tables: CmsTables | None = None
+        self.source: GeofenceSource | None = None
+        self.metrics: DomainMetrics | None = None
+        self._threads: list[threading.Thread] = []
+        self._upsert: sql.Composed | None = None
+        self._delete: sql.Composed | None = None
+        #: generation -> fingerprints, for states written under a set this process did not load
+        self._fingerprints: dict[str, Mapping[GeofenceId, str]] = {}
+        self._problem: str | None = None
+
+    # --- lifecycle ---
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = pg_connect(self.settings.database_url, "tpx-domain")
+        conn.execute(search_path(self.settings))
+        conn.commit()
+        return conn
+
+    def open(self, registry: CollectorRegistry, stop: threading.Event) -> str:
+        try:
+            with self._connect() as conn:
+                tables, line = decide(conn, self.settings)
+                if tables is None:
+                    return line
+                source = GeofenceSource(self._connect, tables, self.settings.geofences_reload_s)
+                geofences = source.load(time.monotonic())
+        except TablesMissing as exc:
+            raise StageStartError(f"{exc} (TPX_DOMAIN=on)") from None
+        except psycopg.OperationalError as exc:
+            raise StageStartError(f"cannot reach PostgreSQL for the domain: {exc}", usage=False) from None
+        self.tables, self.source = tables, source
+        self._upsert, self._delete = timing_statements(tables)
+        self.metrics = DomainMetrics(registry, self)
+        self._remember_generation(geofences)
+        reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
+        reloader.start()
+        self._threads = [reloader]
+        return f"{line}; {len(geofences)} geofences loaded, {len(geofences.invalid)} invalid"
+
+    def threads(self) -> Sequence[threading.Thread]:
+        return self._threads
+
+    def health(self) -> str | None:
+        return self._problem
+
+    def geofences(self) -> GeofenceSet:
+        assert self.source is not None  # noqa: S101 (open() returned with the domain on)
+        return self.source.current
+
+    def request_reload(self) -> None:
+        if self.source is not None:
+            self.source.request_reload()
+
+    def _reload_loop(self, stop: threading.Event) -> None:
+        source = self.source
+        assert source is not None  # noqa: S101
+        while not stop.wait(RELOAD_POLL_S):
+            before = source.current.generation
+            current = source.maybe_reload(time.monotonic())
+            if current.generation != before:
+                self._remember_generation(current)
+
+    def _remember_generation(self, geofences: GeofenceSet) -> None:
+        """Record a set's fingerprints before any writer uses it (other instances read them)."""
+        self._fingerprints[geofences.generation] = geofences.fingerprints
+        try:
+            with self._connect() as conn:
+                conn.execute(
+                    SAVE_GENERATION_SQL,
+                    (geofences.generation, json.dumps(list(geofences.fingerprints.items()))),
+                )
+        except psycopg.Error as exc:  # the writers read it back on demand; they retry if absent
+            log.warning("could not record geofence generation %s: %s", geofences.generation, exc)
+
+    # --- the transaction step ---
+
+    def failed(self, inserted: Sequence[Position], reason: str) -> None:
+        self.cache.drop({p.device_id for p in inserted})
+        self._problem = f"domain stage failing: {reason}"
+
+    def in_transaction(
+        self, conn: psycopg.Connection[Any], inserted: Sequence[Position]
+    ) -> AfterCommit | None:
+        if self.source is None:
+            return None
+        started = time.monotonic()
+        by_device: dict[str, list[Fix]] = {}
+        oldest_ms: int | None = None
+        for p in inserted:
+            if p.valid:
+                by_device.setdefault(p.device_id, []).append(fix_of(p))
+                ms = entry_ms(p.entry_id)
+                oldest_ms = ms if oldest_ms is None or ms < oldest_ms else oldest_ms
+        if not by_device:
+            return None
+        geofences = self.source.current
+        devices = sorted(by_device)
+        work = _Work(oldest_entry_ms=oldest_ms)
+        with conn.cursor() as cur:
+            cur.execute(LOCK_SQL, (devices,))
+            states = self._states(cur, devices, geofences)
+            results = self._advance(cur, states, by_device, geofences, work)
+            self._write(cur, results, work)
+        spent = time.monotonic() - started
+
+        def after_commit() -> None:
+            self.cache.put_all(work.states)
+            self.cache.drop(work.failed)
+            self._problem = None
+            self._account(work, spent)
+
+        return after_commit
+
+    def _states(
+        self, cur: psycopg.Cursor[Any], devices: list[str], geofences: GeofenceSet
+    ) -> dict[str, tuple[int, DeviceState]]:
+        """Each device's current (version, state): memory where it is current, else the store."""
+        held = {d: self.cache.get(d) for d in devices}
+        versions = [h[0] if h is not None else None for h in (held[d] for d in devices)]
+        rows = cur.execute(READ_SQL, (devices, versions)).fetchall()
+        out: dict[str, tuple[int, DeviceState]] = {}
+        for device_id, version, stored in rows:
+            if stored is None:
+                mine = held[device_id]
+                assert mine is not None  # noqa: S101 (same version: memory holds it)
+                out[device_id] = (version, mine[1])
+                continue
+            try:
+                state = state_from_json(stored, self._versions(cur, stored.get("generation")))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("domain state of %s unreadable (%s): starting it afresh", device_id, exc)
+                state = DeviceState(device_id)
+            out[device_id] = (version, state)
+        for device_id in devices:
+            if device_id not in out:  # never seen by the domain: no past, no event
+                out[device_id] = (0, DeviceState(device_id))
+        return out
+
+    def _versions(self, cur: psycopg.Cursor[Any], generation: object) -> Mapping[GeofenceId, str] | None:
+        if not isinstance(generation, str):
+            return None
+        known = self._fingerprints.get(generation)
+        if known is None:
+            row = cur.execute(GENERATION_SQL, (generation,)).fetchone()
+            if row is None:
+                return None
+            known = {g: str(fp) for g, fp in row[0]}
+            self._fingerprints[generation] = known
+        return known
+
+    def _advance(
+        self,
+        cur: psycopg.Cursor[Any],
+        states: dict[str, tuple[int, DeviceState]],
+        by_device: dict[str, list[Fix]],
+        geofences: GeofenceSet,
+        work: _Work,
+    ) -> list[tuple[str, int, DeviceState, Changes]]:
+        results: list[tuple[str, int, DeviceState, Changes]] = []
+        needs: dict[str, NeedsHistory] = {}
+        for device_id, (version, state) in states.items():
+            try:
+                new, changes = advance(state, geofences, by_device[device_id], self.config)
+            except NeedsHistory as need:
+                needs[device_id] = need
+                continue
+            except Exception:  # one device's bug must not cost the others their records
+                self._device_failed(device_id, work)
+                continue
+            results.append((device_id, version, new, changes))
+        if needs:
+            results += self._replay(cur, states, needs, by_device, geofences, work)
+        return results
+
+    def _replay(
+        self,
+        cur: psycopg.Cursor[Any],
+        states: dict[str, tuple[int, DeviceState]],
+        needs: dict[str, NeedsHistory],
+        by_device: dict[str, list[Fix]],
+        geofences: GeofenceSet,
+        work: _Work,
+    ) -> list[tuple[str, int, DeviceState, Changes]]:
+        """Late fixes older than the history in memory: replay the positions since the
+        checkpoint before them (one query for all such devices; this batch's rows left out)."""
+        devices = sorted(needs)
+        rows = cur.execute(
+            HISTORY_SQL,
+            (devices, [needs[d].since_us for d in devices], [needs[d].until_us for d in devices]),
+        ).fetchall()
+        loaded: dict[str, list[Fix]] = {d: [] for d in devices}
+        for device_id, ts_us, lat, lon, speed in rows:
+            loaded[device_id].append(Fix(ts_us, lat, lon, True, speed))
+        results = []
+        for device_id in devices:
+            version, state = states[device_id]
+            batch = by_device[device_id]
+            mine = {f.ts_us for f in batch}
+            try:
+                history = [f for f in loaded[device_id] if f.ts_us not in mine]
+                state = with_history(state, geofences, history, needs[device_id].since_us, self.config)
+                new, changes = advance(state, geofences, batch, self.config)
+            except Exception:  # as above: this device only
+                self._device_failed(device_id, work)
+                continue
+            work.replays += 1
+            results.append((device_id, version, new, changes))
+        return results
+
+    def _device_failed(self, device_id: str, work: _Work) -> None:
+        log.exception("domain step failed for device %s; its records of this batch are skipped", device_id)
+        work.failed.append(device_id)
+        if self.metrics is not None:
+            self.metrics.device_errors.inc()
+
+    def _write(
+        self, cur: psycopg.Cursor[Any], results: list[tuple[str, int, DeviceState, Changes]], work: _Work
+    ) -> None:
+        added = [e for *_, changes in results for e in changes.added]
+        deleted = [e.id for *_, changes in results for e in changes.deleted]
+        if deleted:
+            assert self._delete is not None  # noqa: S101
+            cur.execute(self._delete, (deleted,))
+        if added:
+            assert self._upsert is not None  # noqa: S101
+            cur.execute(self._upsert, timing_params(added))
+        changed = [(d, v + 1, s) for d, v, s, _ in results]
+        if changed:
+            cur.execute(
+                WRITE_STATE_SQL,
+                (
+                    [d for d, _, _ in changed],
+                    [v for _, v, _ in changed],
+                    [json.dumps(state_to_json(fold(s, self.config), versions=False)) for _, _, s in changed],
+                ),
+            )
+        work.states = changed
+        work.changes = [changes for *_, changes in results]
+
+    def _account(self, work: _Work, spent: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.seconds.observe(spent)
+        for changes in work.changes:
+            for e in changes.added:
+                m.records.labels(e.event).inc()
+            if changes.deleted:
+                m.withdrawn.inc(len(changes.deleted))
+            if changes.too_late:
+                m.late.inc(changes.too_late)
+        if work.replays:
+            m.replays.inc(work.replays)
+        if work.oldest_entry_ms is not None:
+            m.lag.observe(max(0.0, time.time() - work.oldest_entry_ms / 1000))
+
+
+#: Seconds between the reload thread's looks at the clock (a reload is due every
+#: TPX_GEOFENCES_RELOAD_S, or at once on a request).
+RELOAD_POLL_S = 0.5

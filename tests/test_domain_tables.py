@@ -4,7 +4,7 @@ The tables come from deploy/directus/no-postgis.sql (jsonb geometry), created in
 schema, and for PostGIS from the same DDL with a ``geometry(Geometry,4326)`` column in a fresh
 database (skipped, naming why, where the server has no PostGIS). Covered: finding and checking
 the tables (`inspect_tables`, `decide`), reading geofences (`load_geofences`), reloading them
-(`GeofenceSource`).
+(`GeofenceSource`), and `tpx geofences`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from typer.testing import CliRunner
 
 from tests.directus import NO_POSTGIS_DDL, fresh_database, postgis_unavailable
 from tests.proxy import Proxy, postgres_via
+from tpx import exitcodes
+from tpx.cli import app
 from tpx.config import Settings
 from tpx.connections import pg_connect, search_path
 from tpx.domain import GeofenceSet
@@ -77,6 +80,8 @@ INVALID_REASONS = {
     "no-radius": "radius_m is missing",
     "wrong-type": "a gate needs a LineString geometry, got 'Polygon'",
 }
+
+runner = CliRunner()
 
 
 def connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -576,3 +581,89 @@ def test_a_slow_reload_does_not_hold_up_the_other_threads(
         release.set()
         reloader.join(timeout=20)
     assert loads == 2
+
+
+# --- tpx geofences -------------------------------------------------------------------------------
+
+
+def tpx(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["geofences", *args], env={**env, "COLUMNS": "200"})
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def env(cms: Settings) -> dict[str, str]:
+    return {"TPX_DATABASE_URL": cms.database_url, "TPX_DB_SCHEMA": cms.db_schema}
+
+
+def test_tpx_geofences_lists_each_one_and_why_it_is_not_used(
+    conn: psycopg.Connection[Any], env: dict[str, str]
+) -> None:
+    ids = insert_all(conn)
+    code, out, err = tpx(env, "--json")
+    assert (code, err) == (0, "")
+    statuses = {name: "invalid" if name in INVALID_REASONS else "loaded" for name in FENCES}
+    statuses["closed"] = "inactive"
+    assert json.loads(out) == [
+        {
+            "id": ids[name],
+            "name": name,
+            "kind": kind,
+            "active": active,
+            "status": statuses[name],
+            "reason": INVALID_REASONS.get(name, ""),
+        }
+        for name, (kind, _, _, active) in FENCES.items()
+    ]
+    code, out, err = tpx(env)
+    assert (code, err) == (0, "")
+    assert "radius_m is missing" in out and "inactive" in out
+    assert out.splitlines()[-1] == "3 loaded, 1 inactive, 4 invalid"
+
+
+def test_tpx_geofences_reads_postgis_too(postgis_url: str, schema: str) -> None:
+    create_cms(postgis_url, schema, POSTGIS_DDL)
+    settings = Settings(database_url=postgis_url, db_schema=schema)
+    with connect(settings) as conn:
+        ids = insert_all(conn, postgis=True)
+    code, out, _ = tpx({"TPX_DATABASE_URL": postgis_url, "TPX_DB_SCHEMA": schema}, "--json")
+    assert code == 0
+    assert {r["name"]: r["reason"] for r in json.loads(out) if r["status"] == "invalid"} == INVALID_REASONS
+    assert {r["id"] for r in json.loads(out)} == set(ids.values())
+
+
+def test_tpx_geofences_with_an_empty_table(env: dict[str, str]) -> None:
+    assert tpx(env, "--json")[:2] == (0, "[]\n")
+    code, out, _ = tpx(env)
+    assert (code, out) == (0, "no geofences in geofences\n")
+
+
+def test_tpx_geofences_exits_2_in_one_line_when_a_table_is_missing(
+    conn: psycopg.Connection[Any], env: dict[str, str]
+) -> None:
+    conn.execute("ALTER TABLE geofences DROP COLUMN kind")
+    code, out, err = tpx(env)
+    assert (code, out, err) == (exitcodes.USAGE, "", "tpx: geofences has no column kind\n")
+    code, out, err = tpx({**env, "TPX_GEOFENCES_TABLE": "nosuch.fences"}, "--json")
+    line = "table nosuch.fences not found (TPX_GEOFENCES_TABLE)"
+    assert (code, err) == (exitcodes.USAGE, f"tpx: {line}\n")
+    assert json.loads(out) == {"error": line, "exit_code": exitcodes.USAGE}
+
+
+@pytest.mark.parametrize(
+    ("url", "code", "start"),
+    [
+        (
+            "postgresql://postgres@127.0.0.1:1/postgres",
+            exitcodes.UNAVAILABLE,
+            "tpx: cannot reach PostgreSQL at",
+        ),
+        ("not a dsn", exitcodes.USAGE, "tpx: invalid setting TPX_DATABASE_URL / --database-url:"),
+    ],
+)
+def test_tpx_geofences_exits_in_one_line_without_a_server(url: str, code: int, start: str) -> None:
+    got, out, err = tpx({"TPX_DATABASE_URL": url})
+    assert (got, out) == (code, "")
+    assert err.startswith(start) and err.count("\n") == 1, err

@@ -18,11 +18,12 @@ PACKAGE = Path(tpx.__file__).resolve().parent
 
 #: layer -> the tpx layers it must not import (the base, tpx/*.py, may be imported by all).
 FORBIDDEN = {
-    "base": ("tpx.engine", "tpx.ops", "tpx.cli", "tpx.tui", "tpx.domain"),
-    "engine": ("tpx.ops", "tpx.cli", "tpx.tui", "tpx.domain"),
+    "base": ("tpx.engine", "tpx.ops", "tpx.cli", "tpx.tui", "tpx.domain", "tpx.domainstage"),
+    "engine": ("tpx.ops", "tpx.cli", "tpx.tui", "tpx.domain", "tpx.domainstage"),
     "ops": ("tpx.cli", "tpx.tui"),
     "tui": ("tpx.cli", "tpx.engine"),
     "domain": ("tpx.engine", "tpx.ops", "tpx.cli", "tpx.tui"),
+    "domainstage": ("tpx.ops", "tpx.cli", "tpx.tui"),
     "cli": ("tpx.tui.tables",),
 }
 #: The only engine modules the ops layer uses: `tpx claim` runs the engine's own two steps.

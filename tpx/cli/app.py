@@ -4,7 +4,8 @@ Every command turns failures into one line on stderr and a named exit code
 (:mod:`tpx.exitcodes`); a traceback is never the user interface. The commands live by kind:
 :mod:`tpx.cli.serve` (serve, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
 rehydrate, device, top), :mod:`tpx.cli.dlq`,
-:mod:`tpx.cli.groups` (groups, group reset/prune), :mod:`tpx.cli.demo` (demo, simulate); their shared
+:mod:`tpx.cli.groups` (groups, group reset/prune), :mod:`tpx.cli.demo` (demo, simulate),
+:mod:`tpx.cli.timing` (geofences); their shared
 flags and error handling in :mod:`tpx.cli.options`, their tables in :mod:`tpx.cli.render`.
 """
 
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from tpx import __version__
-from tpx.cli import demo, dlq, groups, ops, serve
+from tpx.cli import demo, dlq, groups, ops, serve, timing
 
 app = typer.Typer(
     name="tpx",
@@ -57,6 +58,7 @@ app.command()(groups.groups)
 app.add_typer(groups.app, name="group")
 app.command()(ops.rehydrate)
 app.command()(ops.device)
+app.command()(timing.geofences)
 
 
 def _summary(doc: str | None) -> str | None:

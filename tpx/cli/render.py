@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine f
     from tpx.ops.claim import ClaimReport
     from tpx.ops.control import ControlResult, DeviceReport
     from tpx.ops.dlq import DeadLetterView, DeleteResult, PurgeResult, ReplayResult
+    from tpx.ops.geofences import GeofenceStatus
     from tpx.ops.groups import Listing, PruneResult, ResetResult
     from tpx.ops.inspect import PendingEntry, Status
     from tpx.simulate import SimulationReport
@@ -417,3 +418,21 @@ def print_prune(r: PruneResult) -> None:
     )
     if r.kept:
         console.print(f"kept (they read entries meanwhile): {', '.join(r.kept)}")
+
+
+def print_geofences(rows: list[GeofenceStatus], table_name: str) -> None:
+    if not rows:
+        console.print(f"no geofences in {table_name}")
+        return
+    table = Table()
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("active", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    for r in rows:
+        table.add_row(str(r.id), r.name, r.kind, "yes" if r.active else "no", r.status, r.reason or "-")
+    console.print(table)
+    counts = {s: sum(1 for r in rows if r.status == s) for s in ("loaded", "inactive", "invalid")}
+    console.print(", ".join(f"{n:,} {s}" for s, n in counts.items()))

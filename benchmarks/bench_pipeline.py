@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -162,12 +163,21 @@ def start_serve(args: argparse.Namespace, schema: str, key: str) -> subprocess.P
     return subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
 
 
-def run_tpx(args: argparse.Namespace, entries: list[dict[str, str]], expected: int) -> dict[str, Any]:
+def run_tpx(
+    args: argparse.Namespace,
+    entries: list[dict[str, str]],
+    expected: int,
+    prepare: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """tpx draining ``entries``; ``prepare(schema)`` runs after the migrations (e.g. the CMS's
+    tables for the domain stage)."""
     client = redis.Redis.from_url(args.redis_url)
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     key = f"bench:{uuid.uuid4().hex[:8]}:t"
     staging = key + ":loading"
     migrate(args.database_url, schema)
+    if prepare is not None:
+        prepare(schema)
     load_stream(client, staging, entries)
     proc = start_serve(args, schema, key)
     try:

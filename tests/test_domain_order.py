@@ -108,7 +108,7 @@ class Positions:
 def stored(state: DeviceState) -> DeviceState:
     """The state through the store's compact JSON (history folded, fingerprints by generation)."""
     data = json.loads(json.dumps(state_to_json(fold(state), versions=False)))
-    return state_from_json(data, versions=state.versions)
+    return state_from_json(data, versions=state.versions, device_id=state.device_id)
 
 
 @settings(max_examples=400, deadline=None)

@@ -23,8 +23,9 @@ from tpx import keys
 from tpx.records import DEVICE_ID_RE
 
 #: What an instance can be asked: drop a device's cached state, report it, report the most
-#: recently active ones, or just answer (who is listening).
-Op = Literal["rehydrate", "device", "devices", "ping"]
+#: recently active ones, reload what its domain stage reads from the CMS (the geofences), or
+#: just answer (who is listening).
+Op = Literal["rehydrate", "device", "devices", "reload", "ping"]
 OPS: Final[tuple[str, ...]] = get_args(Op)
 #: The ops that name a device (``device`` is required and must be a contract device_id).
 DEVICE_OPS: Final = frozenset({"rehydrate", "device"})

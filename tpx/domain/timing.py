@@ -208,7 +208,7 @@ class TimingConfig:
     max_history: int = 2_000
     #: At most this many checkpoints (states at older fixes) span the window behind the history:
     #: a late fix older than the history replays the positions from the checkpoint before it.
-    max_checkpoints: int = 8
+    max_checkpoints: int = 4
     #: At most this many too-late fix times are remembered (so that a replay from positions
     #: leaves them out, as they were when they came); beyond, the oldest checkpoints go.
     max_rejected: int = 256
@@ -654,9 +654,9 @@ def _base_from(value: object) -> Base:
 
 def state_to_json(state: DeviceState, *, versions: bool = True) -> dict[str, object]:
     """The state as JSON values; :func:`state_from_json` reads it back equal. ``versions=False``
-    leaves out the geofence fingerprints (the reader has them by ``generation``)."""
+    (what a store keeps, next to the device's id) leaves out the geofence fingerprints (the
+    reader has them by ``generation``) and the device id."""
     data: dict[str, object] = {
-        "device_id": state.device_id,
         "base": _base_json(state.base),
         "history": [
             [_fix_json(e.fix), e.kept, sorted(e.inside, key=repr), [_event_json(ev) for ev in e.events]]
@@ -670,15 +670,19 @@ def state_to_json(state: DeviceState, *, versions: bool = True) -> dict[str, obj
     }
     if versions:
         data["versions"] = [[gid, fp] for gid, fp in state.versions.items()]
+        data["device_id"] = state.device_id
     return data
 
 
 def state_from_json(
-    data: Mapping[str, object], versions: Mapping[GeofenceId, str] | None = None
+    data: Mapping[str, object],
+    versions: Mapping[GeofenceId, str] | None = None,
+    device_id: str | None = None,
 ) -> DeviceState:
     """A state from :func:`state_to_json`; ``versions``: the fingerprints of its generation,
-    when the data leaves them out (none known: every geofence counts as changed)."""
-    device_id = str(data["device_id"])
+    when the data leaves them out (none known: every geofence counts as changed); ``device_id``
+    when the data leaves it out."""
+    device_id = str(data["device_id"]) if device_id is None else device_id
     base = _base_from(data["base"])
     history: list[Entry] = []
     previous = base.last_kept

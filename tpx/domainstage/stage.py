@@ -68,8 +68,13 @@ from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
 
-#: The advisory lock class of the domain's per-device locks (two-key form: class, hashtext).
+#: The advisory lock class of the domain's device locks (two-key form: class, bucket).
 LOCK_CLASS = 0x7478_6400  # "txd\0": an int4, as the two-key form takes
+#: Devices share this many locks (by hashtext): a transaction holds at most this many, however
+#: large its batch, so writers x instances x LOCK_BUCKETS stays well inside PostgreSQL's shared
+#: lock table (max_locks_per_transaction x max_connections: 6,400 by default). Two devices in
+#: one bucket only serialise the writers that have both (OPERATIONS.md, "The domain stage").
+LOCK_BUCKETS = 1024
 US_PER_S = 1_000_000
 
 #: Each device's lock, in one statement, in a fixed order (the lock's key): two writers that
@@ -77,18 +82,20 @@ US_PER_S = 1_000_000
 LOCK_SQL = sql.SQL(
     """
 SELECT count(pg_advisory_xact_lock({}, k))
-FROM (SELECT DISTINCT hashtext(d) AS k FROM unnest(%s::text[]) AS d ORDER BY 1) AS keys
+FROM (SELECT DISTINCT hashtext(d) & {} AS k FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER BY 1) AS keys
 """
-).format(sql.Literal(LOCK_CLASS))
+).format(sql.Literal(LOCK_CLASS), sql.Literal(LOCK_BUCKETS - 1))
 #: Each device's stored version, and its state where the version is not the one in memory.
 READ_SQL = """
-SELECT s.device_id, s.version, CASE WHEN s.version IS DISTINCT FROM d.v THEN s.state END
-FROM unnest(%s::text[], %s::int8[]) AS d(device_id, v)
-JOIN tpx_domain_devices AS s ON s.device_id = d.device_id
+SELECT s.device_id, s.version, CASE WHEN s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END
+FROM jsonb_array_elements(%s::jsonb) AS d(r)
+JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
+#: Each device's new version and folded state, as one JSON array of [device, version, state]:
+#: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
 WRITE_STATE_SQL = """
 INSERT INTO tpx_domain_devices (device_id, version, state)
-SELECT * FROM unnest(%s::text[], %s::int8[], %s::jsonb[])
+SELECT r->>0, (r->>1)::int8, r->2 FROM jsonb_array_elements(%s::jsonb) AS r
 ON CONFLICT (device_id) DO UPDATE
 SET version = EXCLUDED.version, state = EXCLUDED.state, updated_at = now()
 """
@@ -370,7 +377,7 @@ class DomainStage:
         devices = sorted(by_device)
         work = _Work(oldest_entry_ms=oldest_ms)
         with conn.cursor() as cur:
-            cur.execute(LOCK_SQL, (devices,))
+            cur.execute(LOCK_SQL, (json.dumps(devices),))
             states = self._states(cur, devices, geofences)
             results = self._advance(cur, states, by_device, geofences, work)
             self._write(cur, results, work)
@@ -390,7 +397,7 @@ class DomainStage:
         """Each device's current (version, state): memory where it is current, else the store."""
         held = {d: self.cache.get(d) for d in devices}
         versions = [h[0] if h is not None else None for h in (held[d] for d in devices)]
-        rows = cur.execute(READ_SQL, (devices, versions)).fetchall()
+        rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
         for device_id, version, stored in rows:
             if stored is None:
@@ -399,7 +406,7 @@ class DomainStage:
                 out[device_id] = (version, mine[1])
                 continue
             try:
-                state = state_from_json(stored, self._versions(cur, stored.get("generation")))
+                state = state_from_json(stored, self._versions(cur, stored.get("generation")), device_id)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("domain state of %s unreadable (%s): starting it afresh", device_id, exc)
                 state = DeviceState(device_id)
@@ -499,14 +506,9 @@ class DomainStage:
             cur.execute(self._upsert, timing_params(added))
         changed = [(d, v + 1, s) for d, v, s, _ in results]
         if changed:
-            cur.execute(
-                WRITE_STATE_SQL,
-                (
-                    [d for d, _, _ in changed],
-                    [v for _, v, _ in changed],
-                    [json.dumps(state_to_json(fold(s, self.config), versions=False)) for _, _, s in changed],
-                ),
-            )
+            config = self.config
+            rows = [[d, v, state_to_json(fold(s, config), versions=False)] for d, v, s in changed]
+            cur.execute(WRITE_STATE_SQL, (json.dumps(rows, separators=(",", ":")),))
         work.states = changed
         work.changes = [changes for *_, changes in results]
 

@@ -105,12 +105,19 @@ class Heartbeat(threading.Thread):
 
 class Control(threading.Thread):
     def __init__(
-        self, settings: Settings, client: redis.Redis, states: DeviceStates, stop: threading.Event
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        states: DeviceStates,
+        stop: threading.Event,
+        reload: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="tpx-control", daemon=True)
         self.settings = settings
         self.client = client
         self.states = states
+        #: the domain stage's "reload the geofences now" (None: no stage runs)
+        self.reload = reload
         self.stop_event = stop
         self.channel = keys.control_channel(settings.stream)
 
@@ -131,6 +138,11 @@ class Control(threading.Thread):
                 answer["state"] = None if state is None else state.to_dict()
             case "devices":
                 answer["states"] = [s.to_dict() for s in self.states.snapshot(limit=request.limit)]
+            case "reload":
+                if self.reload is not None:
+                    self.reload()
+                    log.info("geofence reload requested")
+                answer["reloaded"] = self.reload is not None
             case "ping":
                 pass
             case unknown:

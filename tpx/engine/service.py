@@ -224,7 +224,8 @@ class Engine:
         ]
         self.reader = Reader(s, self.client, self.queue, self.metrics, self.stop_reading, self.inflight)
         self.heartbeat = Heartbeat(s, self.client, self.metrics, self.stop_aux, self.summary)
-        self.control = Control(s, self.client, self.states, self.stop_aux)
+        reload = self.tx_stage.request_reload if self.tx_stage is not None else None
+        self.control = Control(s, self.client, self.states, self.stop_aux, reload)
         self.metrics.registry.register(StreamCollector(s, self.client))
         bind = s.http_bind
         if bind is not None:  # bound before any thread reads: a taken port fails with nothing in flight

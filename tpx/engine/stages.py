@@ -87,5 +87,8 @@ class TransactionStage(Protocol):
         """Why the stage cannot do its work now, in one line (None: fine); shown by /readyz
         but never making the instance unready (positions still flow)."""
 
+    def request_reload(self) -> None:
+        """Reload what the stage reads from elsewhere (the geofences) at once (a control message)."""
+
     def failed(self, inserted: Sequence[Position], reason: str) -> None:
         """The savepoint was rolled back: forget what was assumed about these devices."""

@@ -1,0 +1,133 @@
+"""The domain stage's cost in the pipeline: tpx with TPX_DOMAIN=off and =on, same records, one run.
+
+10,000 devices drive random walks (~10 m/s, a fix every 10 s) through a 20 km city of 1,000
+geofences (mostly ~20-vertex zones, some gates and circles: ``bench_domain.city``); the records
+are loaded as a backlog and a real ``tpx serve`` drains them into a fresh schema, once with the
+domain off and once with the CMS tables (deploy/directus/no-postgis.sql) and the geofences in
+place. Reported: records/s of each, their ratio (issue 16 asks for ≥ 0.80)
+and the CPU per record. Repeat runs: the machine is shared and noisy.
+
+    python benchmarks/bench_domain_pipeline.py [--devices 10000] [--rounds 10] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+from psycopg import sql
+
+from benchmarks.bench_domain import city, drive
+from benchmarks.bench_pipeline import _cpu_text, run_tpx
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_POSTGIS_DDL = ROOT / "deploy" / "directus" / "no-postgis.sql"
+#: Fixes start this long before now (inside TPX_MAX_FUTURE_S, like a backlog of the last hours).
+BACKLOG_S = 6 * 3600
+
+
+def entries_for(devices: int, rounds: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    shift_us = int((time.time() - BACKLOG_S) * 1_000_000) - 1_700_000_000_000_000
+    out = []
+    for batch in drive(devices, rounds, 0.0, rng):
+        for device, fix in batch:
+            record: dict[str, object] = {
+                "ts": (fix.ts_us + shift_us) // 1000,
+                "lat": round(fix.lat, 7),
+                "lon": round(fix.lon, 7),
+                "speed": fix.speed,
+                "satellites": 9,
+                "io": {},
+            }
+            out.append({"device_id": device, "record": json.dumps(record), "codec": "8E"})
+    return out
+
+
+def cms_tables(dsn: str, schema: str, geofences: list[dict[str, Any]]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(NO_POSTGIS_DDL.read_text())
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO geofences (id, name, kind, geometry, radius_m, exit_margin_m)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        g["id"],
+                        f"g{g['id']}",
+                        g["kind"],
+                        json.dumps(g["geometry"]),
+                        g.get("radius_m"),
+                        g.get("exit_margin_m") or 0,
+                    )
+                    for g in geofences
+                ],
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--geofences", type=int, default=1_000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--tpx-env", action="append", default=[], help="KEY=VALUE for the tpx subprocess")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("TPX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TPX_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1/test"),
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    geofences = city(args.geofences, random.Random(1))
+    entries = entries_for(args.devices, args.rounds, seed=2)
+    expected = len(entries)
+    base_env = list(args.tpx_env)
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for _ in range(args.repeat):
+        for mode in ("off", "on"):
+            args.tpx_env = [*base_env, f"TPX_DOMAIN={mode}"]
+
+            def prepare(schema: str, mode: str = mode) -> None:
+                if mode == "on":
+                    cms_tables(args.database_url, schema, geofences)
+
+            result = run_tpx(args, entries, expected, prepare)
+            result["rate"] = result["records"] / result["seconds"]
+            runs[mode].append(result)
+            print(
+                f"  domain {mode:<3} {result['rate']:>10,.0f} rec/s ({result['seconds']:.2f}s)  "
+                f"{_cpu_text(result['cpu_us'])}",
+                file=sys.stderr,
+            )
+    pairs = [on["rate"] / off["rate"] for off, on in zip(runs["off"], runs["on"], strict=True)]
+    summary = {
+        "records": expected,
+        "devices": args.devices,
+        "geofences": args.geofences,
+        "rates_off": [round(r["rate"]) for r in runs["off"]],
+        "rates_on": [round(r["rate"]) for r in runs["on"]],
+        "on_vs_off_each_repeat": [round(p, 2) for p in pairs],
+        "on_vs_off_best": round(max(r["rate"] for r in runs["on"]) / max(r["rate"] for r in runs["off"]), 2),
+        "cpu_us_off": runs["off"][-1]["cpu_us"],
+        "cpu_us_on": runs["on"][-1]["cpu_us"],
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

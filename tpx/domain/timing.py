@@ -194,6 +194,10 @@ def _fix_time(fix: Fix) -> int:
     return fix.ts_us
 
 
+def _entry_time(entry: Entry) -> int:
+    return entry.fix.ts_us
+
+
 # --------------------------------------------------------------------------- incremental state
 
 
@@ -405,14 +409,23 @@ def advance(
     floor = newest - config.late_window_us
     horizon = state.base.horizon_us
     replayable = state.replay_horizon_us
-    times = [e.fix.ts_us for e in state.history]
+    history = state.history
+    # the common batch only appends: then the history's times are never needed
+    last = history[-1].fix.ts_us if history else horizon
+    appends = last is None or valid[0].ts_us > last
+    times = [] if appends else [e.fix.ts_us for e in history]
     rejected = set(state.rejected)
     accepted: list[Fix] = []
     refused: list[int] = []
     duplicates = 0
     for fix in valid:
         t = fix.ts_us
-        if t < floor or (replayable is not None and t <= replayable):
+        if appends and t >= floor and (not rejected or t not in rejected):
+            if accepted and accepted[-1].ts_us == t:
+                duplicates += 1
+            else:
+                accepted.append(fix)
+        elif t < floor or (replayable is not None and t <= replayable):
             refused.append(t)
         elif t in rejected or (accepted and accepted[-1].ts_us == t) or _has(times, t) or t == horizon:
             duplicates += 1
@@ -424,9 +437,24 @@ def advance(
         state = replace(state, rejected=_remember(state, refused, config))
     if not accepted:
         return state, Changes(too_late=len(refused), duplicates=duplicates)
-    start = bisect.bisect_left(times, accepted[0].ts_us)
-    history, added, deleted = _replay_from(state, geofences, accepted, start, config)
-    state = _trim(replace(state, history=history, newest_us=newest), floor, config)
+    start = len(history) if appends else bisect.bisect_left(times, accepted[0].ts_us)
+    new_history, added, deleted = _replay_from(state, geofences, accepted, start, config)
+    # the constructor, not dataclasses.replace (several times slower, on every batch's path)
+    state = _trim(
+        DeviceState(
+            state.device_id,
+            state.base,
+            new_history,
+            newest,
+            state.generation,
+            state.versions,
+            state.anchors,
+            state.checkpoints,
+            state.rejected,
+        ),
+        floor,
+        config,
+    )
     return state, Changes(tuple(added), tuple(deleted), len(refused), duplicates)
 
 
@@ -529,8 +557,11 @@ def _trim(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
     """Keep the history's fixes inside the window, at most ``max_history``; what is cut becomes
     checkpoints (thinned), and checkpoints older than the newest one before the window go."""
     history = state.history
-    cut = bisect.bisect_left([e.fix.ts_us for e in history], floor)
-    cut = max(cut, len(history) - config.max_history)
+    if history and history[0].fix.ts_us >= floor and len(history) <= config.max_history:
+        cut = 0  # nothing to cut (the common case): no pass over the history
+    else:
+        cut = bisect.bisect_left([e.fix.ts_us for e in history], floor)
+        cut = max(cut, len(history) - config.max_history)
     if cut > 0:
         dropped = [Base(e.inside, e.last_kept, e.fix.ts_us) for e in history[:cut]]
         points = [*state.checkpoints, state.base, *dropped]
@@ -544,6 +575,8 @@ def _prune(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
     points = [*state.checkpoints, state.base]
     origin = max((i for i, c in enumerate(points) if c.horizon_us is None or c.horizon_us < floor), default=0)
     kept_points = _thin(points[origin:-1], config)
+    if not state.anchors and not state.rejected and len(kept_points) == len(state.checkpoints):
+        return state  # the common state: nothing to prune
     checkpoints = tuple(kept_points)
     replayable = checkpoints[0].horizon_us if checkpoints else state.base.horizon_us
     if replayable is None:
@@ -633,14 +666,35 @@ def fold(state: DeviceState, config: TimingConfig = TimingConfig()) -> DeviceSta
     """The state with its history folded into checkpoints: what a store keeps (a few hundred
     bytes, whatever the history). A late fix older than the newest then needs the positions
     after the checkpoint before it (:class:`NeedsHistory`), and replays the same."""
-    if not state.history:
+    history = state.history
+    if not history:
         return state
-    points = [
-        *state.checkpoints,
-        state.base,
-        *(Base(e.inside, e.last_kept, e.fix.ts_us) for e in state.history),
-    ]
-    return replace(state, base=points[-1], checkpoints=tuple(_thin(points[:-1], config)), history=())
+    # a few of the history's entries, spaced from the newest back (found by bisection: a history
+    # can be long, and this runs for every device of every batch)
+    spacing = config.late_window_us / max(1, config.max_checkpoints - 1)
+    picked: list[Entry] = []
+    hi = len(history) - 1
+    until = history[-1].fix.ts_us - spacing
+    while hi > 0 and len(picked) < config.max_checkpoints:
+        i = bisect.bisect_right(history, until, 0, hi, key=_entry_time) - 1
+        if i < 0:
+            break
+        picked.append(history[i])
+        hi, until = i, history[i].fix.ts_us - spacing
+    picked.reverse()
+    last = history[-1]
+    points = [*state.checkpoints, state.base, *(Base(e.inside, e.last_kept, e.fix.ts_us) for e in picked)]
+    return DeviceState(
+        state.device_id,
+        Base(last.inside, last.last_kept, last.fix.ts_us),
+        (),
+        state.newest_us,
+        state.generation,
+        state.versions,
+        state.anchors,
+        tuple(_thin(points, config)),
+        state.rejected,
+    )
 
 
 def _base_json(base: Base) -> list[object]:

@@ -10,9 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import yaml
+from psycopg import sql
 
 from tests.helpers import Serve, add_entries, pending_count, record, row_count, wait_for, xrevrange
 from tpx.config import Settings
@@ -157,7 +159,11 @@ def test_alert_rules_use_only_exported_metrics(
     assert len(exprs) >= 5
     used = {m for e in exprs for m in re.findall(r"\btpx_[a-z_]+", e)}
     migrate(settings.database_url, settings.db_schema)
-    serve = Serve(serve_env, tmp_path / "serve.log").start()
+    # the CMS's tables too, so that the domain stage runs and exports its metrics
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(settings.db_schema)))
+        conn.execute((ROOT / "deploy" / "directus" / "no-postgis.sql").read_text())
+    serve = Serve({**serve_env, "TPX_DOMAIN": "on"}, tmp_path / "serve.log").start()
     try:
         wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
         _, metrics = serve.get("/metrics")

@@ -222,6 +222,8 @@ class DomainMetrics:
             ["event"],
             registry=registry,
         )
+        for kind in ("enter", "exit", "cross"):
+            self.records.labels(kind)  # exported as 0 from the start
         self.withdrawn = Counter(
             "tpx_timing_records_deleted",
             "Timing records withdrawn (a late fix changed the track)",

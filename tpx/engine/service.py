@@ -194,6 +194,7 @@ class Engine:
             return
         try:
             log.info("%s", stage.open(self.metrics.registry, self.stop_aux))
+            self.metrics.stage_errors.labels(stage.name)  # exported as 0 from the start (alerts read it)
         except StageStartError as exc:
             raise StartupError(str(exc), exitcodes.USAGE if exc.usage else exitcodes.UNAVAILABLE) from None
 

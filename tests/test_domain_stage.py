@@ -188,3 +188,52 @@ def test_domain_on_without_the_tables_is_one_line(domain_settings: Settings) -> 
         engine.start()
     assert caught.value.code == 2
     assert str(caught.value) == "table geofences not found (TPX_GEOFENCES_TABLE) (TPX_DOMAIN=on)"
+
+
+def _wipe_bookkeeping(s: Settings) -> None:
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DELETE FROM {}.tpx_domain_devices").format(sql.Identifier(s.db_schema)))
+
+
+@pytest.mark.timeout(60)
+def test_a_device_without_stored_state_resumes_from_its_timing_records(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    # the device is in the depot; tpx's bookkeeping is lost; its next fix is past the depot: the
+    # exit is still recorded (membership from its newest timing records, the segment from its
+    # last fix); started afresh, it would be outside with no exit
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    track = drive("dev-r", 300, step_s=5)
+    first, rest = track[:5], track[8:]  # 0..200 m (inside the depot, 100..300 m), then from 400 m
+    fixes = first + rest
+    add_entries(rclient, s.stream, entries("dev-r", first))
+    with running(s):
+        wait_for(lambda: drained(rclient, s, len(first)), what="the first fixes written")
+    assert [r[3] for r in stored(s.database_url, s.db_schema)] == ["enter"]
+    _wipe_bookkeeping(s)
+    add_entries(rclient, s.stream, entries("dev-r", rest))
+    with running(s):
+        wait_for(lambda: drained(rclient, s, len(fixes)), what="every fix written")
+    assert {tuple(r) for r in stored(s.database_url, s.db_schema)} == expected({"dev-r": fixes})
+
+
+@pytest.mark.timeout(60)
+def test_a_device_seen_before_the_domain_ran_is_inside_where_it_is(
+    settings: Settings, domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    # positions written with the domain off put the device in the depot; with the domain on, it
+    # is inside from there without an enter (no past), and its next fix, past the depot, exits
+    track = drive("dev-p", 300, step_s=5)
+    first, rest = track[:5], track[8:]
+    fixes = first + rest
+    add_entries(rclient, settings.stream, entries("dev-p", first))
+    with running(settings.model_copy(update={"domain": "off"})):
+        wait_for(lambda: drained(rclient, settings, len(first)), what="the first fixes written")
+    cms_tables(settings.database_url, settings.db_schema)
+    add_entries(rclient, settings.stream, entries("dev-p", rest))
+    with running(domain_settings):
+        wait_for(lambda: drained(rclient, settings, len(fixes)), what="every fix written")
+    events = [(r[2], r[3]) for r in stored(settings.database_url, settings.db_schema)]
+    assert events[0] == (1, "exit")
+    assert (1, "enter") not in events

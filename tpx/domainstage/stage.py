@@ -151,6 +151,32 @@ def timing_statements(tables: CmsTables) -> tuple[sql.Composed, sql.Composed]:
     return upsert, delete
 
 
+def resume_statement(tables: CmsTables) -> sql.Composed:
+    """Cold devices: each one's newest timing record per geofence, and its newest valid fix
+    before this batch's oldest (the batch's rows are in positions already; no system column is
+    read, which a compressed TimescaleDB chunk would refuse)."""
+    return sql.SQL(
+        """
+WITH d AS (
+    SELECT r->>0 AS device_id, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond' AS before
+    FROM jsonb_array_elements(%s::jsonb) AS r
+)
+SELECT d.device_id, t.geofence::text, t.event, NULL::int8, NULL::float8, NULL::float8, NULL::float4
+FROM d CROSS JOIN LATERAL (
+    SELECT DISTINCT ON (geofence) geofence, event FROM {timing}
+    WHERE {timing}.device_id = d.device_id ORDER BY geofence, ts DESC
+) AS t
+UNION ALL
+SELECT d.device_id, NULL, NULL, (extract(epoch FROM p.ts) * 1000000)::int8, p.latitude, p.longitude, p.speed
+FROM d CROSS JOIN LATERAL (
+    SELECT ts, latitude, longitude, speed FROM positions
+    WHERE positions.device_id = d.device_id AND positions.valid AND positions.ts < d.before
+    ORDER BY ts DESC LIMIT 1
+) AS p
+"""
+    ).format(timing=tables.timing_ident())
+
+
 def timing_params(events: Sequence[Event]) -> dict[str, list[Any]]:
     return {
         "id": [e.id for e in events],
@@ -285,6 +311,7 @@ class DomainStage:
         self.metrics: DomainMetrics | None = None
         self._threads: list[threading.Thread] = []
         self._upsert: sql.Composed | None = None
+        self._resume_sql: sql.Composed | None = None
         self._delete: sql.Composed | None = None
         #: generation -> fingerprints, for states written under a set this process did not load
         self._fingerprints: dict[str, Mapping[GeofenceId, str]] = {}
@@ -312,6 +339,7 @@ class DomainStage:
             raise StageStartError(f"cannot reach PostgreSQL for the domain: {exc}", usage=False) from None
         self.tables, self.source = tables, source
         self._upsert, self._delete = timing_statements(tables)
+        self._resume_sql = resume_statement(tables)
         self.metrics = DomainMetrics(registry, self)
         self._remember_generation(geofences)
         reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
@@ -380,7 +408,7 @@ class DomainStage:
         work = _Work(oldest_entry_ms=oldest_ms)
         with conn.cursor() as cur:
             cur.execute(LOCK_SQL, (json.dumps(devices),))
-            states = self._states(cur, devices, geofences)
+            states = self._states(cur, devices, geofences, by_device)
             results = self._advance(cur, states, by_device, geofences, work)
             self._write(cur, results, work)
         spent = time.monotonic() - started
@@ -394,7 +422,11 @@ class DomainStage:
         return after_commit
 
     def _states(
-        self, cur: psycopg.Cursor[Any], devices: list[str], geofences: GeofenceSet
+        self,
+        cur: psycopg.Cursor[Any],
+        devices: list[str],
+        geofences: GeofenceSet,
+        by_device: dict[str, list[Fix]],
     ) -> dict[str, tuple[int, DeviceState]]:
         """Each device's current (version, state): memory where it is current, else the store."""
         held = {d: self.cache.get(d) for d in devices}
@@ -413,9 +445,40 @@ class DomainStage:
                 log.warning("domain state of %s unreadable (%s): starting it afresh", device_id, exc)
                 state = DeviceState(device_id)
             out[device_id] = (version, state)
-        for device_id in devices:
-            if device_id not in out:  # never seen by the domain: no past, no event
-                out[device_id] = (0, DeviceState(device_id))
+        cold = [d for d in devices if d not in out]
+        if cold:
+            oldest = [[d, min(f.ts_us for f in by_device[d])] for d in cold]
+            out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
+        return out
+
+    def _resume(
+        self, cur: psycopg.Cursor[Any], oldest: list[list[Any]], geofences: GeofenceSet
+    ) -> dict[str, DeviceState]:
+        """Devices without a stored state (new, or the bookkeeping was lost): their membership from
+        their newest timing record per geofence (an enter: inside) and their last valid fix before
+        this batch, in one query. Without a fix it starts afresh; without timing records, inside
+        what that fix is in (no past, no event either way)."""
+        assert self._resume_sql is not None  # noqa: S101
+        rows = cur.execute(self._resume_sql, (json.dumps(oldest),)).fetchall()
+        ids = {str(gid): gid for gid in geofences.by_id}  # the column's type, as the set has it
+        inside: dict[str, set[GeofenceId]] = {}
+        last: dict[str, Fix] = {}
+        for device_id, geofence, event, ts_us, lat, lon, speed in rows:
+            if geofence is not None:
+                members = inside.setdefault(device_id, set())
+                if event == "enter" and geofence in ids:
+                    members.add(ids[geofence])
+            if ts_us is not None:
+                last[device_id] = Fix(ts_us, lat, lon, True, speed)
+        out: dict[str, DeviceState] = {}
+        for device_id, _ in oldest:
+            fix = last.get(device_id)
+            if fix is None:
+                out[device_id] = DeviceState(device_id)
+                continue
+            # no timing record (the domain was off when it drove): inside where that fix is
+            now = inside[device_id] if device_id in inside else geofences.areas_at(fix.lon, fix.lat)
+            out[device_id] = DeviceState.resume(device_id, now, fix, geofences)
         return out
 
     def _versions(self, cur: psycopg.Cursor[Any], generation: object) -> Mapping[GeofenceId, str] | None:

@@ -35,9 +35,12 @@ NO_POSTGIS_DDL = ROOT / "deploy" / "directus" / "no-postgis.sql"
 BACKLOG_S = 6 * 3600
 
 
-def entries_for(devices: int, rounds: int, seed: int) -> list[dict[str, str]]:
+def entries_for(devices: int, rounds: int, seed: int, start_s: float | None = None) -> list[dict[str, str]]:
+    """One fix per device per round, round after round, from ``start_s`` (default: a backlog of
+    the last hours)."""
     rng = random.Random(seed)
-    shift_us = int((time.time() - BACKLOG_S) * 1_000_000) - 1_700_000_000_000_000
+    start = time.time() - BACKLOG_S if start_s is None else start_s
+    shift_us = int(start * 1_000_000) - 1_700_000_000_000_000
     out = []
     for batch in drive(devices, rounds, 0.0, rng):
         for device, fix in batch:

@@ -237,3 +237,37 @@ def test_a_device_seen_before_the_domain_ran_is_inside_where_it_is(
     events = [(r[2], r[3]) for r in stored(settings.database_url, settings.db_schema)]
     assert events[0] == (1, "exit")
     assert (1, "enter") not in events
+
+
+@pytest.mark.timeout(90)
+def test_a_changed_timing_table_costs_timing_records_not_positions(
+    domain_settings: Settings, rclient: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # someone drops a column tpx writes: PostgreSQL answers 42703 (UndefinedColumn: column
+    # "direction" of relation "timing_records" does not exist) on every batch; the positions are
+    # written all the same, the failure is counted and reported once, and once the column is back
+    # timing records are written again
+    s = domain_settings.model_copy(update={"batch_size": 3, "read_count": 3})  # many batches
+    cms_tables(s.database_url, s.db_schema)
+    before, during, after = (drive(f"dev-{i}", 150, seed=i) for i in range(3))
+
+    def alter(statement: str) -> None:
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL(statement).format(sql.Identifier(s.db_schema)))
+
+    with running(s) as engine:
+        add_entries(rclient, s.stream, entries("dev-0", before))
+        wait_for(lambda: drained(rclient, s, len(before)), what="the first device written")
+        alter("ALTER TABLE {}.timing_records DROP COLUMN direction")
+        add_entries(rclient, s.stream, entries("dev-1", during))
+        wait_for(lambda: drained(rclient, s, len(before) + len(during)), what="positions written anyway")
+        failures = engine.metrics.count(engine.metrics.stage_errors, stage="domain")
+        assert failures >= 1
+        alter("ALTER TABLE {}.timing_records ADD COLUMN direction integer")
+        add_entries(rclient, s.stream, entries("dev-2", after))
+        wait_for(lambda: drained(rclient, s, len(before) + len(during) + len(after)), what="all written")
+    devices = {r[1] for r in stored(s.database_url, s.db_schema)}
+    assert devices == {"dev-0", "dev-2"}  # dev-1's batches lost their timing records, not their rows
+    errors = [r.getMessage() for r in caplog.records if "domain stage failed" in r.getMessage()]
+    assert errors and 'column "direction" of relation "timing_records" does not exist' in errors[0]
+    assert len(errors) <= domain_settings.writers  # once per writer, not once per batch

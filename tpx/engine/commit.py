@@ -150,6 +150,9 @@ RETURNING device_id, (extract(epoch FROM ts) * 1000000)::int8
 #: long (s): duplicates come in runs (a redelivery after a crash, a gateway resending), and a
 #: failed attempt is wasted work.
 PLAIN_COPY_PAUSE_S = 30.0
+#: A transaction stage that keeps failing (its table changed) fails every batch alike: one ERROR
+#: line per this many seconds per writer, with the count of the batches in between.
+STAGE_ERROR_LOG_EVERY_S = 30.0
 
 
 class AbortedError(Exception):
@@ -233,6 +236,9 @@ class Committer:
         self.health = WriteHealth()
         #: monotonic time until which batches go straight to INSERT .. ON CONFLICT
         self.plain_paused_until = 0.0
+        #: the stage's failures are logged once per STAGE_ERROR_LOG_EVERY_S, with a count between
+        self._stage_logged_at = -STAGE_ERROR_LOG_EVERY_S
+        self._stage_unlogged = 0
 
     def commit(self, batch: Batch, abort: threading.Event | None = None) -> CommitOutcome:
         """Write, acknowledge and dead-letter ``batch``; ``abort`` set: give up retrying."""
@@ -407,13 +413,24 @@ class Committer:
             if classify(exc) is Fault.TRANSIENT or conn.closed:
                 raise
             reason = describe(exc)
-        log.error(
-            "%s stage failed on %d rows (%s); the positions are written without it",
-            stage.name,
-            len(rows),
-            reason,
-        )
         self.metrics.stage_errors.labels(stage.name).inc()
+        now = time.monotonic()
+        if now - self._stage_logged_at >= STAGE_ERROR_LOG_EVERY_S:  # every batch fails alike
+            also = (
+                f" (and {self._stage_unlogged} more batches since the last report)"
+                if self._stage_unlogged
+                else ""
+            )
+            log.error(
+                "%s stage failed on %d rows (%s); the positions are written without it%s",
+                stage.name,
+                len(rows),
+                reason,
+                also,
+            )
+            self._stage_logged_at, self._stage_unlogged = now, 0
+        else:
+            self._stage_unlogged += 1
         stage.failed(rows, reason)
         return None
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import random
 
+import pytest
+import redis
 from textual.geometry import Region
 from textual.widget import Widget
 from textual.widgets import Static
 
-from tests.test_tui import CannedPoller, cells, notices, select_row, selected, until
+from tests.helpers import add_entries, record, xrange
+from tests.test_tui import CannedPoller, cells, notices, select_row, selected, table, until
 from tpx.config import Settings
+from tpx.schema import migrate
 from tpx.tui.app import TopApp
-from tpx.tui.poller import Snapshot
-from tpx.tui.screens import DetailScreen, HelpScreen
+from tpx.tui.poller import LETTERS_SHOWN, Snapshot
+from tpx.tui.screens import ConfirmScreen, DetailScreen, HelpScreen
 from tpx.tui.sparkline import bars
 
 #: A fix time in epoch microseconds, and the same instant as the detail view must show it.
@@ -164,3 +168,65 @@ async def test_failing_writers_are_in_the_banner_and_the_instances_table(setting
         assert "tpx-a1: WRITERS FAILING 12s: tpx-writer-1: UndefinedColumn" in banner, banner
         rows = {row[0]: row for row in cells(app, "instances")}
         assert rows["tpx-a1"][1].startswith("alive, WRITERS FAILING 12s"), rows["tpx-a1"]
+
+
+def dead_letter(stage: str, n: int) -> dict[str, str]:
+    """A dead letter as the engine adds one: the original fields, then the dlq_* ones."""
+    return {
+        **record(f"dev-{n % 7}", ts=1_796_105_228_604 + n),
+        "dlq_stage": stage,
+        "dlq_error": "record.lat out of range: 91" if stage == "decode" else "UntranslatableCharacter",
+        "dlq_deliveries": "1",
+        "dlq_consumer": "tpx-a1",
+        "dlq_source_id": f"1796105228604-{n}",
+        "dlq_at": "1796105228604",
+    }
+
+
+@pytest.mark.timeout(60)
+async def test_replay_all_replays_every_dead_letter_not_only_the_rows_loaded(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    """`R` said "replay all" and replayed the 100 rows the table loads; it now asks with the whole
+    count, warns that decode-stage letters come straight back, and replays every one."""
+    migrate(settings.database_url, settings.db_schema)
+    decode, write = 12, LETTERS_SHOWN + 18  # more than the table loads, both stages
+    add_entries(rclient, settings.dlq_stream, [dead_letter("decode", n) for n in range(decode)])
+    add_entries(rclient, settings.dlq_stream, [dead_letter("write", decode + n) for n in range(write)])
+    total = decode + write
+    app = TopApp(settings, interval=0.3, clock=False)
+    async with app.run_test(size=(120, 36), notifications=True) as pilot:
+        await until(pilot, lambda: table(app, "letters").row_count == LETTERS_SHOWN, what="a full table")
+        await pilot.press("3", "R")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        question = " ".join(str(app.screen.query_one("#question", Static).render()).split())
+        assert question.startswith(f"Replay all {total} dead letters onto {settings.stream}?"), question
+        assert (
+            f"would replay {decode} letters of the decode stage: nothing changed since it was "
+            "dead-lettered; it comes straight back unless" in question
+        ), question
+        await pilot.press("y")
+        await until(pilot, lambda: rclient.xlen(settings.dlq_stream) == 0, what="an empty DLQ")
+        await until(pilot, lambda: f"replayed {total} of {total} dead letters" in notices(app), what="notice")
+    replayed = xrange(rclient, settings.stream)
+    assert len(replayed) == total
+    assert {fields[b"replays"] for _, fields in replayed} == {b"1"}
+    assert not any(key.startswith(b"dlq_") for _, fields in replayed for key in fields)
+
+
+@pytest.mark.timeout(60)
+async def test_replaying_one_decode_letter_warns_in_the_confirmation(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    migrate(settings.database_url, settings.db_schema)
+    (entry_id,) = add_entries(rclient, settings.dlq_stream, [dead_letter("decode", 0)])
+    app = TopApp(settings, interval=0.3, clock=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: table(app, "letters").row_count == 1, what="the letter")
+        await pilot.press("3", "r")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        question = " ".join(str(app.screen.query_one("#question", Static).render()).split())
+        assert question.startswith(f"Replay dead letter {entry_id.decode()} onto {settings.stream}?")
+        assert "would replay 1 letter of the decode stage: nothing changed" in question, question
+        await pilot.press("n")
+    assert rclient.xlen(settings.dlq_stream) == 1

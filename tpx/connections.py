@@ -8,6 +8,7 @@ import psycopg
 import redis
 from psycopg import sql
 
+from tpx import logs
 from tpx.config import Settings
 
 if TYPE_CHECKING:  # the pool is imported where one is built: ops commands and the CLI never need it
@@ -61,7 +62,10 @@ def writer_timeouts(settings: Settings) -> list[sql.Composable]:
 
 
 def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Composable]) -> ConnectionPool:
-    """A psycopg pool whose connections have tpx's search_path and the given setup."""
+    """A psycopg pool whose connections have tpx's search_path and the given setup.
+
+    Each connection made tells :func:`tpx.logs.pool_connected`, which ends the pool's outage in
+    the logs (psycopg_pool's own failure lines are collapsed there, one line per outage)."""
     from psycopg_pool import ConnectionPool
 
     statements = [search_path(settings), *configure_sql]
@@ -70,6 +74,7 @@ def pg_pool(settings: Settings, size: int, name: str, configure_sql: list[sql.Co
         for statement in statements:
             conn.execute(statement)
         conn.commit()
+        logs.pool_connected(name)
 
     return ConnectionPool(
         settings.database_url,

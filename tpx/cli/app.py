@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from tpx import __version__
 from tpx.cli import demo, dlq, groups, ops, serve, timing
+from tpx.cli.placeholders import TpxCommand
 
 app = typer.Typer(
     name="tpx",
@@ -66,17 +68,21 @@ def _summary(doc: str | None) -> str | None:
     return " ".join((doc or "").strip().split("\n\n", 1)[0].split()) or None
 
 
-def _full_summaries(typer_app: typer.Typer) -> None:
-    """Give each command its whole summary in the parent's --help (click cuts it with '...')."""
+def _polish_help(typer_app: typer.Typer) -> None:
+    """Give each command its whole summary in the parent's --help (click cuts it with '...'), and
+    its placeholders tpx's spelling (:class:`~tpx.cli.placeholders.TpxCommand`: ``DEVICE``, not
+    ``{DEVICE}``)."""
     for info in typer_app.registered_commands:
         if info.short_help is None and info.callback is not None:
             info.short_help = _summary(info.callback.__doc__)
+        if info.cls in (None, TyperCommand):  # typer's default: no command asked for its own class
+            info.cls = TpxCommand
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
-            _full_summaries(group.typer_instance)
+            _polish_help(group.typer_instance)
 
 
-_full_summaries(app)
+_polish_help(app)
 
 
 def main() -> None:

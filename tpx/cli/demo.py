@@ -29,13 +29,18 @@ def demo(
         bool, typer.Option("--headless", help="No dashboard: run, then print a summary.")
     ] = False,
     duration: Annotated[
-        float | None, typer.Option(min=1, help="Seconds to run (headless default 30; dashboard: until q).")
+        float | None,
+        typer.Option(
+            min=1, metavar="SECONDS", help="Seconds to run (headless default 30; dashboard: until q)."
+        ),
     ] = None,
-    rate: Annotated[float, typer.Option(min=1, help="Simulated records per second.")] = 1000,
-    devices: Annotated[int, typer.Option(min=1, help="Simulated devices.")] = 200,
-    poison: Annotated[float, typer.Option(min=0, max=1, help="Fraction of poison records.")] = 0.005,
+    rate: Annotated[float, typer.Option(min=1, metavar="RATE", help="Simulated records per second.")] = 1000,
+    devices: Annotated[int, typer.Option(min=1, metavar="N", help="Simulated devices.")] = 200,
+    poison: Annotated[
+        float, typer.Option(min=0, max=1, metavar="FRACTION", help="Fraction of poison records.")
+    ] = 0.005,
     data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="Where the embedded servers keep their data.")
+        Path, typer.Option("--data-dir", metavar="DIR", help="Where the embedded servers keep their data.")
     ] = Path(".tpx/demo"),
 ) -> None:
     """See tpx work in a minute: embedded PostgreSQL and Redis (unless TPX_DATABASE_URL and
@@ -114,18 +119,27 @@ def demo(
 @with_settings(*REDIS_OPTIONS, json=True)
 def simulate(
     cmd: Invocation,
-    devices: Annotated[int, typer.Option(min=1, help="Devices in the fleet.")] = 100,
+    devices: Annotated[int, typer.Option(min=1, metavar="N", help="Devices in the fleet.")] = 100,
     rate: Annotated[
-        float | None, typer.Option(min=0.1, help="Records per second (default: as fast as possible).")
+        float | None,
+        typer.Option(min=0.1, metavar="RATE", help="Records per second (default: as fast as possible)."),
     ] = None,
-    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
-    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many records.")] = None,
-    duplicates: Annotated[float, typer.Option(min=0, max=1, help="Fraction of records sent again.")] = 0.0,
-    late: Annotated[float, typer.Option(min=0, max=1, help="Fraction of out-of-order (late) records.")] = 0.0,
-    poison: Annotated[
-        float, typer.Option(min=0, max=1, help="Fraction of poison records (all kinds).")
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, metavar="SECONDS", help="Stop after this many seconds.")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Stop after this many records.")
+    ] = None,
+    duplicates: Annotated[
+        float, typer.Option(min=0, max=1, metavar="FRACTION", help="Fraction of records sent again.")
     ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Same seed, same records.")] = 1,
+    late: Annotated[
+        float, typer.Option(min=0, max=1, metavar="FRACTION", help="Fraction of out-of-order (late) records.")
+    ] = 0.0,
+    poison: Annotated[
+        float, typer.Option(min=0, max=1, metavar="FRACTION", help="Fraction of poison records (all kinds).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same records.")] = 1,
     start: Annotated[
         str | None,
         typer.Option(

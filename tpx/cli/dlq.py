@@ -31,11 +31,15 @@ def _stage(value: str | None) -> str | None:
 
 
 StageOpt = Annotated[
-    str | None, typer.Option("--stage", callback=_stage, help="Only this stage: decode or write.")
+    str | None,
+    typer.Option("--stage", callback=_stage, metavar="STAGE", help="Only this stage: decode or write."),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="Only this device_id.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", metavar="DEVICE", help="Only this device_id.")]
 MaxReplays = Annotated[
-    int | None, typer.Option("--max-replays", min=0, help="Refuse entries already replayed this many times.")
+    int | None,
+    typer.Option(
+        "--max-replays", min=0, metavar="N", help="Refuse entries already replayed this many times."
+    ),
 ]
 
 
@@ -45,7 +49,7 @@ def list_letters(
     cmd: Invocation,
     stage: StageOpt = None,
     device: DeviceOpt = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most this many, newest first.")] = 50,
 ) -> None:
     """What was rejected, and why? The newest dead letters.
 
@@ -63,7 +67,7 @@ def list_letters(
 @with_settings(*DLQ_OPTIONS, json=True)
 def show(
     cmd: Invocation,
-    entry_id: Annotated[str, typer.Argument(metavar="ID", help="The dead letter's id.")],
+    entry_id: Annotated[str, typer.Argument(metavar="ENTRY_ID", help="The dead letter's id.")],
 ) -> None:
     """One dead letter with its full original payload.
 
@@ -81,7 +85,7 @@ def show(
 @with_settings(*DLQ_OPTIONS, json=True)
 def replay(
     cmd: Invocation,
-    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID...]", help="Dead letter ids.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(metavar="ENTRY_ID", help="Dead letter ids.")] = None,
     replay_all: Annotated[
         bool, typer.Option("--all", help="Every dead letter matching the filters.")
     ] = False,
@@ -229,7 +233,7 @@ def export(
 @with_settings(*DLQ_OPTIONS, json=True)
 def delete(
     cmd: Invocation,
-    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Dead letter ids.")],
+    ids: Annotated[list[str], typer.Argument(metavar="ENTRY_ID", help="Dead letter ids.")],
     dry_run: DryRun = False,
 ) -> None:
     """Delete dead letters by id (export them first if you may need them).
@@ -251,12 +255,15 @@ def delete(
 def purge(
     cmd: Invocation,
     older_than: Annotated[
-        str | None, typer.Option("--older-than", help="Dead-lettered longer ago than this: 7d, 12h, 90m.")
+        str | None,
+        typer.Option(
+            "--older-than", metavar="DURATION", help="Dead-lettered longer ago than this: 7d, 12h, 90m."
+        ),
     ] = None,
     stage: StageOpt = None,
     device: DeviceOpt = None,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Only those whose error contains TEXT.")
+        str | None, typer.Option("--reason", metavar="TEXT", help="Only those whose error contains TEXT.")
     ] = None,
     dry_run: DryRun = False,
 ) -> None:

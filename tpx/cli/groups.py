@@ -24,7 +24,9 @@ app = typer.Typer(
 @with_settings("redis_url", json=True)
 def groups(
     cmd: Invocation,
-    match: Annotated[str, typer.Option("--match", help="Only stream keys matching this glob.")] = "*",
+    match: Annotated[
+        str, typer.Option("--match", metavar="PATTERN", help="Only stream keys matching this glob.")
+    ] = "*",
 ) -> None:
     """Which streams and consumer groups are on this Redis? Length, groups, pending, lag.
 

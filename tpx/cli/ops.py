@@ -38,7 +38,9 @@ DEVICE_WAIT_S = 2.0
 def status(
     cmd: Invocation,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")] = 2.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, metavar="SECONDS", help="Seconds between refreshes with --watch.")
+    ] = 2.0,
 ) -> None:
     """Is it keeping up? Stream, group lag, pending per consumer (alive or dead), DLQ, instances.
 
@@ -68,9 +70,13 @@ def status(
 @with_settings(*GROUP_OPTIONS, json=True)
 def pending(
     cmd: Invocation,
-    consumer: Annotated[str | None, typer.Option("--consumer", help="Only this consumer.")] = None,
-    min_idle: Annotated[int | None, typer.Option("--min-idle", min=0, help="Only entries idle ≥ MS.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 100,
+    consumer: Annotated[
+        str | None, typer.Option("--consumer", metavar="NAME", help="Only this consumer.")
+    ] = None,
+    min_idle: Annotated[
+        int | None, typer.Option("--min-idle", min=0, metavar="MS", help="Only entries idle ≥ MS.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most this many, oldest first.")] = 100,
 ) -> None:
     """What is stuck? Pending entries with idle time and delivery count, oldest first.
 
@@ -87,8 +93,12 @@ def pending(
 @with_settings("redis_url", *POSTGRES_OPTIONS, "stream", "group", json=True)
 def claim(
     cmd: Invocation,
-    dead_consumer: Annotated[str, typer.Option("--dead-consumer", help="The consumer to take over.")],
-    min_idle: Annotated[int, typer.Option("--min-idle", min=0, help="Only entries idle ≥ MS.")] = 0,
+    dead_consumer: Annotated[
+        str, typer.Option("--dead-consumer", metavar="NAME", help="The consumer to take over.")
+    ],
+    min_idle: Annotated[
+        int, typer.Option("--min-idle", min=0, metavar="MS", help="Only entries idle ≥ MS.")
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Even if the consumer still heartbeats.")] = False,
     dry_run: DryRun = False,
 ) -> None:
@@ -121,7 +131,7 @@ def rehydrate(
     cmd: Invocation,
     device: Annotated[str, typer.Argument(metavar="DEVICE", help="The device_id.")],
     timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds to wait for the instances.")
+        float, typer.Option(min=0.1, metavar="SECONDS", help="Seconds to wait for the instances.")
     ] = REHYDRATE_WAIT_S,
     dry_run: DryRun = False,
 ) -> None:
@@ -150,9 +160,9 @@ def rehydrate(
 def device(
     cmd: Invocation,
     device_id: Annotated[str, typer.Argument(metavar="DEVICE", help="The device_id.")],
-    limit: Annotated[int, typer.Option(min=1, help="Newest rows to show.")] = 10,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Newest rows to show.")] = 10,
     timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds to wait for the instances.")
+        float, typer.Option(min=0.1, metavar="SECONDS", help="Seconds to wait for the instances.")
     ] = DEVICE_WAIT_S,
 ) -> None:
     """A device's cached state in the running instances, and its newest rows in positions.
@@ -170,7 +180,9 @@ def device(
 @with_settings("redis_url", *POSTGRES_OPTIONS, "stream", "group")
 def top(
     cmd: Invocation,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, metavar="SECONDS", help="Seconds between refreshes.")
+    ] = 1.0,
 ) -> None:
     """The live dashboard: stream, lag, instances, pending, dead letters, devices; fixes one key away.
 

@@ -214,27 +214,35 @@ def _env(field: str) -> str:
 #: Every settings flag a command may take: the :class:`~tpx.config.Settings` field it overrides
 #: -> its type and flag (None: not given, the environment or the default applies).
 SETTINGS_OPTIONS: Final[dict[str, Any]] = {
-    "redis_url": Annotated[str | None, typer.Option("--redis-url", help=_env("redis_url"))],
-    "database_url": Annotated[str | None, typer.Option("--database-url", help=_env("database_url"))],
-    "db_schema": Annotated[str | None, typer.Option("--db-schema", help=_env("db_schema"))],
-    "stream": Annotated[str | None, typer.Option("--stream", help=_env("stream"))],
-    "group": Annotated[str | None, typer.Option("--group", help=_env("group"))],
-    "consumer": Annotated[str | None, typer.Option("--consumer", help=_env("consumer"))],
-    "http_addr": Annotated[str | None, typer.Option("--http-addr", help=_env("http_addr"))],
-    "writers": Annotated[int | None, typer.Option(help=_env("writers"))],
-    "batch_size": Annotated[int | None, typer.Option(help=_env("batch_size"))],
-    "batch_max_latency_ms": Annotated[int | None, typer.Option(help=_env("batch_max_latency_ms"))],
-    "read_count": Annotated[int | None, typer.Option(help=_env("read_count"))],
-    "queue_batches": Annotated[int | None, typer.Option(help=_env("queue_batches"))],
-    "device_cache_size": Annotated[int | None, typer.Option(help=_env("device_cache_size"))],
-    "drain_timeout_s": Annotated[float | None, typer.Option(help=_env("drain_timeout_s"))],
+    "redis_url": Annotated[str | None, typer.Option("--redis-url", metavar="URL", help=_env("redis_url"))],
+    "database_url": Annotated[
+        str | None, typer.Option("--database-url", metavar="URL", help=_env("database_url"))
+    ],
+    "db_schema": Annotated[str | None, typer.Option("--db-schema", metavar="NAME", help=_env("db_schema"))],
+    "stream": Annotated[str | None, typer.Option("--stream", metavar="KEY", help=_env("stream"))],
+    "group": Annotated[str | None, typer.Option("--group", metavar="NAME", help=_env("group"))],
+    "consumer": Annotated[str | None, typer.Option("--consumer", metavar="NAME", help=_env("consumer"))],
+    "http_addr": Annotated[str | None, typer.Option("--http-addr", metavar="ADDR", help=_env("http_addr"))],
+    "writers": Annotated[int | None, typer.Option(metavar="N", help=_env("writers"))],
+    "batch_size": Annotated[int | None, typer.Option(metavar="N", help=_env("batch_size"))],
+    "batch_max_latency_ms": Annotated[
+        int | None, typer.Option(metavar="MS", help=_env("batch_max_latency_ms"))
+    ],
+    "read_count": Annotated[int | None, typer.Option(metavar="N", help=_env("read_count"))],
+    "queue_batches": Annotated[int | None, typer.Option(metavar="N", help=_env("queue_batches"))],
+    "device_cache_size": Annotated[int | None, typer.Option(metavar="N", help=_env("device_cache_size"))],
+    "drain_timeout_s": Annotated[float | None, typer.Option(metavar="SECONDS", help=_env("drain_timeout_s"))],
     "migrate_on_start": Annotated[
         bool | None, typer.Option("--migrate/--no-migrate", help=_env("migrate_on_start"))
     ],
-    "log_level": Annotated[str | None, typer.Option(help=_env("log_level"))],
-    "log_format": Annotated[str | None, typer.Option(help=_env("log_format"))],
-    "compress_after": Annotated[str | None, typer.Option("--compress-after", help=_env("compress_after"))],
-    "retain_for": Annotated[str | None, typer.Option("--retain-for", help=_env("retain_for"))],
+    "log_level": Annotated[str | None, typer.Option(metavar="LEVEL", help=_env("log_level"))],
+    "log_format": Annotated[str | None, typer.Option(metavar="FORMAT", help=_env("log_format"))],
+    "compress_after": Annotated[
+        str | None, typer.Option("--compress-after", metavar="DURATION", help=_env("compress_after"))
+    ],
+    "retain_for": Annotated[
+        str | None, typer.Option("--retain-for", metavar="DURATION", help=_env("retain_for"))
+    ],
 }
 
 #: The input stream's Redis.

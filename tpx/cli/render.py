@@ -254,8 +254,10 @@ def print_replays(results: list[ReplayResult]) -> None:
     console.print(summary)
     warned = [r for r in results if r.warning]
     if warned:
+        from tpx.ops.dlq import decode_replay_warning
+
         verb = "would replay" if warned[0].outcome == "would-replay" else "replayed"
-        console.print(f"warning: {verb} {len(warned):,} letters of the {warned[0].warning}")
+        console.print(f"warning: {decode_replay_warning(len(warned), verb)}")
 
 
 def print_histogram(rows: list[tuple[str, str, int]], title: str = "failure reasons") -> None:

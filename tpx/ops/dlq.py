@@ -166,7 +166,28 @@ def matching_ids(
     client: redis.Redis, settings: Settings, stage: str | None = None, device: str | None = None
 ) -> list[str]:
     """The ids of every dead letter matching the filters, oldest first (what ``--all`` replays)."""
-    return [letter.id for letter in iter_letters(client, settings, stage, device)]
+    return replay_plan(client, settings, stage, device).ids
+
+
+@dataclass
+class ReplayPlan:
+    """What replaying every matching dead letter moves: their ids (oldest first), and how many of
+    them are decode-stage letters (those come straight back: :data:`DECODE_REPLAY_WARNING`)."""
+
+    ids: list[str]
+    decode: int
+
+
+def replay_plan(
+    client: redis.Redis, settings: Settings, stage: str | None = None, device: str | None = None
+) -> ReplayPlan:
+    """Every dead letter matching the filters, as :func:`replay` takes them (the dashboard's
+    ``R`` asks with its counts, then replays exactly those)."""
+    ids, decode = [], 0
+    for letter in iter_letters(client, settings, stage, device):
+        ids.append(letter.id)
+        decode += letter.stage == STAGE_DECODE
+    return ReplayPlan(ids, decode)
 
 
 def length(client: redis.Redis, settings: Settings) -> int:
@@ -202,6 +223,12 @@ DECODE_REPLAY_WARNING = (
     "decode stage: nothing changed since it was dead-lettered; it comes straight back unless "
     "the decoder (a tpx upgrade) or the record was fixed"
 )
+
+
+def decode_replay_warning(count: int, verb: str) -> str:
+    """``replayed 3 letters of the decode stage: nothing changed …``: what `tpx dlq replay` prints
+    and the dashboard's confirmation says (``verb``: replayed, would replay)."""
+    return f"{verb} {count:,} letter{'' if count == 1 else 's'} of the {DECODE_REPLAY_WARNING}"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedCont
 from textual.worker import get_current_worker
 
 from tpx.config import Settings
+from tpx.contract import STAGE_DECODE
 from tpx.errors import first_line
 from tpx.format import DEAD_WITH_PENDING, WRITERS_FAILING, ago, number
 from tpx.ops.inspect import Status
@@ -52,6 +53,14 @@ def lag_text(lag: int | None) -> str:
     if isinstance(lag, EstimatedLag):
         return f"{'≥' if lag.at_least else '≈'}{lag:,} (est.)"
     return f"{lag:,}"
+
+
+def _replay_question(question: str, decode: int) -> str:
+    """A replay's confirmation; with decode-stage letters among them, the warning `tpx dlq replay`
+    prints: they come straight back unless the decoder or the record changed."""
+    from tpx.ops.dlq import decode_replay_warning
+
+    return f"{question}\n\nwarning: {decode_replay_warning(decode, 'would replay')}" if decode else question
 
 
 class TopApp(App[None]):
@@ -201,7 +210,9 @@ class TopApp(App[None]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Replay dead letter", "replay the selected dead letter", self.action_replay)
         yield SystemCommand(
-            "Replay all dead letters", "replay every dead letter shown", self.action_replay_all
+            "Replay all dead letters",
+            "replay every dead letter (asks with the count)",
+            self.action_replay_all,
         )
         yield SystemCommand(
             "Claim dead consumer", "claim the selected dead consumer's entries", self.action_claim
@@ -323,18 +334,33 @@ class TopApp(App[None]):
         if entry_id is None:
             self.notify("select a dead letter first (tab 3)", severity="warning")
             return
+        letter = self.query_one(LettersTable).letter(entry_id)
+        decode = 1 if letter is not None and letter.stage == STAGE_DECODE else 0
         self._confirm(
-            f"Replay dead letter {entry_id} onto {self.settings.stream}?", lambda: self.run_replay([entry_id])
+            _replay_question(f"Replay dead letter {entry_id} onto {self.settings.stream}?", decode),
+            lambda: self.run_replay([entry_id]),
         )
 
     def action_replay_all(self) -> None:
-        ids = [x.id for x in self.snapshot.letters]
-        if not ids:
-            self.notify("no dead letters", severity="warning")
+        """``R``: every dead letter, not only the rows loaded (the DLQ may hold many more)."""
+        self.plan_replay_all()
+
+    @work(thread=True, exclusive=True, group="replay-plan")
+    def plan_replay_all(self) -> None:
+        """Count every dead letter off the UI thread, then ask with the counts."""
+        from tpx.ops import dlq
+
+        try:
+            plan = dlq.replay_plan(self.poller.redis(), self.settings)
+        except Exception as exc:  # reported, never raised into the UI
+            self.call_from_thread(self.notify, f"replay failed: {first_line(exc)}", severity="error")
             return
-        self._confirm(
-            f"Replay all {len(ids)} dead letters shown onto {self.settings.stream}?",
-            lambda: self.run_replay(ids),
+        if not plan.ids:
+            self.call_from_thread(self.notify, "no dead letters", severity="warning")
+            return
+        question = f"Replay all {len(plan.ids):,} dead letters onto {self.settings.stream}?"
+        self.call_from_thread(
+            self._confirm, _replay_question(question, plan.decode), lambda: self.run_replay(plan.ids)
         )
 
     @work(thread=True, group="action")

@@ -153,7 +153,7 @@ HELP_KEYS: tuple[tuple[str, str], ...] = (
     ("Enter", "open the selected dead letter, device or instance"),
     ("w", "the selected instance's recent warnings"),
     ("r", "replay the selected dead letter"),
-    ("R", "replay all dead letters shown"),
+    ("R", "replay all dead letters (asks with the count)"),
     ("c", "claim the selected dead consumer's entries"),
     ("h", "force-rehydrate the selected device"),
     ("s", "sort by the next column"),

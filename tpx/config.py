@@ -136,9 +136,10 @@ class Settings(BaseSettings):
     #: How late (behind the device's newest fix) a fix may arrive and still change timing
     #: records; a later one is stored in positions and counted. At most ``late_window``.
     domain_late_window: str = "10m"
-    #: At most this many recent fixes per device are kept in memory to replay late ones (a later
-    #: fix is replayed from positions, one query); ~64 x 200 bytes a device.
-    domain_max_history: int = Field(default=64, ge=2, le=1_000_000)
+    #: At most this many recent fixes per device are kept in memory to replay late ones (an older
+    #: late fix is replayed from positions, one query for the batch): ~250 bytes each, so 16 is
+    #: ~4 KB a device, 400 MB for TPX_DEVICE_CACHE_SIZE's 100,000 devices.
+    domain_max_history: int = Field(default=16, ge=2, le=1_000_000)
 
     # --- failures and redelivery ---
     #: A record the database refuses is dead-lettered (stage ``write``) once the

@@ -63,6 +63,7 @@ from tpx.domain.geofences import GeofenceId
 from tpx.domainstage.geofences import GeofenceSource
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
 from tpx.engine.stages import AfterCommit, StageStartError
+from tpx.errors import first_line
 from tpx.records import Position
 from tpx.streams import entry_ms
 
@@ -336,7 +337,9 @@ class DomainStage:
         except TablesMissing as exc:
             raise StageStartError(f"{exc} (TPX_DOMAIN=on)") from None
         except psycopg.OperationalError as exc:
-            raise StageStartError(f"cannot reach PostgreSQL for the domain: {exc}", usage=False) from None
+            raise StageStartError(
+                f"cannot reach PostgreSQL for the domain: {first_line(exc)}", usage=False
+            ) from None
         self.tables, self.source = tables, source
         self._upsert, self._delete = timing_statements(tables)
         self._resume_sql = resume_statement(tables)
@@ -380,7 +383,7 @@ class DomainStage:
                     (geofences.generation, json.dumps(list(geofences.fingerprints.items()))),
                 )
         except psycopg.Error as exc:  # the writers read it back on demand; they retry if absent
-            log.warning("could not record geofence generation %s: %s", geofences.generation, exc)
+            log.warning("could not record geofence generation %s: %s", geofences.generation, first_line(exc))
 
     # --- the transaction step ---
 

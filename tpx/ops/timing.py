@@ -128,7 +128,8 @@ def latest_records(
     Raises :class:`~tpx.domainstage.tables.TablesMissing` when the CMS's tables are not there
     (or lack a column tpx needs), :class:`psycopg.Error` as usual.
     """
-    with _connect(settings) as conn:
+    with pg_connect(settings.database_url, PG_PURPOSE, autocommit=True) as conn:
+        conn.execute(search_path(settings))
         tables = inspect_tables(conn, settings)
         return _records(conn, tables, limit, device, since)
 
@@ -141,7 +142,8 @@ def device_timing(
     Raises as :func:`latest_records`, and :class:`~tpx.schema.SchemaBehind` when tpx's schema
     (which holds ``tpx_domain_devices``) awaits ``tpx migrate``.
     """
-    with _connect(settings) as conn:
+    with pg_connect(settings.database_url, PG_PURPOSE, autocommit=True) as conn:
+        conn.execute(search_path(settings))
         tables = inspect_tables(conn, settings)
         require_current(conn, settings.db_schema)
         records = tuple(_records(conn, tables, limit, device, since))
@@ -165,16 +167,6 @@ def device_timing(
         newest_us=state.newest_us,
         inside=tuple(Inside(gid, names.get(str(gid))) for gid in ids),
     )
-
-
-def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    conn = pg_connect(settings.database_url, PG_PURPOSE, autocommit=True)
-    try:
-        conn.execute(search_path(settings))
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 def _geofence_id(tables: CmsTables, column: sql.Composable) -> sql.Composable:

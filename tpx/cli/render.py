@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine f
     from tpx.ops.geofences import GeofenceStatus
     from tpx.ops.groups import Listing, PruneResult, ResetResult
     from tpx.ops.inspect import PendingEntry, Status
+    from tpx.ops.recompute import RecomputeResult
     from tpx.ops.timing import DeviceTiming, TimingRow
     from tpx.simulate import SimulationReport
 
@@ -488,3 +489,17 @@ def print_device_timing(report: DeviceTiming, since: dt.datetime | None = None) 
         console.print(f"no timing records{window}")
         return
     print_timing_rows(report.records, f"timing records{window}, newest first", devices=False)
+
+
+def print_recompute(result: RecomputeResult) -> None:
+    noun = "device" if result.devices == 1 else "devices"
+    if result.dry_run:
+        console.print(
+            f"would recompute {result.devices:,} {noun}: {result.removed:,} records would be removed, "
+            f"{result.written:,} written (dry run: nothing changed)"
+        )
+        return
+    console.print(
+        f"recomputed {result.devices:,} {noun}: {result.removed:,} records removed, "
+        f"{result.written:,} written"
+    )

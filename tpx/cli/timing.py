@@ -1,7 +1,7 @@
-"""`tpx geofences`, `tpx timing [show] DEVICE`: the domain's commands.
+"""`tpx geofences`, `tpx timing [show] DEVICE`, `tpx timing recompute`: the domain's commands.
 
 They read the CMS's tables (``TPX_GEOFENCES_TABLE``, ``TPX_TIMING_TABLE``) through
-:mod:`tpx.ops.geofences` and :mod:`tpx.ops.timing`; a missing table or
+:mod:`tpx.ops.geofences`, :mod:`tpx.ops.timing` and :mod:`tpx.ops.recompute`; a missing table or
 column is one line naming it and exit 2, as for ``tpx serve`` with ``TPX_DOMAIN=on``.
 
 ``tpx timing`` is a group whose default command is ``show``: ``tpx timing DEVICE`` is
@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from tpx import exitcodes
 from tpx.cli.groups import parse_time
-from tpx.cli.options import POSTGRES_OPTIONS, Invocation, fail, with_settings
+from tpx.cli.options import POSTGRES_OPTIONS, DryRun, Invocation, fail, with_settings
 from tpx.config import parse_duration
 
 T = TypeVar("T")
@@ -116,6 +116,55 @@ def show(
     start = None if since is None else cmd.guarded(lambda: parse_when(since, "--since", _now()))
     report = _cms(cmd, lambda: device_timing(cmd.settings, device, start, limit))
     cmd.answer(report.to_dict(), lambda: render.print_device_timing(report, start))
+
+
+@app.command("recompute")
+@with_settings(*POSTGRES_OPTIONS, json=True)
+def recompute(
+    cmd: Invocation,
+    geofence: Annotated[
+        str | None, typer.Option("--geofence", metavar="ID", help="Every device, for this geofence.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", metavar="D", help="This device, for every geofence in use.")
+    ] = None,
+    since: Since = None,
+    until: Annotated[
+        str | None, typer.Option("--until", metavar="T", help="Up to T (default: the newest fix).")
+    ] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Replay positions for a window and replace the timing records in it; idempotent.
+
+    For past events after a geofence was edited or added (the running stage adopts it at each
+    device's newest fix, without events). --geofence: every device with positions in the
+    window, that geofence's records; --device: that device, the records of every geofence in
+    use. Each device in one transaction under the stage's lock; rows tpx did not write stay.
+
+    Example: tpx timing recompute --geofence 12 --since 2026-12-01T06:00:00Z --dry-run
+    """
+    from tpx.cli import render
+    from tpx.ops import recompute as ops
+
+    if geofence is None and device is None:
+        _usage("give --geofence ID (every device) or --device D (every geofence)")
+    if geofence is not None and device is not None:
+        _usage("give --geofence ID or --device D, not both")
+    if since is None:
+        _usage(f"give --since T, where the window starts: {TIME_FORMS}")
+    now = _now()
+    start = cmd.guarded(lambda: parse_when(since, "--since", now))
+    end = None if until is None else cmd.guarded(lambda: parse_when(until, "--until", now))
+    if end is not None and end < start:
+        _usage(f"--until {until} is before --since {since}")
+    window = ops.Window(start, end)
+    try:
+        chosen = _cms(cmd, lambda: ops.plan(cmd.settings, window, geofence=geofence, device=device))
+    except ops.TargetError as exc:
+        _usage(str(exc))
+    with render.progress_bar("recomputing", len(chosen.devices)) as advance:
+        result = _cms(cmd, lambda: ops.run(cmd.settings, chosen, dry_run=dry_run, progress=advance))
+    cmd.answer(result.to_dict(), lambda: render.print_recompute(result))
 
 
 def _now() -> dt.datetime:

@@ -140,6 +140,8 @@ def recompute(
     device's newest fix, without events). --geofence: every device with positions in the
     window, that geofence's records; --device: that device, the records of every geofence in
     use. Each device in one transaction under the stage's lock; rows tpx did not write stay.
+    After an edit, wait until the instances reloaded it (TPX_GEOFENCES_RELOAD_S): until then
+    they write new fixes' records with the old geometry.
 
     Example: tpx timing recompute --geofence 12 --since 2026-12-01T06:00:00Z --dry-run
     """

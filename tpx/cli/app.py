@@ -5,7 +5,7 @@ Every command turns failures into one line on stderr and a named exit code
 :mod:`tpx.cli.serve` (serve, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
 rehydrate, device, top), :mod:`tpx.cli.dlq`,
 :mod:`tpx.cli.groups` (groups, group reset/prune), :mod:`tpx.cli.demo` (demo, simulate),
-:mod:`tpx.cli.timing` (geofences); their shared
+:mod:`tpx.cli.timing` (geofences, timing show/recompute); their shared
 flags and error handling in :mod:`tpx.cli.options`, their tables in :mod:`tpx.cli.render`.
 """
 
@@ -61,6 +61,7 @@ app.add_typer(groups.app, name="group")
 app.command()(ops.rehydrate)
 app.command()(ops.device)
 app.command()(timing.geofences)
+app.add_typer(timing.app, name="timing")
 
 
 def _summary(doc: str | None) -> str | None:

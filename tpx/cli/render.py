@@ -7,6 +7,7 @@ The plain-text pieces the dashboard shows too (times, ages, a consumer's cells) 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from tpx.format import CONSUMER_COLUMNS, ago, claim_command, consumer_cells, consumer_known, ms_time
+from tpx.format import CONSUMER_COLUMNS, ago, claim_command, consumer_cells, consumer_known, ms_time, us_time
 
 if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine for every command
     from tpx.ops.claim import ClaimReport
@@ -28,6 +29,8 @@ if TYPE_CHECKING:  # types only: importing tpx.ops.claim would load the engine f
     from tpx.ops.geofences import GeofenceStatus
     from tpx.ops.groups import Listing, PruneResult, ResetResult
     from tpx.ops.inspect import PendingEntry, Status
+    from tpx.ops.recompute import RecomputeResult
+    from tpx.ops.timing import DeviceTiming, TimingRow
     from tpx.simulate import SimulationReport
 
 #: The width rich lays output out in when it does not go to a terminal: wide enough that no row
@@ -438,3 +441,67 @@ def print_geofences(rows: list[GeofenceStatus], table_name: str) -> None:
     console.print(table)
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("loaded", "inactive", "invalid")}
     console.print(", ".join(f"{n:,} {s}" for s, n in counts.items()))
+
+
+def _optional(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_timing_rows(
+    rows: list[TimingRow] | tuple[TimingRow, ...], title: str | None = None, devices: bool = True
+) -> None:
+    """Timing records as a table (``devices``: with a device column)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("time (UTC)", no_wrap=True)
+    if devices:
+        table.add_column("device", overflow="fold")
+    table.add_column("geofence", overflow="fold")
+    table.add_column("event", no_wrap=True)
+    table.add_column("latitude", justify="right", no_wrap=True)
+    table.add_column("longitude", justify="right", no_wrap=True)
+    table.add_column("speed", justify="right", no_wrap=True)
+    table.add_column("dir", justify="right", no_wrap=True)
+    table.add_column("uncertainty s", justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.ts.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            *([r.device_id] if devices else []),
+            f"{r.geofence_name} ({r.geofence})" if r.geofence_name is not None else f"({r.geofence}, gone)",
+            r.event,
+            f"{r.latitude:.7f}",
+            f"{r.longitude:.7f}",
+            _optional(r.speed, 1),
+            "-" if r.direction is None else f"{r.direction:+d}",
+            _optional(r.uncertainty_s, 1),
+        )
+    console.print(table)
+
+
+def print_device_timing(report: DeviceTiming, since: dt.datetime | None = None) -> None:
+    if not report.seen:
+        console.print(f"{report.device_id}: not seen by the domain (no stored state)")
+    elif report.state_error:
+        console.print(f"{report.device_id}: state version {report.version}, {report.state_error}")
+    else:
+        inside = ", ".join(f"{i.name or '(gone)'} ({i.id})" for i in report.inside) or "no geofence"
+        last = "-" if report.newest_us is None else us_time(report.newest_us) + " UTC"
+        console.print(f"{report.device_id}: inside {inside}; last fix {last}; state version {report.version}")
+    window = "" if since is None else f" since {since:%Y-%m-%d %H:%M:%S} UTC"
+    if not report.records:
+        console.print(f"no timing records{window}")
+        return
+    print_timing_rows(report.records, f"timing records{window}, newest first", devices=False)
+
+
+def print_recompute(result: RecomputeResult) -> None:
+    noun = "device" if result.devices == 1 else "devices"
+    if result.dry_run:
+        console.print(
+            f"would recompute {result.devices:,} {noun}: {result.removed:,} records would be removed, "
+            f"{result.written:,} written (dry run: nothing changed)"
+        )
+        return
+    console.print(
+        f"recomputed {result.devices:,} {noun}: {result.removed:,} records removed, "
+        f"{result.written:,} written"
+    )

@@ -379,7 +379,7 @@ def test_recompute_waits_for_the_lock_the_stage_takes_on_the_device(s: Settings)
     chosen = ops.plan(s, ops.Window(SINCE), device="dev-1")
     results: list[ops.RecomputeResult] = []
     with psycopg.connect(s.database_url) as writer:  # a writer's transaction, holding dev-1
-        writer.execute(LOCK_SQL, (["dev-1"],))
+        writer.execute(LOCK_SQL, (json.dumps(["dev-1"]),))
         worker = threading.Thread(target=lambda: results.append(ops.run(s, chosen)), name="test-recompute")
         worker.start()
         try:

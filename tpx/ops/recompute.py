@@ -32,6 +32,7 @@ done or untouched: run it again.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -241,7 +242,7 @@ def _device(
     """One device, in the caller's transaction: (fixes replayed, records removed, written)."""
     window, tables = chosen.window, chosen.tables
     bounds = {"device": device, "since": window.since, "until": window.until}
-    cur.execute(LOCK_SQL, ([device],))
+    cur.execute(LOCK_SQL, (json.dumps([device]),))
     fixes = [
         Fix(ts_us, lat, lon, True, speed)
         for ts_us, lat, lon, speed in cur.execute(

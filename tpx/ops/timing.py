@@ -154,7 +154,7 @@ def device_timing(
             return DeviceTiming(device, records)
         version, stored = row
         try:
-            state = state_from_json(stored)
+            state = state_from_json(stored, device_id=device)
         except (ValueError, KeyError, TypeError) as exc:  # as the stage: it starts such a device afresh
             return DeviceTiming(device, records, True, int(version), state_error=f"unreadable state: {exc}")
         ids = sorted(state.inside, key=repr)

@@ -271,3 +271,45 @@ def test_a_changed_timing_table_costs_timing_records_not_positions(
     errors = [r.getMessage() for r in caplog.records if "domain stage failed" in r.getMessage()]
     assert errors and 'column "direction" of relation "timing_records" does not exist' in errors[0]
     assert len(errors) <= domain_settings.writers  # once per writer, not once per batch
+
+
+@pytest.mark.timeout(60)
+def test_tpx_geofences_reload_makes_the_instances_reload_at_once(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    from typer.testing import CliRunner
+
+    from tpx.cli.app import app
+
+    s = domain_settings.model_copy(update={"geofences_reload_s": 3600.0})  # never by the clock here
+    cms_tables(s.database_url, s.db_schema)
+    env = {
+        "TPX_REDIS_URL": s.redis_url,
+        "TPX_DATABASE_URL": s.database_url,
+        "TPX_DB_SCHEMA": s.db_schema,
+        "TPX_STREAM": s.stream,
+        "COLUMNS": "200",
+    }
+    stage = DomainStage(s)
+    hook = threading.excepthook
+    engine = Engine(s, tx_stage=stage)
+    engine.start()
+    try:
+        before = stage.geofences().generation
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("UPDATE {}.geofences SET exit_margin_m = 25 WHERE id = 1").format(
+                    sql.Identifier(s.db_schema)
+                )
+            )
+        result = CliRunner().invoke(app, ["geofences", "--reload"], env=env)
+        assert result.exit_code == 0, result.output
+        assert "geofences reloading now in test-consumer" in result.output
+        wait_for(lambda: stage.geofences().generation != before, timeout=10, what="the edit reloaded")
+        result = CliRunner().invoke(app, ["geofences", "--reload", "--json"], env=env)
+        answer = json.loads(result.stdout)
+        assert answer["reload"]["confirmed"] == ["test-consumer"]
+        assert [g["id"] for g in answer["geofences"]] == [1, 2, 3]
+    finally:
+        engine.shutdown()
+        threading.excepthook = hook

@@ -324,6 +324,19 @@ def print_control(result: ControlResult) -> None:
         console.print(f"no answer from: {', '.join(result.silent)}")
 
 
+def print_reload(result: ControlResult) -> None:
+    reloading = sorted(str(r.get("consumer")) for r in result.replies if r.get("reloaded"))
+    without = sorted(str(r.get("consumer")) for r in result.replies if r.get("ok") and not r.get("reloaded"))
+    if reloading:
+        console.print(f"geofences reloading now in {', '.join(reloading)}")
+    if without:
+        console.print(f"no domain stage in {', '.join(without)} (TPX_DOMAIN off or its tables missing)")
+    if not result.replies:
+        console.print("no instance answered: nothing to reload")
+    if result.silent:
+        console.print(f"no answer from: {', '.join(result.silent)}")
+
+
 def print_rehydrate_plan(device: str, asked: list[str]) -> None:
     if asked:
         console.print(f"would ask {', '.join(asked)} to drop the cached state of {device} (dry run)")

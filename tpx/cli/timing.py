@@ -82,17 +82,41 @@ def _usage(message: str) -> NoReturn:
     fail(message, exitcodes.USAGE)
 
 
-@with_settings(*POSTGRES_OPTIONS, json=True)
-def geofences(cmd: Invocation) -> None:
+@with_settings("redis_url", *POSTGRES_OPTIONS, "stream", json=True)
+def geofences(
+    cmd: Invocation,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload", help="First ask the running instances to reload their geofences now (via Redis)."
+        ),
+    ] = False,
+) -> None:
     """Which geofences does tpx use? Each one's id, name, kind, active, and loaded or invalid (why).
 
     Example: TPX_GEOFENCES_TABLE=cms.geofences tpx geofences --json
     """
     from tpx.cli import render
+    from tpx.ops import control
     from tpx.ops.geofences import list_geofences
 
+    if not reload:
+        rows = _cms(cmd, lambda: list_geofences(cmd.settings))
+        cmd.answer(
+            [asdict(r) for r in rows], lambda: render.print_geofences(rows, cmd.settings.geofences_table)
+        )
+        return
+    with cmd.redis() as client:
+        result = cmd.guarded(lambda: control.ask(client, cmd.settings, "reload"))
     rows = _cms(cmd, lambda: list_geofences(cmd.settings))
-    cmd.answer([asdict(r) for r in rows], lambda: render.print_geofences(rows, cmd.settings.geofences_table))
+
+    def show() -> None:
+        render.print_reload(result)
+        render.print_geofences(rows, cmd.settings.geofences_table)
+
+    cmd.answer({"reload": result.to_dict(), "geofences": [asdict(r) for r in rows]}, show)
+    if result.silent:
+        raise typer.Exit(exitcodes.ERROR)
 
 
 @app.command("show")

@@ -396,3 +396,18 @@ def current_version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -
     except psycopg.errors.UndefinedTable:
         return None
     return int(str(row[0])) if row and row[0] is not None else None
+
+
+class SchemaBehind(Exception):  # noqa: N818 (the CLI catches it by this name)
+    """tpx's schema is missing or older than this tpx (one line naming the fix)."""
+
+
+def require_current(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> None:
+    """Raise :class:`SchemaBehind` unless ``schema`` holds every migration of this tpx (the
+    commands that read tpx's own tables, ``tpx_domain_devices`` included, check this first)."""
+    version = current_version(conn, schema)
+    if version is None or version < latest_version():
+        raise SchemaBehind(
+            f"schema {schema} is at version {version or 0}, this tpx needs {latest_version()}: "
+            "run `tpx migrate` (TPX_DB_SCHEMA)"
+        )

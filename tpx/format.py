@@ -40,6 +40,17 @@ def us_time(us: int) -> str:
     return dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+def local_time(when: dt.datetime) -> str:
+    """An aware time in this machine's zone, to the millisecond, ``12-01 11:30:00.123``; the zone
+    is :func:`local_zone` (said once, in a header, not in every cell)."""
+    return when.astimezone().strftime("%m-%d %H:%M:%S.%f")[:-3]
+
+
+def local_zone() -> str:
+    """This machine's time zone as ``strftime`` names it now: ``EET``, ``UTC``, ``+0530``."""
+    return dt.datetime.now().astimezone().strftime("%Z") or dt.datetime.now().astimezone().strftime("%z")
+
+
 #: A consumer with pending entries, no heartbeat and no HTTP listener that answers: its entries
 #: wait for a claim.
 DEAD_WITH_PENDING = "DEAD, HAS PENDING"

@@ -86,7 +86,7 @@ def demo(
                     "TPX_STREAM to a stream of the demo's own",
                     exitcodes.USAGE,
                 )
-            run = Demo(settings, rate, devices, poison)
+            run = Demo(settings, rate, devices, poison, course=srv.own_database)
             cmd.start(run.start)
             if headless:
                 deadline = time.monotonic() + (duration or HEADLESS_DEFAULT_S)
@@ -108,10 +108,13 @@ def demo(
         return
     where = "embedded PostgreSQL and Redis" if summary.embedded else "the configured PostgreSQL and Redis"
     lag = "unknown" if summary.lag is None else f"{summary.lag:,}"
+    timing = (
+        f"timing records {summary.timing_records:,}" if summary.timing_records is not None else summary.domain
+    )
     typer.echo(
         f"demo ran {summary.seconds:.0f}s on {where}: produced {summary.produced:,}, written "
         f"{summary.written:,} ({summary.records_per_s:,.0f}/s), duplicates {summary.duplicates:,}, "
-        f"dead-lettered {summary.dead_lettered:,}; lag {lag}, pending {summary.pending:,}. "
+        f"dead-lettered {summary.dead_lettered:,}; lag {lag}, pending {summary.pending:,}; {timing}. "
         f"Logs: {data_dir / 'demo.log'}"
     )
 

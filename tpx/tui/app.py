@@ -40,10 +40,13 @@ from tpx.tui.screens import (
     letter_detail,
 )
 from tpx.tui.sparkline import RateSparkline
-from tpx.tui.tables import TABLES, DevicesTable, InstancesTable, LettersTable, SnapshotTable
+from tpx.tui.tables import TABLES, DevicesTable, InstancesTable, LettersTable, SnapshotTable, TimingTable
+from tpx.tui.tables.timing import timing_summary
 
 #: Recent positions shown when a device is opened.
 DEVICE_ROWS_SHOWN = 20
+#: Timing records shown when a device is opened (its newest).
+DEVICE_TIMING_SHOWN = 10
 
 
 def lag_text(lag: int | None) -> str:
@@ -119,6 +122,7 @@ class TopApp(App[None]):
         with TabbedContent(id="tabs"):
             for table in TABLES:
                 with TabPane(table.TITLE, id=f"tab-{table.TAB}"):
+                    yield Static("", id=f"{table.TAB}-note", classes="note", markup=False)
                     yield table()
         yield Footer()
 
@@ -143,6 +147,8 @@ class TopApp(App[None]):
     def show(self, snap: Snapshot) -> None:
         if self.paused:  # a poll that was under way when refresh was paused: the screen stays still
             return
+        if not self.is_running:  # a poll that finished as the app closed: its widgets are gone
+            return
         self.snapshot = snap
         self.refreshes += 1
         self._banner(snap)
@@ -150,6 +156,10 @@ class TopApp(App[None]):
             self._overview(snap, snap.status)
         for table in self.query(SnapshotTable):
             table.show(snap)
+            note = table.note(snap)
+            line = self.query_one(f"#{table.TAB}-note", Static)
+            line.update(note)
+            line.set_class(bool(note), "shown")
         if self.live:
             if self._timer is not None:
                 self._timer.stop()
@@ -185,6 +195,7 @@ class TopApp(App[None]):
             f"lag {lag}  pending {st.pending:,}{oldest}",
             f"DLQ {st.dlq_length:,} dead letters{growth}",
             f"instances {len(st.instances)} alive{e2e}",
+            timing_summary(snap),
             f"{DEAD_WITH_PENDING}: {', '.join(c.name for c in dead)}" if dead else "",
         ]
         self.query_one("#stream-panel", Static).update("\n".join(lines))
@@ -276,6 +287,12 @@ class TopApp(App[None]):
     def select_device(self, event: DataTable.RowSelected) -> None:
         self.open_device(str(event.row_key.value))
 
+    @on(DataTable.RowSelected, "TimingTable")
+    def select_timing_record(self, event: DataTable.RowSelected) -> None:
+        record = self.query_one(TimingTable).record(str(event.row_key.value))
+        if record is not None:
+            self.open_device(record.device_id)
+
     @work(thread=True, group="action")
     def open_device(self, device: str) -> None:
         from tpx.ops.control import newest_rows
@@ -286,7 +303,9 @@ class TopApp(App[None]):
         except Exception as exc:  # shown in the screen, never raised into the UI
             rows = []
             cached = {**cached, "error": first_line(exc)}
-        self.call_from_thread(self.push_screen, DetailScreen(f"device {device}", device_detail(cached, rows)))
+        timing = self.poller.device_timing(device, DEVICE_TIMING_SHOWN)
+        body = device_detail(cached, rows, timing)
+        self.call_from_thread(self.push_screen, DetailScreen(f"device {device}", body))
 
     def on_input_changed(self, event: Input.Changed) -> None:
         for table in self.query(SnapshotTable):

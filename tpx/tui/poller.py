@@ -1,7 +1,7 @@
 """What the dashboard shows, gathered in one call from a worker thread.
 
-:meth:`Poller.poll` asks Redis (and, for the device fallback, Postgres) through
-the same functions the ops commands use, and returns a :class:`Snapshot`. The
+:meth:`Poller.poll` asks Redis (and Postgres: the device fallback and the newest timing records)
+through the same functions the ops commands use, and returns a :class:`Snapshot`. The
 app never does I/O on its UI thread: it renders snapshots. (Not to be confused
 with :class:`tpx.engine.collector.StreamCollector`, which feeds Prometheus.)
 """
@@ -17,10 +17,13 @@ import psycopg
 import redis
 
 from tpx.config import Settings
+from tpx.domainstage.tables import TablesMissing
 from tpx.errors import first_line
 from tpx.ops import control, dlq
 from tpx.ops.dlq import DeadLetterView
 from tpx.ops.inspect import PendingEntry, Status, pending, status
+from tpx.ops.timing import DeviceTiming, TimingRow, device_timing, latest_records
+from tpx.schema import SchemaBehind
 
 #: Samples kept for the sparklines (one per refresh).
 HISTORY = 120
@@ -28,6 +31,8 @@ HISTORY = 120
 LETTERS_SHOWN = 100
 #: Pending entries shown (the oldest, the ones that matter).
 PENDING_SHOWN = 20
+#: Timing records shown (the newest); the rest are a `tpx timing DEVICE` away.
+TIMING_SHOWN = 100
 #: Seconds a dashboard Redis call may take before the poll reports Redis unreachable.
 REDIS_TIMEOUT_S = 3
 
@@ -49,6 +54,11 @@ class Snapshot:
     out_history: tuple[float, ...] = ()
     redis_error: str | None = None
     postgres_error: str | None = None
+    #: The newest timing records (newest first); why there are none: the domain is off (the
+    #: reason: TPX_DOMAIN=off, a CMS table missing) or the database did not answer.
+    timing: list[TimingRow] = field(default_factory=list)
+    timing_off: str | None = None
+    timing_error: str | None = None
     at: float = field(default_factory=time.time)
 
 
@@ -95,13 +105,48 @@ class Poller:
                 self._client = None
         if snap.status is not None:
             self._rates(snap, snap.status)
+        unreachable = False  # PostgreSQL did not answer (or refused us) once this poll
         if snap.redis_error is None and not snap.devices:
             try:
                 snap.devices = control.latest_rows(s)
                 snap.devices_from = "positions"
-            except psycopg.Error as exc:
+            except psycopg.OperationalError as exc:
+                snap.postgres_error, unreachable = first_line(exc), True
+            except psycopg.Error as exc:  # it answered: a table missing (not migrated yet), say
                 snap.postgres_error = first_line(exc)
+        self._timing(snap, unreachable)
         return snap
+
+    def _timing(self, snap: Snapshot, unreachable: bool) -> None:
+        """The newest timing records, or why there are none (never raised)."""
+        if self.settings.domain == "off":
+            snap.timing_off = "TPX_DOMAIN=off"
+            return
+        if unreachable:  # not a second connect timeout in the same poll
+            snap.timing_error = snap.postgres_error
+            return
+        try:
+            snap.timing = latest_records(self.settings, limit=TIMING_SHOWN)
+        except TablesMissing as exc:
+            snap.timing_off = str(exc)
+        except psycopg.OperationalError as exc:  # not answering, refusing: the banner says it too
+            snap.timing_error = snap.postgres_error = first_line(exc)
+        except psycopg.Error as exc:  # answering, but not this query (a permission, a type)
+            snap.timing_error = first_line(exc)
+
+    def device_timing(self, device: str, limit: int) -> DeviceTiming | str:
+        """A device's membership and newest timing records (worker threads only), or the one
+        line that says why not: ``domain off: …`` or what the database answered."""
+        if self.settings.domain == "off":
+            return "domain off: TPX_DOMAIN=off"
+        try:
+            return device_timing(self.settings, device, limit=limit)
+        except TablesMissing as exc:
+            return f"domain off: {exc}"
+        except SchemaBehind as exc:
+            return str(exc)
+        except psycopg.Error as exc:
+            return f"timing records unavailable: {first_line(exc)}"
 
     def _rates(self, snap: Snapshot, st: Status) -> None:
         now = time.monotonic()

@@ -12,8 +12,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from tpx.format import local_time, local_zone
 from tpx.ops.dlq import DeadLetterView
 from tpx.ops.inspect import Instance
+from tpx.ops.timing import DeviceTiming, Inside
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -114,9 +116,39 @@ def letter_detail(letter: DeadLetterView) -> str:
     return body
 
 
-def device_detail(cached: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """A device's cached state, then its recent positions (``tpx.ops.control.newest_rows``)."""
-    lines = [json.dumps(with_times(cached), indent=2, default=str), "", "recent positions:"]
+def _inside_name(inside: Inside) -> str:
+    return inside.name if inside.name is not None else f"#{inside.id} (deleted)"
+
+
+def membership_lines(timing: DeviceTiming | str) -> list[str]:
+    """The geofences a device is inside now, then its newest timing records (or why not)."""
+    if isinstance(timing, str):
+        return [f"geofences inside now: unknown ({timing})"]
+    if not timing.seen:
+        inside = "none (the domain has not seen this device yet)"
+    elif timing.state_error:
+        inside = f"unknown ({timing.state_error})"
+    else:
+        inside = ", ".join(_inside_name(i) for i in timing.inside) or "none"
+    lines = [f"geofences inside now: {inside}"]
+    if not timing.records:
+        return [*lines, "timing records: none yet"]
+    lines.append(f"timing records (newest first, {local_zone()}):")
+    for r in timing.records:
+        name = r.geofence_name if r.geofence_name is not None else f"#{r.geofence} (deleted)"
+        lines.append(f"  {local_time(r.ts)}  {r.event:<5}  {name}")
+    return lines
+
+
+def device_detail(
+    cached: dict[str, Any], rows: list[dict[str, Any]], timing: DeviceTiming | str | None = None
+) -> str:
+    """A device's cached state, its membership and timing records (``tpx.ops.timing``), then its
+    recent positions (``tpx.ops.control.newest_rows``)."""
+    lines = [json.dumps(with_times(cached), indent=2, default=str), ""]
+    if timing is not None:
+        lines += [*membership_lines(timing), ""]
+    lines.append("recent positions:")
     lines += [
         f"  {r['ts']}  {r['latitude']:.5f}, {r['longitude']:.5f}  speed {r['speed']}  "
         f"sats {r['satellites']}  valid {r['valid']}"
@@ -148,9 +180,10 @@ def instance_detail(name: str, state: str, instance: Instance | None) -> str:
 
 HELP_KEYS: tuple[tuple[str, str], ...] = (
     ("Tab, Shift+Tab", "move between panels"),
-    ("1-4", "jump to a tab: instances, pending, letters, devices"),
+    ("1-5", "jump to a tab: instances, pending, letters, devices, timing"),
     ("/", "filter the table (Esc clears)"),
     ("Enter", "open the selected dead letter, device or instance"),
+    ("Enter on timing", "open the record's device: its geofences, its records"),
     ("w", "the selected instance's recent warnings"),
     ("r", "replay the selected dead letter"),
     ("R", "replay all dead letters (asks with the count)"),
@@ -171,7 +204,8 @@ HELP_FOOTNOTES = """\
 Every action asks for confirmation and reports its result. States are
 spelled out (alive, DEAD, HAS PENDING, valid, no fix) so it reads
 without colour. A lag marked (est.) was counted by tpx: Redis before
-7.0 reports none (≈: counted, ≥: at least that many).
+7.0 reports none (≈: counted, ≥: at least that many). Timing records
+show in this machine's time zone (named above them); other times UTC.
 """
 
 

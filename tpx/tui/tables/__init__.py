@@ -1,4 +1,4 @@
-"""The dashboard's tabs, one table widget each, in tab order (keys 1-4)."""
+"""The dashboard's tabs, one table widget each, in tab order (keys 1-5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,22 @@ from tpx.tui.tables.devices import DevicesTable
 from tpx.tui.tables.instances import InstancesTable
 from tpx.tui.tables.letters import LettersTable
 from tpx.tui.tables.pending import PendingTable
+from tpx.tui.tables.timing import TimingTable
 
-TABLES: tuple[type[SnapshotTable[Any]], ...] = (InstancesTable, PendingTable, LettersTable, DevicesTable)
+TABLES: tuple[type[SnapshotTable[Any]], ...] = (
+    InstancesTable,
+    PendingTable,
+    LettersTable,
+    DevicesTable,
+    TimingTable,
+)
 
-__all__ = ["TABLES", "DevicesTable", "InstancesTable", "LettersTable", "PendingTable", "SnapshotTable"]
+__all__ = [
+    "TABLES",
+    "DevicesTable",
+    "InstancesTable",
+    "LettersTable",
+    "PendingTable",
+    "SnapshotTable",
+    "TimingTable",
+]

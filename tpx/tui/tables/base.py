@@ -35,9 +35,15 @@ class Column(Generic[T]):
     label: str
     cell: Callable[[T], str]
     order: Callable[[T], SupportsRichComparison | None] | None = None
+    #: More of the header, found when the header is drawn: ``time (EET)``, the zone the timing
+    #: tab shows its times in. The column's key stays ``label``.
+    detail: Callable[[], str] | None = None
 
     def value(self, item: T) -> SupportsRichComparison | None:
         return self.cell(item) if self.order is None else self.order(item)
+
+    def header(self) -> str:
+        return self.label if self.detail is None else f"{self.label} ({self.detail()})"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class SnapshotTable(DataTable[str], Generic[T]):
     def key(self, item: T) -> str:
         """The row key: what the cursor stays on across refreshes and what actions act on."""
         raise NotImplementedError
+
+    def note(self, snap: Snapshot) -> str:
+        """One line the tab shows above the table (why it is empty, say); "" for none."""
+        return ""
 
     def build_rows(self, snap: Snapshot) -> list[Row]:
         return [
@@ -148,7 +158,7 @@ class SnapshotTable(DataTable[str], Generic[T]):
             mark = ""
             if self.sorting is not None and self.sorting.column == index:
                 mark = DESCENDING if self.sorting.reverse else ASCENDING
-            self.add_column(column.label + mark, key=column.label)
+            self.add_column(column.header() + mark, key=column.label)
 
     def _fill(self, headers: bool = False) -> None:
         selected, at = self.selected, self.cursor_row

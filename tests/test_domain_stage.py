@@ -313,3 +313,23 @@ def test_tpx_geofences_reload_makes_the_instances_reload_at_once(
     finally:
         engine.shutdown()
         threading.excepthook = hook
+
+
+@pytest.mark.timeout(60)
+def test_recomputes_are_counted_from_the_audit_table(domain_settings: Settings) -> None:
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    with running(s) as engine:
+        assert engine.metrics.registry.get_sample_value("tpx_timing_recomputes") == 0
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.tpx_domain_recomputes (geofence, since, devices, removed, written)"
+                    " VALUES ('1', now(), 3, 6, 6)"
+                ).format(sql.Identifier(s.db_schema))
+            )
+        wait_for(
+            lambda: engine.metrics.registry.get_sample_value("tpx_timing_recomputes") == 1,
+            timeout=10,
+            what="the recompute counted",
+        )

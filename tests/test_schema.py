@@ -313,6 +313,7 @@ def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> 
         (MIGRATIONS_TABLE,),
         ("tpx_domain_devices",),
         ("tpx_domain_generations",),
+        ("tpx_domain_recomputes",),
     }
     assert users == [(1, "a@b")]
 

@@ -264,7 +264,12 @@ def test_migrate_command(settings: Settings) -> None:
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["applied"] == ["001_positions", "002_device_id_collate_c", "003_domain_state"]
+    assert report["applied"] == [
+        "001_positions",
+        "002_device_id_collate_c",
+        "003_domain_state",
+        "004_domain_recomputes",
+    ]
     assert report["storage"] in ("table", "hypertable")
 
 

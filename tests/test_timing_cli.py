@@ -303,6 +303,14 @@ def test_recompute_after_a_geofence_was_moved_equals_the_replay_and_is_idempoten
     }
     assert (again["geofence"], again["device"], again["until"]) == (1, None, None)
     assert again["fixes"] == sum(map(len, devices.values()))
+    # one audit row: the run that changed records (not the dry run, not the idempotent one)
+    with psycopg.connect(s.database_url) as conn:
+        audit = conn.execute(
+            sql.SQL(
+                "SELECT geofence, device_id, devices, removed, written FROM {}.tpx_domain_recomputes"
+            ).format(sql.Identifier(s.db_schema))
+        ).fetchall()
+    assert audit == [("1", None, 3, 6, 6)]
 
 
 @pytest.mark.timeout(90)

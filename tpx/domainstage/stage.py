@@ -113,6 +113,7 @@ CROSS JOIN LATERAL (
 ) AS p
 """
 GENERATION_SQL = "SELECT fingerprints FROM tpx_domain_generations WHERE generation = %s"
+COUNT_RECOMPUTES_SQL = "SELECT count(*) FROM tpx_domain_recomputes"
 SAVE_GENERATION_SQL = """
 INSERT INTO tpx_domain_generations (generation, fingerprints) VALUES (%s, %s)
 ON CONFLICT (generation) DO NOTHING
@@ -283,6 +284,11 @@ class DomainMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
             registry=registry,
         )
+        self.recomputes = Gauge(
+            "tpx_timing_recomputes",
+            "tpx timing recompute runs that changed records (tpx_domain_recomputes; read each reload)",
+            registry=registry,
+        )
         Gauge("tpx_geofences_loaded", "Active geofences in use", registry=registry).set_function(
             lambda: float(len(stage.geofences()))
         )
@@ -367,11 +373,26 @@ class DomainStage:
     def _reload_loop(self, stop: threading.Event) -> None:
         source = self.source
         assert source is not None  # noqa: S101
+        counted_at = float("-inf")
         while not stop.wait(RELOAD_POLL_S):
             before = source.current.generation
             current = source.maybe_reload(time.monotonic())
             if current.generation != before:
                 self._remember_generation(current)
+            if time.monotonic() - counted_at >= self.settings.geofences_reload_s:
+                counted_at = time.monotonic()
+                self._count_recomputes()
+
+    def _count_recomputes(self) -> None:
+        """Refresh ``tpx_timing_recomputes`` from the audit table (a best effort, like the reload)."""
+        try:
+            with self._connect() as conn:
+                row = conn.execute(COUNT_RECOMPUTES_SQL).fetchone()
+        except psycopg.Error as exc:
+            log.debug("could not count recomputes: %s", first_line(exc))
+            return
+        if row is not None and self.metrics is not None:
+            self.metrics.recomputes.set(int(row[0]))
 
     def _remember_generation(self, geofences: GeofenceSet) -> None:
         """Record a set's fingerprints before any writer uses it (other instances read them)."""

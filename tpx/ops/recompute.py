@@ -91,6 +91,13 @@ WHERE device_id = %(device)s AND geofence::text = ANY(%(scope)s::text[])
 BUMP_SQL = "UPDATE {}.tpx_domain_devices SET version = version + 1, updated_at = now() WHERE device_id = %s"
 
 
+#: A recompute that changed records leaves a row in tpx's own audit table (sql/004).
+AUDIT_SQL = """
+INSERT INTO tpx_domain_recomputes (geofence, device_id, since, until, devices, removed, written)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+"""
+
+
 class TargetError(Exception):
     """The geofence given cannot be recomputed (no such row, invalid, inactive): one line."""
 
@@ -218,6 +225,20 @@ def run(
                 changed.append(DeviceChange(device, gone, new))
             if progress is not None:
                 progress(1)
+        if not dry_run and (removed or written):
+            conn.execute(
+                AUDIT_SQL,
+                (
+                    None if chosen.geofence is None else str(chosen.geofence),
+                    chosen.device,
+                    chosen.window.since,
+                    chosen.window.until,
+                    len(chosen.devices),
+                    removed,
+                    written,
+                ),
+            )
+            conn.commit()
     return RecomputeResult(
         chosen.window,
         chosen.geofence,

@@ -250,24 +250,95 @@ def _grown_bbox(lon_lat: FloatArray, frame: Frame, grow_m: float) -> tuple[float
     )
 
 
+#: The grid's cells are this many times the median grown box (width and height apart).
+CELL_BOXES = 2.0
+#: A box covering more cells than this is not put in the grid but checked on every lookup.
+MAX_BOX_CELLS = 64
+#: A lookup box covering more cells than this asks the STRtree instead.
+MAX_QUERY_CELLS = 16
+#: Cell indices beyond this (a box far from every geofence, or not finite) ask the STRtree.
+MAX_CELL_INDEX = 2.0**40
+#: The cell size when no box has an extent (degrees).
+DEFAULT_CELL_DEG = 0.01
+
+Box: TypeAlias = tuple[float, float, float, float]
+
+
+class _Grid:
+    """A uniform grid over the grown boxes, in plain dicts: the geofences whose box may meet a
+    small box in a few dict lookups (an STRtree query costs ~10 µs of call overhead, mostly
+    building the query geometry). Boxes that would cover too many cells are kept apart and
+    checked on every lookup; a lookup too big for the grid returns None (ask the tree)."""
+
+    __slots__ = ("_cells", "_scale", "_wide")
+
+    def __init__(self, boxes: Sequence[Box]) -> None:
+        widths = sorted(b[2] - b[0] for b in boxes)
+        heights = sorted(b[3] - b[1] for b in boxes)
+        cell_x = widths[len(widths) // 2] * CELL_BOXES if widths else 0.0
+        cell_y = heights[len(heights) // 2] * CELL_BOXES if heights else 0.0
+        cell_x = cell_x if cell_x > 0.0 else cell_y if cell_y > 0.0 else DEFAULT_CELL_DEG
+        cell_y = cell_y if cell_y > 0.0 else cell_x
+        self._scale = (1.0 / cell_x, 1.0 / cell_y)
+        self._cells: dict[tuple[int, int], list[int]] = {}
+        self._wide: list[int] = []
+        for i, box in enumerate(boxes):
+            span = self._span(*box)
+            if span is None or (span[2] - span[0] + 1) * (span[3] - span[1] + 1) > MAX_BOX_CELLS:
+                self._wide.append(i)
+                continue
+            for cx in range(span[0], span[2] + 1):
+                for cy in range(span[1], span[3] + 1):
+                    self._cells.setdefault((cx, cy), []).append(i)
+
+    def _span(self, lo_x: float, lo_y: float, hi_x: float, hi_y: float) -> tuple[int, int, int, int] | None:
+        """The cells (x0, y0, x1, y1) a box covers; None when they are out of the grid's range
+        (or not finite). Cells come from a monotone map of each coordinate, so two boxes that
+        meet share a cell."""
+        sx, sy = self._scale
+        fx0, fy0, fx1, fy1 = lo_x * sx, lo_y * sy, hi_x * sx, hi_y * sy
+        if not (abs(fx0) < MAX_CELL_INDEX > abs(fx1) and abs(fy0) < MAX_CELL_INDEX > abs(fy1)):
+            return None
+        return math.floor(fx0), math.floor(fy0), math.floor(fx1), math.floor(fy1)
+
+    def candidates(self, lo_x: float, lo_y: float, hi_x: float, hi_y: float) -> list[int] | None:
+        """Indices of the boxes that may meet the box (a superset), or None: ask the tree."""
+        span = self._span(lo_x, lo_y, hi_x, hi_y)
+        if span is None:
+            return None
+        x0, y0, x1, y1 = span
+        if x0 == x1 and y0 == y1:
+            found = self._cells.get((x0, y0), [])
+            return [*self._wide, *found] if self._wide else found
+        if (x1 - x0 + 1) * (y1 - y0 + 1) > MAX_QUERY_CELLS:
+            return None
+        cells = self._cells
+        union = set(self._wide)
+        for cx in range(x0, x1 + 1):
+            for cy in range(y0, y1 + 1):
+                union.update(cells.get((cx, cy), ()))
+        return list(union)
+
+
 class GeofenceSet:
     """The active geofences, indexed; ``generation`` changes when any of them changes."""
 
-    __slots__ = ("_ids", "by_id", "fingerprints", "generation", "invalid", "tree")
+    __slots__ = ("_boxes", "_grid", "_list", "by_id", "fingerprints", "generation", "invalid", "tree")
 
     def __init__(self, geofences: Iterable[Geofence], invalid: Sequence[Invalid] = ()) -> None:
         active = [g for g in geofences if g.active]
         self.by_id: dict[GeofenceId, Geofence] = {g.id: g for g in active}
-        self._ids: list[GeofenceId] = list(self.by_id)
+        self._list: list[Geofence] = list(self.by_id.values())
+        self._boxes: list[Box] = [g.bbox for g in self._list]
         self.invalid: tuple[Invalid, ...] = tuple(invalid)
-        boxes = shapely.box(*np.array([self.by_id[i].bbox for i in self._ids]).reshape(-1, 4).T)
-        self.tree = shapely.STRtree(boxes)
+        self.tree = shapely.STRtree(shapely.box(*np.array(self._boxes).reshape(-1, 4).T))
+        self._grid = _Grid(self._boxes)
         #: Each geofence's fingerprint; one mapping that every device reconciled with it shares.
         self.fingerprints: Mapping[GeofenceId, str] = MappingProxyType(
-            {gid: self.by_id[gid].fingerprint for gid in self._ids}
+            {g.id: g.fingerprint for g in self._list}
         )
         digest = hashlib.sha256()
-        for gid in sorted(self._ids, key=repr):
+        for gid in sorted(self.by_id, key=repr):
             digest.update(f"{gid!r}={self.fingerprints[gid]};".encode())
         self.generation = digest.hexdigest()[:20]
 
@@ -280,14 +351,28 @@ class GeofenceSet:
         )
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._list)
 
     def near(self, lon0: float, lat0: float, lon1: float, lat1: float) -> list[Geofence]:
-        """The geofences whose grown bounding box meets the segment's bounding box."""
-        hits = self.tree.query(
-            shapely.box(min(lon0, lon1), min(lat0, lat1), max(lon0, lon1), max(lat0, lat1))
-        )
-        return [self.by_id[self._ids[i]] for i in sorted(hits.tolist())]
+        """The geofences whose grown bounding box meets the segment's bounding box (in the set's
+        order)."""
+        lo_x, hi_x = (lon0, lon1) if lon0 <= lon1 else (lon1, lon0)
+        lo_y, hi_y = (lat0, lat1) if lat0 <= lat1 else (lat1, lat0)
+        candidates = self._grid.candidates(lo_x, lo_y, hi_x, hi_y)
+        if candidates is None:
+            hits = sorted(self.tree.query(shapely.box(lo_x, lo_y, hi_x, hi_y)).tolist())
+            return [self._list[i] for i in hits]
+        if not candidates:
+            return []
+        boxes = self._boxes
+        hits = [
+            i
+            for i in candidates
+            if boxes[i][0] <= hi_x and lo_x <= boxes[i][2] and boxes[i][1] <= hi_y and lo_y <= boxes[i][3]
+        ]
+        if len(hits) > 1:
+            hits.sort()
+        return [self._list[i] for i in hits]
 
     def areas_at(self, lon: float, lat: float) -> frozenset[GeofenceId]:
         """The zones and circles that contain the point (boundary included)."""

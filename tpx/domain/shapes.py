@@ -334,6 +334,11 @@ class Zone(Area):
         # outside the box of its edges, a point is outside (as GEOS decides first, too)
         return self._core.meets(x, y, x, y) and bool(shapely.intersects_xy(self._polygon, x, y))
 
+    def _all_or_nothing(self, x0: float, y0: float) -> list[Interval]:
+        """A segment that comes near no edge (farther than the boxes' widening from every one)
+        does not meet the boundary: it is all in, or all out, as its start is."""
+        return [(0.0, 1.0)] if self.contains(x0, y0) else []
+
     def _in(self, xs: list[float], ys: list[float]) -> list[bool]:
         inside: list[bool] = shapely.intersects_xy(self._polygon, xs, ys).tolist()
         return inside
@@ -355,7 +360,10 @@ class Zone(Area):
         box = _box(x0, y0, x1, y1)
         if not self._core.meets(*box):
             return []  # every point of the segment is outside the zone's box
-        return _segment_sets(x0, y0, x1, y1, _cross_hits(x0, y0, x1, y1, self._core.meeting(*box)), self._in)
+        edges = self._core.meeting(*box)
+        if not edges:
+            return self._all_or_nothing(x0, y0)
+        return _segment_sets(x0, y0, x1, y1, _cross_hits(x0, y0, x1, y1, edges), self._in)
 
     def inside_grown(self, x0: float, y0: float, x1: float, y1: float) -> list[Interval]:
         if self.margin_m == 0.0:
@@ -364,6 +372,8 @@ class Zone(Area):
         if not self._grown.meets(*box):
             return []  # every point of the segment is farther than the margin from the zone
         edges = self._grown.meeting(*box)
+        if not edges:
+            return self._all_or_nothing(x0, y0)
         shifted = [e for edge in edges for e in self._shifted[edge]]
         cuts = _cross_hits(x0, y0, x1, y1, shifted)
         cuts += _circle_hits(x0, y0, x1, y1, ((e[0], e[1]) for e in edges), self.margin_m)

@@ -37,6 +37,7 @@ VOCABULARY = {
     "DIR",
     "FILE",
     "DEVICE",
+    "GEOFENCE",  # a geofence's id
     "ENTRY_ID",
     "STAGE",
     "TEXT",

@@ -492,5 +492,5 @@ def test_an_unreachable_server_is_one_line_and_exit_3(args: list[str]) -> None:
 def test_timing_help_names_both_forms() -> None:
     code, out, _ = tpx({}, "timing", "--help")
     assert code == 0
-    assert "DEVICE | COMMAND" in out and "tpx timing DEVICE is short for tpx timing show DEVICE" in out
+    assert "COMMAND [ARGS]..." in out and "tpx timing DEVICE is short for tpx timing show DEVICE" in out
     assert "show" in out and "recompute" in out

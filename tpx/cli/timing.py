@@ -45,7 +45,7 @@ app = typer.Typer(
     help="A device's timing records and membership; recompute a window.\n\n"
     "tpx timing DEVICE is short for tpx timing show DEVICE.",
     no_args_is_help=True,
-    subcommand_metavar="DEVICE | COMMAND [ARGS]...",
+    subcommand_metavar="COMMAND [ARGS]...",
     rich_markup_mode=None,
 )
 
@@ -62,7 +62,7 @@ def parse_when(text: str, flag: str, now: dt.datetime) -> dt.datetime:
         raise ValueError(f"{flag} {text!r}: give {TIME_FORMS}") from None
 
 
-Since = Annotated[str | None, typer.Option("--since", metavar="T", help=f"From T: {TIME_FORMS}.")]
+Since = Annotated[str | None, typer.Option("--since", metavar="TIME", help=f"From TIME: {TIME_FORMS}.")]
 
 
 def _cms(cmd: Invocation, fn: Callable[[], T]) -> T:
@@ -125,7 +125,9 @@ def show(
     cmd: Invocation,
     device: Annotated[str, typer.Argument(metavar="DEVICE", help="The device_id.")],
     since: Since = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many records, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, metavar="N", help="At most this many records, newest first.")
+    ] = 50,
 ) -> None:
     """A device's timing records, newest first, and the geofences it is inside now.
 
@@ -147,14 +149,15 @@ def show(
 def recompute(
     cmd: Invocation,
     geofence: Annotated[
-        str | None, typer.Option("--geofence", metavar="ID", help="Every device, for this geofence.")
+        str | None,
+        typer.Option("--geofence", metavar="GEOFENCE", help="Every device, for this geofence (its id)."),
     ] = None,
     device: Annotated[
-        str | None, typer.Option("--device", metavar="D", help="This device, for every geofence in use.")
+        str | None, typer.Option("--device", metavar="DEVICE", help="This device, for every geofence in use.")
     ] = None,
     since: Since = None,
     until: Annotated[
-        str | None, typer.Option("--until", metavar="T", help="Up to T (default: the newest fix).")
+        str | None, typer.Option("--until", metavar="TIME", help="Up to TIME (default: the newest fix).")
     ] = None,
     dry_run: DryRun = False,
 ) -> None:

@@ -95,11 +95,14 @@ def _walk(
 ) -> tuple[bool, list[tuple[float, EventKind]]]:
     """Membership along one segment: inside from entering the area until leaving the grown area."""
     core = area.inside(*xy0, *xy1)
-    grown: list[Interval] = core if area.margin_m == 0.0 else area.inside_grown(*xy0, *xy1)
+    # the grown area only matters from where the device is inside: most segments never are
+    grown: list[Interval] | None = core if area.margin_m == 0.0 else None
     u, exited = 0.0, False
     hits: list[tuple[float, EventKind]] = []
     while True:
         if inside:
+            if grown is None:
+                grown = area.inside_grown(*xy0, *xy1)
             run = next((r for r in grown if r[0] <= u <= r[1]), None)
             if run is not None and run[1] >= 1.0:
                 return True, hits
@@ -188,6 +191,30 @@ def replay(
         events.extend(found)
         previous = fix
     return ordered(events)
+
+
+def _evolve(
+    state: DeviceState,
+    *,
+    base: Base | None = None,
+    history: tuple[Entry, ...] | None = None,
+    checkpoints: tuple[Base, ...] | None = None,
+    anchors: Mapping[GeofenceId, int] | None = None,
+    rejected: tuple[int, ...] | None = None,
+) -> DeviceState:
+    """``state`` with some fields replaced, by the constructor: on the path of every fix, where
+    ``dataclasses.replace`` (which inspects the fields each time) costs several times more."""
+    return DeviceState(
+        state.device_id,
+        state.base if base is None else base,
+        state.history if history is None else history,
+        state.newest_us,
+        state.generation,
+        state.versions,
+        state.anchors if anchors is None else anchors,
+        state.checkpoints if checkpoints is None else checkpoints,
+        state.rejected if rejected is None else rejected,
+    )
 
 
 def _fix_time(fix: Fix) -> int:
@@ -560,12 +587,12 @@ def _trim(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
     if history and history[0].fix.ts_us >= floor and len(history) <= config.max_history:
         cut = 0  # nothing to cut (the common case): no pass over the history
     else:
-        cut = bisect.bisect_left([e.fix.ts_us for e in history], floor)
+        cut = bisect.bisect_left(history, floor, key=_entry_time)  # no list of the times
         cut = max(cut, len(history) - config.max_history)
     if cut > 0:
         dropped = [Base(e.inside, e.last_kept, e.fix.ts_us) for e in history[:cut]]
         points = [*state.checkpoints, state.base, *dropped]
-        state = replace(state, base=points[-1], history=history[cut:], checkpoints=tuple(points[:-1]))
+        state = _evolve(state, base=points[-1], history=history[cut:], checkpoints=tuple(points[:-1]))
     return _prune(state, floor, config)
 
 
@@ -580,13 +607,13 @@ def _prune(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
     checkpoints = tuple(kept_points)
     replayable = checkpoints[0].horizon_us if checkpoints else state.base.horizon_us
     if replayable is None:
-        return replace(state, checkpoints=checkpoints)
+        return _evolve(state, checkpoints=checkpoints)
     # an anchor no replay can reach any more (every segment still to compute starts after it)
     oldest = checkpoints[0] if checkpoints else state.base
     reach = oldest.last_kept.ts_us if oldest.last_kept is not None else replayable
     anchors = {gid: t for gid, t in state.anchors.items() if t > reach}
     rejected = tuple(t for t in state.rejected if t > replayable)
-    return replace(state, checkpoints=checkpoints, anchors=anchors, rejected=rejected)
+    return _evolve(state, checkpoints=checkpoints, anchors=anchors, rejected=rejected)
 
 
 def _thin(points: list[Base], config: TimingConfig) -> list[Base]:

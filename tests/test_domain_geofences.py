@@ -147,3 +147,13 @@ def test_multipolygon_with_a_hole():
     assert gs.areas_at(0.004, 0.005) == {9}  # on the hole's edge: boundary is inside
     assert gs.areas_at(0.025, 0.005) == {9}
     assert gs.areas_at(0.015, 0.005) == frozenset()
+
+
+def test_hostile_geometry_values_are_invalid_rows_never_exceptions():
+    # a JSON integer of 400 digits is a Python int that no float holds (math.isfinite raises
+    # OverflowError), and 100,000 brackets go deeper than the JSON parser: each is one invalid row
+    huge = '{"type": "Point", "coordinates": [1' + "0" * 400 + ", 2]}"
+    for geometry in (huge, "[" * 100_000):
+        parsed = parse_geofence({"id": 9, "kind": "circle", "geometry": geometry, "radius_m": 5})
+        assert isinstance(parsed, Invalid) and parsed.id == 9
+        assert parsed.reason.startswith("unusable geometry: ")

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg import sql
 from typer.testing import CliRunner
@@ -667,3 +668,56 @@ def test_tpx_geofences_exits_in_one_line_without_a_server(url: str, code: int, s
     got, out, err = tpx({"TPX_DATABASE_URL": url})
     assert (got, out) == (code, "")
     assert err.startswith(start) and err.count("\n") == 1, err
+
+
+def test_a_role_that_may_not_change_timing_records_is_named(pg_server_url: str, cms: Settings) -> None:
+    # a role with SELECT and INSERT but not UPDATE or DELETE would write nothing (every upsert
+    # refused with 42501); the check names what to GRANT
+    role = f"t_role_{uuid.uuid4().hex[:8]}"
+    schema = sql.Identifier(cms.db_schema)
+    with psycopg.connect(pg_server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(role)))
+        admin.execute(sql.SQL("GRANT SELECT ON {}.geofences TO {}").format(schema, sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("GRANT SELECT, INSERT ON {}.timing_records TO {}").format(schema, sql.Identifier(role))
+        )
+    try:
+        as_role = cms.model_copy(
+            update={"database_url": psycopg.conninfo.make_conninfo(pg_server_url, user=role)}
+        )
+        with connect(as_role) as conn, pytest.raises(TablesMissing) as caught:
+            inspect_tables(conn, as_role)
+        assert str(caught.value) == (
+            "tpx's role may not UPDATE, DELETE on timing_records (GRANT it, or TPX_DOMAIN=off)"
+        )
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize(
+    ("alter", "message"),
+    [
+        ("ALTER TABLE timing_records ALTER COLUMN id TYPE text", "timing_records.id is text: expected uuid"),
+        (
+            "ALTER TABLE timing_records ALTER COLUMN ts TYPE timestamp",
+            "timing_records.ts is timestamp without time zone: expected timestamptz",
+        ),
+        (
+            "ALTER TABLE timing_records DROP CONSTRAINT timing_records_geofence_foreign,"
+            " ALTER COLUMN geofence TYPE bigint",
+            "timing_records.geofence is bigint: expected integer, the type of the geofences' id",
+        ),
+    ],
+)
+def test_a_column_of_another_type_is_named(
+    conn: psycopg.Connection[Any], cms: Settings, alter: str, message: str
+) -> None:
+    # Directus's Data Studio makes an integer id by default: tpx derives uuids, so every insert
+    # would fail; the check says so at start-up instead
+    conn.execute(alter)
+    with pytest.raises(TablesMissing) as caught:
+        inspect_tables(conn, cms)
+    assert str(caught.value) == message

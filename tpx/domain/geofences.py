@@ -20,6 +20,7 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 import shapely
+import shapely.errors
 
 from tpx.domain.shapes import Area, Disc, FloatArray, Frame, Line, Zone
 
@@ -88,6 +89,10 @@ def parse_geofence(row: Mapping[str, object]) -> Geofence | Invalid:
         return _parse(row)
     except _RowError as exc:
         return Invalid(gid, str(exc))
+    # what a hostile value can still raise past the checks: a coordinate too large for a float
+    # (a JSON integer of 400 digits), nesting too deep, GEOS refusing the shape
+    except (OverflowError, RecursionError, ValueError, TypeError, shapely.errors.GEOSException) as exc:
+        return Invalid(gid, f"unusable geometry: {type(exc).__name__}: {exc}"[:200])
 
 
 def _parse(row: Mapping[str, object]) -> Geofence:

@@ -394,13 +394,16 @@ def _diff(
 ) -> tuple[frozenset[GeofenceId], frozenset[GeofenceId]]:
     """The geofences new or edited since ``old`` (changed), and those plus the removed (gone)."""
     key = (generation, geofences.generation)
-    cached = _DIFFS.get(key) if generation is not None else None
+    # only a known old set is cached: without its fingerprints every geofence counts as changed,
+    # which must not stick to that generation for the devices that come later
+    cacheable = generation is not None and bool(old)
+    cached = _DIFFS.get(key) if cacheable else None
     if cached is not None:
         return cached
     versions = geofences.fingerprints
     changed = frozenset(gid for gid, fp in versions.items() if old.get(gid) != fp)
     gone = frozenset(gid for gid in old if gid not in versions) | changed
-    if generation is not None:
+    if cacheable:
         if len(_DIFFS) >= MAX_CACHED_DIFFS:
             _DIFFS.clear()
         _DIFFS[key] = (changed, gone)

@@ -43,8 +43,8 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg import sql
 
-from tpx.config import Settings, parse_duration
-from tpx.connections import pg_connect, search_path
+from tpx.config import Settings, mask_url, parse_duration
+from tpx.connections import pg_connect, search_path, writer_timeouts
 from tpx.domain import (
     Changes,
     DeviceState,
@@ -62,6 +62,7 @@ from tpx.domain import (
 from tpx.domain.geofences import GeofenceId
 from tpx.domainstage.geofences import GeofenceSource
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
+from tpx.engine.sqlstate import describe
 from tpx.engine.stages import AfterCommit, StageStartError
 from tpx.errors import first_line
 from tpx.records import Position
@@ -177,6 +178,10 @@ FROM d CROSS JOIN LATERAL (
 ) AS p
 """
     ).format(timing=tables.timing_ident())
+
+
+def _generation_params(geofences: GeofenceSet) -> tuple[str, str]:
+    return geofences.generation, json.dumps(list(geofences.fingerprints.items()))
 
 
 def timing_params(events: Sequence[Event]) -> dict[str, list[Any]]:
@@ -323,13 +328,25 @@ class DomainStage:
         #: generation -> fingerprints, for states written under a set this process did not load
         self._fingerprints: dict[str, Mapping[GeofenceId, str]] = {}
         self._problem: str | None = None
+        self._device_error_logged_at = -DEVICE_ERROR_LOG_EVERY_S
+        #: generations known to be in tpx_domain_generations (a writer records one before use)
+        self._recorded: set[str] = set()
 
     # --- lifecycle ---
 
     def _connect(self) -> psycopg.Connection[Any]:
+        """A connection of the stage's own (start-up, reloads), with tpx's search_path and the
+        writers' lock and statement timeouts: a reload queued behind a Directus ``ALTER TABLE``
+        gives up and is tried again, it never holds the reload thread for good."""
         conn = pg_connect(self.settings.database_url, "tpx-domain")
-        conn.execute(search_path(self.settings))
-        conn.commit()
+        try:
+            conn.execute(search_path(self.settings))
+            for statement in writer_timeouts(self.settings):
+                conn.execute(statement.as_string(conn))
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def open(self, registry: CollectorRegistry, stop: threading.Event) -> str:
@@ -344,7 +361,11 @@ class DomainStage:
             raise StageStartError(f"{exc} (TPX_DOMAIN=on)") from None
         except psycopg.OperationalError as exc:
             raise StageStartError(
-                f"cannot reach PostgreSQL for the domain: {first_line(exc)}", usage=False
+                f"cannot reach PostgreSQL for the domain: {mask_url(first_line(exc))}", usage=False
+            ) from None
+        except psycopg.Error as exc:  # the tables check out but reading them fails (a view, a cast)
+            raise StageStartError(
+                f"the domain cannot read {self.settings.geofences_table}: {mask_url(describe(exc))}"
             ) from None
         self.tables, self.source = tables, source
         self._upsert, self._delete = timing_statements(tables)
@@ -375,13 +396,21 @@ class DomainStage:
         assert source is not None  # noqa: S101
         counted_at = float("-inf")
         while not stop.wait(RELOAD_POLL_S):
-            before = source.current.generation
-            current = source.maybe_reload(time.monotonic())
-            if current.generation != before:
-                self._remember_generation(current)
-            if time.monotonic() - counted_at >= self.settings.geofences_reload_s:
-                counted_at = time.monotonic()
-                self._count_recomputes()
+            try:
+                before = source.current.generation
+                current = source.maybe_reload(time.monotonic())
+                if current.generation != before:
+                    self._remember_generation(current)
+                if time.monotonic() - counted_at >= self.settings.geofences_reload_s:
+                    counted_at = time.monotonic()
+                    self._count_recomputes()
+            except Exception:  # one bad reload must not stop every later one: keep the current set
+                log.exception("geofence reload failed; keeping the geofences loaded before")
+                self.stop_wait(stop)
+
+    def stop_wait(self, stop: threading.Event) -> None:
+        """After a failed reload: wait one reload period (or the stop) before the next try."""
+        stop.wait(self.settings.geofences_reload_s)
 
     def _count_recomputes(self) -> None:
         """Refresh ``tpx_timing_recomputes`` from the audit table (a best effort, like the reload)."""
@@ -389,7 +418,7 @@ class DomainStage:
             with self._connect() as conn:
                 row = conn.execute(COUNT_RECOMPUTES_SQL).fetchone()
         except psycopg.Error as exc:
-            log.debug("could not count recomputes: %s", first_line(exc))
+            log.debug("could not count recomputes: %s", mask_url(first_line(exc)))
             return
         if row is not None and self.metrics is not None:
             self.metrics.recomputes.set(int(row[0]))
@@ -399,12 +428,13 @@ class DomainStage:
         self._fingerprints[geofences.generation] = geofences.fingerprints
         try:
             with self._connect() as conn:
-                conn.execute(
-                    SAVE_GENERATION_SQL,
-                    (geofences.generation, json.dumps(list(geofences.fingerprints.items()))),
-                )
-        except psycopg.Error as exc:  # the writers read it back on demand; they retry if absent
-            log.warning("could not record geofence generation %s: %s", geofences.generation, first_line(exc))
+                conn.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
+        except psycopg.Error as exc:  # each writer's first batch under it records it anyway
+            log.warning(
+                "could not record geofence generation %s: %s", geofences.generation, mask_url(first_line(exc))
+            )
+            return
+        self._recorded.add(geofences.generation)
 
     # --- the transaction step ---
 
@@ -431,6 +461,9 @@ class DomainStage:
         devices = sorted(by_device)
         work = _Work(oldest_entry_ms=oldest_ms)
         with conn.cursor() as cur:
+            recorded = geofences.generation in self._recorded
+            if not recorded:  # a state is never stored under a generation others cannot read
+                cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
             cur.execute(LOCK_SQL, (json.dumps(devices),))
             states = self._states(cur, devices, geofences, by_device)
             results = self._advance(cur, states, by_device, geofences, work)
@@ -438,6 +471,8 @@ class DomainStage:
         spent = time.monotonic() - started
 
         def after_commit() -> None:
+            if not recorded:
+                self._recorded.add(geofences.generation)
             self.cache.put_all(work.states)
             self.cache.drop(work.failed)
             self._problem = None
@@ -577,7 +612,10 @@ class DomainStage:
         return results
 
     def _device_failed(self, device_id: str, work: _Work) -> None:
-        log.exception("domain step failed for device %s; its records of this batch are skipped", device_id)
+        now = time.monotonic()
+        if now - self._device_error_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # a bug repeats: not per batch
+            self._device_error_logged_at = now
+            log.exception("domain step failed for device %s; its records of this batch skipped", device_id)
         work.failed.append(device_id)
         if self.metrics is not None:
             self.metrics.device_errors.inc()
@@ -619,6 +657,9 @@ class DomainStage:
             m.lag.observe(max(0.0, time.time() - work.oldest_entry_ms / 1000))
 
 
+#: A device whose step fails (a bug) is logged with its traceback at most once per this many
+#: seconds per instance (tpx_domain_device_errors_total counts every one).
+DEVICE_ERROR_LOG_EVERY_S = 30.0
 #: Seconds between the reload thread's looks at the clock (a reload is due every
 #: TPX_GEOFENCES_RELOAD_S, or at once on a request).
 RELOAD_POLL_S = 0.5

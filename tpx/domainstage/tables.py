@@ -134,6 +134,40 @@ def _geometry_storage(name: str, column: _Column) -> GeometryStorage:
     raise TablesMissing(f"{name}.geometry is {column.formatted}: expected a PostGIS geometry or json/jsonb")
 
 
+#: What tpx does to timing records: reads (a cold device's newest), inserts, updates (an upsert of
+#: a record a late fix moved) and deletes (a record a late fix withdrew).
+TIMING_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def _check_types(name: str, timing: dict[str, _Column], geofence_id: _Column) -> None:
+    """The columns whose type tpx relies on: a uuid id it derives, a timestamptz time, a
+    geofence reference of the geofences' id type (else every batch's insert would fail)."""
+    expected = {"id": ("uuid",), "ts": ("timestamptz",)}
+    for column, types in expected.items():
+        if timing[column].type_name not in types:
+            raise TablesMissing(
+                f"{name}.{column} is {timing[column].formatted}: expected {' or '.join(types)}"
+            )
+    if timing["geofence"].type_name != geofence_id.type_name:
+        raise TablesMissing(
+            f"{name}.geofence is {timing['geofence'].formatted}: expected {geofence_id.formatted}, "
+            "the type of the geofences' id"
+        )
+
+
+def _check_privileges(conn: psycopg.Connection[Any], name: str, privileges: tuple[str, ...]) -> None:
+    quoted = _ident(name).as_string(conn)
+    missing = []
+    for privilege in privileges:
+        row = conn.execute("SELECT has_table_privilege(%s, %s)", (quoted, privilege)).fetchone()
+        if row is None or not row[0]:
+            missing.append(privilege)
+    if missing:
+        raise TablesMissing(
+            f"tpx's role may not {', '.join(missing)} on {name} (GRANT it, or TPX_DOMAIN=off)"
+        )
+
+
 def inspect_tables(conn: psycopg.Connection[Any], settings: Settings) -> CmsTables:
     """Find and check both tables on ``conn`` (tpx's search_path); raises :class:`TablesMissing`.
 
@@ -144,6 +178,9 @@ def inspect_tables(conn: psycopg.Connection[Any], settings: Settings) -> CmsTabl
     storage = _geometry_storage(settings.geofences_table, geofences["geometry"])
     timing = _columns(conn, settings.timing_table, "timing_table", WRITABLE_KINDS)
     _require(settings.timing_table, timing, TIMING_REQUIRED)
+    _check_types(settings.timing_table, timing, geofences["id"])
+    _check_privileges(conn, settings.geofences_table, ("SELECT",))
+    _check_privileges(conn, settings.timing_table, TIMING_PRIVILEGES)
     return CmsTables(
         geofences=settings.geofences_table,
         timing=settings.timing_table,

@@ -396,9 +396,9 @@ class Committer:
         """Run the transaction stage on the rows inserted now, in a savepoint.
 
         A fault that retrying can fix (connection, deadlock, timeout) propagates: the whole batch
-        is retried. One it cannot (the stage's tables refuse the query or a value) rolls back
-        only the savepoint: the positions commit without the stage's work, which is logged and
-        counted (the stage repairs itself from positions later, or `tpx timing recompute` does).
+        is retried. One it cannot (the stage's tables refuse the query or a value), or a bug in
+        the stage, rolls back only the savepoint: the positions commit without the stage's work,
+        which is logged and counted; that batch's work is lost (`tpx timing recompute` redoes it).
         """
         stage = self.stage
         if stage is None:
@@ -413,6 +413,9 @@ class Committer:
             if classify(exc) is Fault.TRANSIENT or conn.closed:
                 raise
             reason = describe(exc)
+        except Exception as exc:  # a bug in the stage: its work is lost, never the positions
+            log.exception("%s stage raised on %d rows", stage.name, len(rows))
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
         self.metrics.stage_errors.labels(stage.name).inc()
         now = time.monotonic()
         if now - self._stage_logged_at >= STAGE_ERROR_LOG_EVERY_S:  # every batch fails alike

@@ -441,6 +441,8 @@ class DomainStage:
     def failed(self, inserted: Sequence[Position], reason: str) -> None:
         self.cache.drop({p.device_id for p in inserted})
         self._problem = f"domain stage failing: {reason}"
+        if reason.startswith("ForeignKeyViolation"):  # a geofence deleted since the last reload
+            self.request_reload()
 
     def in_transaction(
         self, conn: psycopg.Connection[Any], inserted: Sequence[Position]

@@ -31,6 +31,8 @@ HISTORY = 120
 LETTERS_SHOWN = 100
 #: Pending entries shown (the oldest, the ones that matter).
 PENDING_SHOWN = 20
+#: Seconds between two reads of the newest timing records (a scan of the CMS's table).
+TIMING_POLL_S = 5.0
 #: Timing records shown (the newest); the rest are a `tpx timing DEVICE` away.
 TIMING_SHOWN = 100
 #: Seconds a dashboard Redis call may take before the poll reports Redis unreachable.
@@ -76,6 +78,8 @@ class Poller:
         self._last_dlq: tuple[float, int] | None = None
         self._in_history: deque[float] = deque(maxlen=HISTORY)
         self._out_history: deque[float] = deque(maxlen=HISTORY)
+        #: (monotonic time, records, off, error) of the last read of the timing records
+        self._timing_last: tuple[float, list[TimingRow], str | None, str | None] | None = None
 
     def redis(self) -> redis.Redis:
         """The dashboard's Redis client (calls time out after :data:`REDIS_TIMEOUT_S`)."""
@@ -118,7 +122,18 @@ class Poller:
         return snap
 
     def _timing(self, snap: Snapshot, unreachable: bool) -> None:
-        """The newest timing records, or why there are none (never raised)."""
+        """The newest timing records, or why there are none (never raised); asked of the CMS's
+        table at most every TIMING_POLL_S (it has no index on ts: each ask scans it), the last
+        answer shown in between."""
+        now = time.monotonic()
+        last = self._timing_last
+        if last is not None and now - last[0] < TIMING_POLL_S and not unreachable:
+            snap.timing, snap.timing_off, snap.timing_error = last[1], last[2], last[3]
+            return
+        self._timing_fresh(snap, unreachable)
+        self._timing_last = (now, snap.timing, snap.timing_off, snap.timing_error)
+
+    def _timing_fresh(self, snap: Snapshot, unreachable: bool) -> None:
         if self.settings.domain == "off":
             snap.timing_off = "TPX_DOMAIN=off"
             return

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a smoke run of the benchmark script, in a subprocess
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +47,25 @@ def test_pipeline_benchmark_reports_every_contender(redis_server_url: str, pg_se
     for contender in ("tpx", "naive", "db"):
         cpu = summary["cpu_us_per_record"][contender]
         assert set(cpu) == {"client", "postgres", "redis"} and cpu["client"] > 0
+
+
+def test_domain_pipeline_benchmark_runs_tpx_with_the_domain_off_and_on(
+    redis_server_url: str, pg_server_url: str
+) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_domain_pipeline.py"),
+            *("--devices", "200", "--rounds", "3", "--geofences", "50", "--repeat", "1"),
+            *("--redis-url", redis_server_url, "--database-url", pg_server_url),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout)
+    assert summary["records"] == 800 and summary["geofences"] == 50
+    assert summary["rates_off"][0] > 0 and summary["rates_on"][0] > 0
+    assert summary["cpu_us_on"]["client"] > 0

@@ -12,7 +12,7 @@ import contextlib
 import json
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import redis
 from psycopg import sql
 
 from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
+from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
 from tpx.domain import Event, Fix, GeofenceSet, replay
 from tpx.domain.shapes import Frame
@@ -135,16 +136,9 @@ def domain_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"domain": "on", "geofences_reload_s": 0.5})
 
 
-@contextlib.contextmanager
-def running(settings: Settings) -> Iterator[Engine]:
-    hook = threading.excepthook
-    engine = Engine(settings, tx_stage=DomainStage(settings))
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.shutdown()
-        threading.excepthook = hook
+def running(settings: Settings) -> contextlib.AbstractContextManager[Engine]:
+    """The engine in-process with the domain stage (tests.test_pipeline's helper)."""
+    return engine_running(settings, tx_stage=DomainStage(settings))
 
 
 @pytest.mark.timeout(60)

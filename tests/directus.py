@@ -339,7 +339,11 @@ TIMING_RECORDS: dict[str, Any] = {
         _field("device_id", "string", {"is_nullable": False, "is_indexed": True}, interface="input"),
         _choice_field("event", ("enter", "exit", "cross")),
         _field(
-            "ts", "timestamp", {"is_nullable": False}, interface="datetime", note="when the event happened"
+            "ts",
+            "timestamp",
+            {"is_nullable": False, "is_indexed": True},
+            interface="datetime",
+            note="when the event happened",
         ),
         _field("latitude", "decimal", COORDINATE, interface="input"),
         _field("longitude", "decimal", COORDINATE, interface="input"),

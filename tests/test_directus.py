@@ -179,7 +179,13 @@ def test_no_postgis_ddl_matches_the_snapshot_but_geometry_is_jsonb(
         indexes = {
             r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'timing_records'")
         }
-    assert "timing_records_device_id_index" in indexes
+    assert {"timing_records_device_id_index", "timing_records_ts_index"} <= indexes
+    with fresh_database(pg_server_url, postgis=False) as url, psycopg.connect(url) as conn:
+        conn.execute(NO_POSTGIS_DDL.read_text())
+        plain = {
+            r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'timing_records'")
+        }
+    assert {"timing_records_device_id_index", "timing_records_ts_index"} <= plain
 
 
 def test_no_postgis_ddl_applies_twice_on_a_plain_server_and_keeps_geojson(pg_server_url: str) -> None:

@@ -31,3 +31,5 @@ CREATE TABLE IF NOT EXISTS timing_records (
 );
 
 CREATE INDEX IF NOT EXISTS timing_records_device_id_index ON timing_records (device_id);
+-- the newest records (tpx top's Timing tab, tpx timing): an index scan, not a scan of the table
+CREATE INDEX IF NOT EXISTS timing_records_ts_index ON timing_records (ts);

@@ -327,3 +327,28 @@ def test_recomputes_are_counted_from_the_audit_table(domain_settings: Settings) 
             timeout=10,
             what="the recompute counted",
         )
+
+
+@pytest.mark.timeout(60)
+def test_a_geofence_deleted_before_the_reload_costs_only_the_devices_that_met_it(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    # the pump is deleted in the CMS while tpx still has it loaded: the record of the device that
+    # drives through it breaks the foreign key (23503, ForeignKeyViolation: insert or update on
+    # table "timing_records" violates foreign key constraint "timing_records_geofence_foreign");
+    # the device that never reached it keeps its records, in the same batch
+    s = domain_settings.model_copy(update={"geofences_reload_s": 3600.0})
+    cms_tables(s.database_url, s.db_schema)
+    through = drive("dev-a", 120)  # 0..1,190 m: depot, gate and pump
+    short = drive("dev-b", 60, seed=1)  # 0..590 m: depot and gate only
+    a, b = entries("dev-a", through), entries("dev-b", short)
+    both = [e for pair in zip(a, b, strict=False) for e in pair] + a[len(b) :]
+    with running(s) as engine:  # the geofences are loaded, the pump among them
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DELETE FROM {}.geofences WHERE id = 3").format(sql.Identifier(s.db_schema)))
+        add_entries(rclient, s.stream, both)  # one pipeline: the batches hold both devices
+        wait_for(lambda: drained(rclient, s, len(through) + len(short)), what="every fix written")
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") >= 1
+    got = {tuple(r) for r in stored(s.database_url, s.db_schema)}
+    assert {r for r in got if r[1] == "dev-b"} == expected({"dev-b": short})
+    assert not any(r[2] == 3 for r in got)

@@ -398,7 +398,9 @@ class Committer:
         A fault that retrying can fix (connection, deadlock, timeout) propagates: the whole batch
         is retried. One it cannot (the stage's tables refuse the query or a value), or a bug in
         the stage, rolls back only the savepoint: the positions commit without the stage's work,
-        which is logged and counted; that batch's work is lost (`tpx timing recompute` redoes it).
+        which is logged and counted; that work is lost (`tpx timing recompute` redoes it). When a
+        value was refused (a record naming a geofence deleted since the last reload), the stage
+        runs again device by device, each in a savepoint: only the devices concerned lose theirs.
         """
         stage = self.stage
         if stage is None:
@@ -406,16 +408,48 @@ class Committer:
         rows = part if not already else [p for p in part if _KEY(p) not in already]
         if not rows:
             return None
+        after, failure = self._stage_attempt(conn, stage, rows)
+        if failure is None:
+            return after
+        reason, row_fault = failure
+        by_device: dict[str, list[Position]] = {}
+        for p in rows:
+            by_device.setdefault(p.device_id, []).append(p)
+        if not row_fault or len(by_device) == 1:
+            self._stage_failed(stage, rows, reason)
+            return None
+        afters: list[AfterCommit] = []
+        for device_rows in by_device.values():
+            after, failure = self._stage_attempt(conn, stage, device_rows)
+            if failure is not None:
+                self._stage_failed(stage, device_rows, failure[0])
+            elif after is not None:
+                afters.append(after)
+
+        def after_all() -> None:
+            for one in afters:
+                one()
+
+        return after_all
+
+    def _stage_attempt(
+        self, conn: psycopg.Connection[Any], stage: TransactionStage, rows: list[Position]
+    ) -> tuple[AfterCommit | None, tuple[str, bool] | None]:
+        """The stage on ``rows`` in a savepoint: (its after-commit, None), or (None, (why, whether
+        a value was refused)); a fault that retrying can fix propagates."""
         try:
             with conn.transaction():
-                return stage.in_transaction(conn, rows)
+                return stage.in_transaction(conn, rows), None
         except psycopg.Error as exc:
-            if classify(exc) is Fault.TRANSIENT or conn.closed:
+            fault = classify(exc)
+            if fault is Fault.TRANSIENT or conn.closed:
                 raise
-            reason = describe(exc)
+            return None, (describe(exc), fault is Fault.ROW)
         except Exception as exc:  # a bug in the stage: its work is lost, never the positions
             log.exception("%s stage raised on %d rows", stage.name, len(rows))
-            reason = f"{type(exc).__name__}: {first_line(exc)}"
+            return None, (f"{type(exc).__name__}: {first_line(exc)}", False)
+
+    def _stage_failed(self, stage: TransactionStage, rows: list[Position], reason: str) -> None:
         self.metrics.stage_errors.labels(stage.name).inc()
         now = time.monotonic()
         if now - self._stage_logged_at >= STAGE_ERROR_LOG_EVERY_S:  # every batch fails alike
@@ -435,7 +469,6 @@ class Committer:
         else:
             self._stage_unlogged += 1
         stage.failed(rows, reason)
-        return None
 
     def _copy_plain(
         self,

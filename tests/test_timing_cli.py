@@ -34,12 +34,12 @@ from tests.test_domain_stage import (
     square,
     stored,
 )
+from tests.test_domain_stage import running as domain_running
 from tpx import exitcodes
 from tpx.cli import app
 from tpx.config import Settings
 from tpx.domain import Fix, GeofenceSet, replay
 from tpx.domainstage.stage import LOCK_CLASS, LOCK_SQL, DomainStage
-from tpx.engine.service import Engine
 from tpx.ops import recompute as ops
 from tpx.ops.timing import device_timing, latest_records
 from tpx.schema import latest_version, migrate
@@ -72,15 +72,10 @@ def tpx(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 @contextlib.contextmanager
 def running(settings: Settings) -> Iterator[DomainStage]:
-    hook = threading.excepthook
-    stage = DomainStage(settings)
-    engine = Engine(settings, tx_stage=stage)
-    engine.start()
-    try:
-        yield stage
-    finally:
-        engine.shutdown()
-        threading.excepthook = hook
+    """tests.test_domain_stage's engine with the domain stage; yields the stage."""
+    with domain_running(settings) as engine:
+        assert isinstance(engine.tx_stage, DomainStage)
+        yield engine.tx_stage
 
 
 def ingest(s: Settings, rclient: redis.Redis, devices: dict[str, list[Fix]], already: int = 0) -> None:

@@ -38,8 +38,9 @@ from tests.test_domain_stage import running as domain_running
 from tpx import exitcodes
 from tpx.cli import app
 from tpx.config import Settings
+from tpx.connections import search_path
 from tpx.domain import Fix, GeofenceSet, replay
-from tpx.domainstage.stage import LOCK_CLASS, LOCK_SQL, DomainStage
+from tpx.domainstage.stage import LOCK_SQL, DomainStage
 from tpx.ops import recompute as ops
 from tpx.ops.timing import device_timing, latest_records
 from tpx.schema import latest_version, migrate
@@ -386,11 +387,13 @@ def test_recompute_waits_for_the_lock_the_stage_takes_on_the_device(s: Settings)
     chosen = ops.plan(s, ops.Window(SINCE), device="dev-1")
     results: list[ops.RecomputeResult] = []
     with psycopg.connect(s.database_url) as writer:  # a writer's transaction, holding dev-1
+        writer.execute(search_path(s))
         writer.execute(LOCK_SQL, (json.dumps(["dev-1"]),))
         worker = threading.Thread(target=lambda: results.append(ops.run(s, chosen)), name="test-recompute")
         worker.start()
         try:
-            wait_for(lambda: waiting_for_advisory_lock(writer, ops.PG_PURPOSE), what="recompute waiting")
+            holder = writer.info.backend_pid
+            wait_for(lambda: blocked_by(s, holder, ops.PG_PURPOSE), what="recompute waiting")
             assert not results
         finally:
             writer.rollback()
@@ -398,13 +401,15 @@ def test_recompute_waits_for_the_lock_the_stage_takes_on_the_device(s: Settings)
     assert [(r.devices, r.removed, r.written) for r in results] == [(1, 0, 0)]
 
 
-def waiting_for_advisory_lock(conn: psycopg.Connection[Any], application: str) -> bool:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE a.application_name = %s AND l.locktype = 'advisory' AND NOT l.granted"
-        " AND l.classid = %s AND l.objsubid = 2",
-        (application, LOCK_CLASS),
-    ).fetchone()
+def blocked_by(s: Settings, holder: int, application: str) -> bool:
+    """Whether a session of ``application`` waits for a lock the backend ``holder`` holds (asked
+    on a connection of its own: pg_stat_activity stays as first read within a transaction)."""
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND %s = ANY(pg_blocking_pids(pid))",
+            (application, holder),
+        ).fetchone()
     return row is not None and row[0] == 1
 
 

@@ -5,9 +5,9 @@
 with the rows inserted now (never the duplicates: those went through the domain when they were
 first written). For the devices with valid fixes in the batch, in one transaction:
 
-1. take each device's advisory lock (``pg_advisory_xact_lock``, sorted, so two writers never
-   wait on each other in a cycle; the positions are already in, so no lock is held while a row
-   waits for another writer's insert);
+1. lock each device's row in ``tpx_domain_devices`` (:data:`LOCK_SQL`, in one order, so two
+   writers never wait on each other in a cycle; the positions are already in, so no lock is held
+   while a row waits for another writer's insert);
 2. read each device's stored version (``tpx_domain_devices``) and, where it is not the one this
    process holds in memory (another writer or instance moved it on, or this process never saw
    the device), its stored state: one query for the batch;
@@ -70,26 +70,26 @@ from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
 
-#: The advisory lock class of the domain's device locks (two-key form: class, bucket).
-LOCK_CLASS = 0x7478_6400  # "txd\0": an int4, as the two-key form takes
-#: Devices share this many locks (by hashtext): a transaction holds at most this many, however
-#: large its batch, so writers x instances x LOCK_BUCKETS stays well inside PostgreSQL's shared
-#: lock table (max_locks_per_transaction x max_connections: 6,400 by default). Two devices in
-#: one bucket only serialise the writers that have both (OPERATIONS.md, "The domain stage").
-LOCK_BUCKETS = 1024
+#: Each device's lock: its row in ``tpx_domain_devices``, locked in one statement, in one order
+#: (the key's, byte-wise) for every writer, so two writers that share devices never wait on each
+#: other in a cycle. A device without a row gets a placeholder (version 0, no state: the cold
+#: path) that its state replaces before COMMIT. ``ON CONFLICT DO UPDATE ... WHERE false`` locks an
+#: existing row without writing it. Row locks live in the rows, not in PostgreSQL's shared lock
+#: table: any number of devices per batch, writers and instances (advisory locks, per device,
+#: would run out of ``max_locks_per_transaction``; per bucket of devices, two writers' batches
+#: of different devices serialised each other on shared buckets: half the throughput).
 US_PER_S = 1_000_000
 
-#: Each device's lock, in one statement, in a fixed order (the lock's key): two writers that
-#: share devices take their locks in the same order, so they never wait on each other in a cycle.
-LOCK_SQL = sql.SQL(
-    """
-SELECT count(pg_advisory_xact_lock({}, k))
-FROM (SELECT DISTINCT hashtext(d) & {} AS k FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER BY 1) AS keys
+LOCK_SQL = """
+INSERT INTO tpx_domain_devices (device_id, version, state)
+SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER BY d COLLATE "C"
+ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
-).format(sql.Literal(LOCK_CLASS), sql.Literal(LOCK_BUCKETS - 1))
-#: Each device's stored version, and its state where the version is not the one in memory.
+#: Each device's stored version (0: a placeholder, never stored), and its state where the version
+#: is not the one in memory.
 READ_SQL = """
-SELECT s.device_id, s.version, CASE WHEN s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END
+SELECT s.device_id, s.version,
+       CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
@@ -495,6 +495,8 @@ class DomainStage:
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
         for device_id, version, stored in rows:
+            if version == 0:  # a placeholder: never stored (cold, below)
+                continue
             if stored is None:
                 mine = held[device_id]
                 assert mine is not None  # noqa: S101 (same version: memory holds it)

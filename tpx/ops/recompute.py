@@ -8,8 +8,9 @@ geofence tpx uses now).
 :func:`plan` finds the CMS's tables, the geofences to replay with and the devices concerned (one
 query); :func:`run` then takes each device in one transaction of its own:
 
-1. its advisory lock, the stage's own :data:`~tpx.domainstage.stage.LOCK_SQL`: no writer changes
-   the device's records meanwhile, and a writer that comes next sees what this wrote;
+1. its lock (its row in ``tpx_domain_devices``), the stage's own
+   :data:`~tpx.domainstage.stage.LOCK_SQL`: no writer changes the device's records meanwhile,
+   and a writer that comes next sees what this wrote;
 2. its valid fixes in the window, ordered by time, with the last one before ``since`` and the
    first one after ``until``: the replay starts at the fix before the window (where membership
    is set from where it is, without events, as for a device's first fix) so that an event on a
@@ -22,7 +23,7 @@ query); :func:`run` then takes each device in one transaction of its own:
    replay's events that are new or differ are written with the stage's own upsert;
 5. when anything changed, the device's version in ``tpx_domain_devices`` + 1: an instance holding
    the device in memory sees another version at its next batch and resumes from the stored
-   state.
+   state (a device never stored, version 0, is resumed from its records anyway).
 
 Idempotent (the same replay gives the same ids and values: a second run changes nothing and
 says so); ``dry_run`` counts the same without writing. Interrupted, it leaves each device either
@@ -88,7 +89,10 @@ SELECT id, geofence::text, event, (extract(epoch FROM ts) * 1000)::int8 FROM {ti
 WHERE device_id = %(device)s AND geofence::text = ANY(%(scope)s::text[])
   AND ts >= %(since)s AND (%(until)s::timestamptz IS NULL OR ts <= %(until)s)
 """
-BUMP_SQL = "UPDATE {}.tpx_domain_devices SET version = version + 1, updated_at = now() WHERE device_id = %s"
+BUMP_SQL = (
+    "UPDATE {}.tpx_domain_devices SET version = version + 1, updated_at = now()"
+    " WHERE device_id = %s AND version > 0"
+)
 
 
 #: A recompute that changed records leaves a row in tpx's own audit table (sql/004).

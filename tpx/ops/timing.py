@@ -34,7 +34,8 @@ DEFAULT_LIMIT = 50
 #: Columns tpx fills where the table has them (read as None where it has not).
 OPTIONAL_COLUMNS = ("speed", "direction", "uncertainty_s")
 
-DEVICE_SQL = "SELECT version, state FROM {}.tpx_domain_devices WHERE device_id = %s"
+#: A device's stored state (version 0: a placeholder the stage's lock made, never stored).
+DEVICE_SQL = "SELECT version, state FROM {}.tpx_domain_devices WHERE device_id = %s AND version > 0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from tpx.domain.timing import (
     fold,
     replay,
     state_from_json,
+    state_text,
     state_to_json,
     with_history,
 )
@@ -107,7 +108,9 @@ class Positions:
 
 def stored(state: DeviceState) -> DeviceState:
     """The state through the store's compact JSON (history folded, fingerprints by generation)."""
-    data = json.loads(json.dumps(state_to_json(fold(state), versions=False)))
+    folded = fold(state)
+    data = json.loads(state_text(folded))  # the text the stage writes, from cached checkpoints
+    assert data == json.loads(json.dumps(state_to_json(folded, versions=False)))
     return state_from_json(data, versions=state.versions, device_id=state.device_id)
 
 

@@ -6,15 +6,18 @@ segment happens at t0 + u·(t1 - t0), rounded to the millisecond, at p0 + u·(p1
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
 from tpx.domain.geofences import GeofenceSet
 from tpx.domain.shapes import Frame
 from tpx.domain.timing import (
+    Base,
     Changes,
     DeviceState,
     Event,
@@ -22,6 +25,8 @@ from tpx.domain.timing import (
     advance,
     event_id,
     replay,
+    state_text,
+    state_to_json,
 )
 from tpx.domain.track import Fix
 
@@ -395,3 +400,30 @@ def test_removed_geofence_records_stay_and_it_is_forgotten():
     # 200 m in 30 s: zone 1 from 140 m (21 s) to 160 m (24 s); zone 2 was entered at 440 m of
     # the first 450 m in 60 s (58.667 s)
     assert brief(store.events()) == [("enter", 1, 21_000), ("exit", 1, 24_000), ("enter", 2, 58_667)]
+
+
+# --- the store's text ----------------------------------------------------------------------------
+
+
+def test_the_store_text_is_the_state_as_json_whatever_it_holds() -> None:
+    fix = Fix(1_700_000_000_123_456, 52.5000001, 13.4000001, True, None)
+    checkpoint = Base(frozenset({3, "z9"}), Fix(1_700_000_000_000_000, -0.5, 179.9999999, True, 12.5), 17)
+    state = DeviceState(
+        'dev "1"\\',
+        base=Base(frozenset({7}), fix, fix.ts_us),
+        newest_us=fix.ts_us,
+        generation='g"1',
+        anchors={7: 5, "z9": 9},
+        checkpoints=(Base(), checkpoint),
+        rejected=(3, 4),
+    )
+    bare = DeviceState("dev-2")
+    for s in (state, bare):
+        for _ in range(2):  # the second time from the cached texts
+            assert json.loads(state_text(s)) == json.loads(json.dumps(state_to_json(s, versions=False)))
+    # a checkpoint changed by replace is another value: its text is written anew
+    moved = replace(checkpoint, inside=frozenset({4}))
+    changed = replace(state, checkpoints=(moved,))
+    assert json.loads(state_text(changed))["checkpoints"] == [
+        [[4], *json.loads(state_text(state))["checkpoints"][1][1:]]
+    ]

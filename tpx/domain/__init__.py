@@ -86,6 +86,7 @@ from tpx.domain.timing import (
     fold,
     replay,
     state_from_json,
+    state_text,
     state_to_json,
     with_history,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "parse_geofence",
     "replay",
     "state_from_json",
+    "state_text",
     "state_to_json",
     "with_history",
 ]

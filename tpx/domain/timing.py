@@ -10,6 +10,7 @@ seen (see the package docstring for the design and its limits).
 from __future__ import annotations
 
 import bisect
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -256,6 +257,16 @@ class Entry:
     last_kept: Fix | None
     #: The events of the segment ending at this fix.
     events: tuple[Event, ...]
+    #: The state after it as a checkpoint, once :func:`as_base` made it (its text then cached).
+    base: Base | None = field(default=None, init=False, compare=False, repr=False)
+
+    def as_base(self) -> Base:
+        """The state just after this entry, as a checkpoint (one object per entry)."""
+        base = self.base
+        if base is None:
+            base = Base(self.inside, self.last_kept, self.fix.ts_us)
+            object.__setattr__(self, "base", base)  # a cache on a frozen value: equality ignores it
+        return base
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +277,8 @@ class Base:
     last_kept: Fix | None = None
     #: Fixes at or before this time can no longer be replayed (trimmed, or before a resume).
     horizon_us: int | None = None
+    #: Its JSON text, once :func:`state_text` wrote it (a checkpoint outlives many batches).
+    text: str | None = field(default=None, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +334,7 @@ class DeviceState:
         if not self.history:
             return self.base
         last = self.history[-1]
-        return Base(last.inside, last.last_kept, last.fix.ts_us)
+        return last.as_base()
 
 
 class NeedsHistory(Exception):  # noqa: N818 (a request to the caller, not an error)
@@ -593,7 +606,7 @@ def _trim(state: DeviceState, floor: int, config: TimingConfig) -> DeviceState:
         cut = bisect.bisect_left(history, floor, key=_entry_time)  # no list of the times
         cut = max(cut, len(history) - config.max_history)
     if cut > 0:
-        dropped = [Base(e.inside, e.last_kept, e.fix.ts_us) for e in history[:cut]]
+        dropped = [e.as_base() for e in history[:cut]]
         points = [*state.checkpoints, state.base, *dropped]
         state = _evolve(state, base=points[-1], history=history[cut:], checkpoints=tuple(points[:-1]))
     return _prune(state, floor, config)
@@ -713,10 +726,10 @@ def fold(state: DeviceState, config: TimingConfig = TimingConfig()) -> DeviceSta
         hi, until = i, history[i].fix.ts_us - spacing
     picked.reverse()
     last = history[-1]
-    points = [*state.checkpoints, state.base, *(Base(e.inside, e.last_kept, e.fix.ts_us) for e in picked)]
+    points = [*state.checkpoints, state.base, *(e.as_base() for e in picked)]
     return DeviceState(
         state.device_id,
-        Base(last.inside, last.last_kept, last.fix.ts_us),
+        last.as_base(),
         (),
         state.newest_us,
         state.generation,
@@ -734,6 +747,35 @@ def _base_json(base: Base) -> list[object]:
 def _base_from(value: object) -> Base:
     inside, last_kept, horizon = _items(value, 3)
     return Base(frozenset(_gid(g) for g in _items(inside)), _fix_from(last_kept), _opt_int(horizon))
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _base_text(base: Base) -> str:
+    text = base.text
+    if text is None:
+        text = _dumps(_base_json(base))
+        object.__setattr__(base, "text", text)  # a cache on a frozen value: equality ignores it
+    return text
+
+
+def state_text(state: DeviceState) -> str:
+    """``state_to_json(state, versions=False)`` as compact JSON text, for the store: the same
+    document, built from each checkpoint's text written once (a device's checkpoints stay the
+    same over many batches: this runs for every device of every batch)."""
+    if state.history:
+        return _dumps(state_to_json(state, versions=False))
+    newest = "null" if state.newest_us is None else str(state.newest_us)
+    generation = "null" if state.generation is None else _dumps(state.generation)
+    anchors = _dumps([[gid, t] for gid, t in state.anchors.items()]) if state.anchors else "[]"
+    rejected = _dumps(list(state.rejected)) if state.rejected else "[]"
+    checkpoints = ",".join([_base_text(c) for c in state.checkpoints])
+    return (
+        f'{{"base":{_base_text(state.base)},"history":[],"newest_us":{newest},'
+        f'"generation":{generation},"anchors":{anchors},"checkpoints":[{checkpoints}],'
+        f'"rejected":{rejected}}}'
+    )
 
 
 def state_to_json(state: DeviceState, *, versions: bool = True) -> dict[str, object]:

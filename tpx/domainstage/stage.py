@@ -56,7 +56,7 @@ from tpx.domain import (
     advance,
     fold,
     state_from_json,
-    state_to_json,
+    state_text,
     with_history,
 )
 from tpx.domain.geofences import GeofenceId
@@ -638,8 +638,9 @@ class DomainStage:
         changed = [(d, v + 1, s) for d, v, s, _ in results]
         if changed:
             config = self.config
-            rows = [[d, v, state_to_json(fold(s, config), versions=False)] for d, v, s in changed]
-            cur.execute(WRITE_STATE_SQL, (json.dumps(rows, separators=(",", ":")),))
+            dumps = json.dumps
+            rows = ",".join([f"[{dumps(d)},{v},{state_text(fold(s, config))}]" for d, v, s in changed])
+            cur.execute(WRITE_STATE_SQL, (f"[{rows}]",))
         work.states = changed
         work.changes = [changes for *_, changes in results]
 

@@ -445,6 +445,10 @@ def advance(
     :func:`with_history` first.
     """
     state = reconcile(state, geofences)
+    if len(fixes) == 1:  # most batches hold one fix of a device, newer than its others
+        appended = _append_one(state, geofences, fixes[0], config)
+        if appended is not None:
+            return appended
     valid = sorted((f for f in fixes if f.valid), key=_fix_time)
     if not valid:
         return state, Changes()
@@ -499,6 +503,52 @@ def advance(
         config,
     )
     return state, Changes(tuple(added), tuple(deleted), len(refused), duplicates)
+
+
+def _append_one(
+    state: DeviceState, geofences: GeofenceSet, fix: Fix, config: TimingConfig
+) -> tuple[DeviceState, Changes] | None:
+    """:func:`advance` of one valid fix newer than every fix of the history, inside the window
+    and not refused before: its segment from the newest kept fix, appended (what the general
+    path computes for it, without its merge and its comparisons). None: not that case."""
+    if not fix.valid:
+        return None
+    t = fix.ts_us
+    history = state.history
+    if history:
+        previous = history[-1]
+        if t <= previous.fix.ts_us:
+            return None
+        inside, last_kept = previous.inside, previous.last_kept
+    else:
+        base = state.base
+        if base.horizon_us is not None and t <= base.horizon_us:
+            return None
+        inside, last_kept = base.inside, base.last_kept
+    newest = t if state.newest_us is None or t > state.newest_us else state.newest_us
+    floor = newest - config.late_window_us
+    if t < floor:  # (a time refused before was older than the floor, or than the history)
+        return None
+    added: tuple[Event, ...] = ()
+    if plausible(last_kept, fix, config.max_speed_kmh):
+        inside, found = _segment(state.device_id, last_kept, fix, inside, geofences, state.anchors)
+        entry = Entry(fix, True, inside, fix, tuple(found))
+        if found:
+            added = tuple(ordered(found))
+    else:
+        entry = Entry(fix, False, inside, last_kept, ())
+    appended = DeviceState(
+        state.device_id,
+        state.base,
+        (*history, entry),
+        newest,
+        state.generation,
+        state.versions,
+        state.anchors,
+        state.checkpoints,
+        state.rejected,
+    )
+    return _trim(appended, floor, config), Changes(added)
 
 
 def _checkpoint_before(state: DeviceState, t: int) -> Base:

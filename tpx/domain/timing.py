@@ -449,6 +449,14 @@ def advance(
         appended = _append_one(state, geofences, fixes[0], config)
         if appended is not None:
             return appended
+    return _merge(state, geofences, fixes, config)
+
+
+def _merge(
+    state: DeviceState, geofences: GeofenceSet, fixes: Sequence[Fix], config: TimingConfig
+) -> tuple[DeviceState, Changes]:
+    """:func:`advance`'s general path (the state reconciled): fixes in any order, late ones
+    merged into the history."""
     valid = sorted((f for f in fixes if f.valid), key=_fix_time)
     if not valid:
         return state, Changes()

@@ -218,6 +218,16 @@ class StateCache:
                 self._data.move_to_end(device_id)
             return found
 
+    def get_many(self, device_ids: Iterable[str]) -> dict[str, tuple[int, DeviceState] | None]:
+        """:meth:`get` of each device, under one hold of the lock (a batch's devices)."""
+        with self._lock:
+            data = self._data
+            found = {d: data.get(d) for d in device_ids}
+            for device_id, held in found.items():
+                if held is not None:
+                    data.move_to_end(device_id)
+            return found
+
     def put_all(self, items: Iterable[tuple[str, int, DeviceState]]) -> None:
         with self._lock:
             data = self._data
@@ -490,8 +500,8 @@ class DomainStage:
         by_device: dict[str, list[Fix]],
     ) -> dict[str, tuple[int, DeviceState]]:
         """Each device's current (version, state): memory where it is current, else the store."""
-        held = {d: self.cache.get(d) for d in devices}
-        versions = [h[0] if h is not None else None for h in (held[d] for d in devices)]
+        held = self.cache.get_many(devices)
+        versions = [h[0] if h is not None else None for h in held.values()]
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
         for device_id, version, stored in rows:

@@ -11,7 +11,7 @@ does per segment box against an STRtree query and a numpy mask over all boxes, a
 against unprepared point-in-polygon. Reported, not asserted: the machine is shared, repeat runs.
 
     python benchmarks/bench_domain.py [--devices 10000] [--geofences 1000] [--rounds 5] [--late 0.05]
-        [--warm 0]
+        [--warm 0] [--max-history 16]
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ def drive(devices: int, rounds: int, late: float, rng: random.Random) -> list[li
     return out
 
 
-def run(gs: GeofenceSet, rounds: list[list[tuple[str, Fix]]], warm: int = 0) -> tuple[float, int, int, int]:
-    config = TimingConfig()
+def run(
+    gs: GeofenceSet, rounds: list[list[tuple[str, Fix]]], warm: int = 0, max_history: int = 16
+) -> tuple[float, int, int, int]:
+    config = TimingConfig(max_history=max_history)
     states: dict[str, DeviceState] = {}
     for device, fix in rounds[0]:  # first fixes: membership only, not timed
         states[device], _ = advance(DeviceState(device), gs, [fix], config)
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--late", type=float, default=0.0, help="share of fixes arriving one step late")
     parser.add_argument("--warm", type=int, default=0, help="untimed rounds before the timed ones")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--max-history", type=int, default=16, help="fixes kept per device (TPX_DOMAIN_MAX_HISTORY's default)"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     started = time.perf_counter()
@@ -182,7 +187,7 @@ def main() -> None:
     compare_lookups(gs, rng)
     for late in sorted({0.0, args.late}):
         rounds = drive(args.devices, args.warm + args.rounds, late, random.Random(args.seed + 1))
-        elapsed, fixes, added, deleted = run(gs, rounds, args.warm)
+        elapsed, fixes, added, deleted = run(gs, rounds, args.warm, args.max_history)
         warm = f", after {args.warm} rounds" if args.warm else ""
         print(
             f"advance, {args.devices} devices{warm}, late {late:.0%}: {fixes} fixes in {elapsed:.2f} s = "

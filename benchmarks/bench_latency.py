@@ -27,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -110,12 +111,13 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
     if args.backlog:
         fleet = Fleet(devices=args.devices, seed=7, start_ms=int(time.time() * 1000))
         load_stream(client, key, list(fleet.entries(args.backlog)))
+    # the domain's own lag histogram, scraped before the stop (with --backlog, the backlog's
+    # batches are in it too: read it without one)
     port = _free_port() if args.domain else None
-    env = args.tpx_env
-    if port is not None:  # the domain's own lag histogram, scraped before the stop
-        args.tpx_env = [*env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
-    proc = start_serve(args, schema, key)
-    args.tpx_env = env
+    serve_args = copy.copy(args)
+    if port is not None:
+        serve_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
+    proc = start_serve(serve_args, schema, key)
     domain_lag: dict[str, Any] = {}
     try:
         deadline = time.monotonic() + 30

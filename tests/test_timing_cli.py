@@ -399,6 +399,9 @@ def test_recompute_waits_for_the_lock_the_stage_takes_on_the_device(s: Settings)
             writer.rollback()
             worker.join(timeout=10)
     assert [(r.devices, r.removed, r.written) for r in results] == [(1, 0, 0)]
+    # the lock's placeholder for a device never stored does not outlive the recompute, dry or not
+    ops.run(s, chosen, dry_run=True)
+    assert versions(s) == {}
 
 
 def blocked_by(s: Settings, holder: int, application: str) -> bool:

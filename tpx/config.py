@@ -137,8 +137,8 @@ class Settings(BaseSettings):
     #: records; a later one is stored in positions and counted. At most ``late_window``.
     domain_late_window: str = "10m"
     #: At most this many recent fixes per device are kept in memory to replay late ones (an older
-    #: late fix is replayed from positions, one query for the batch): ~250 bytes each, so 16 is
-    #: ~4 KB a device, 400 MB for TPX_DEVICE_CACHE_SIZE's 100,000 devices.
+    #: late fix is replayed from positions, one query for the batch): ~400 bytes each with its events, so
+    #: 16 is ~7 KB a device (measured), 700 MB for TPX_DEVICE_CACHE_SIZE's 100,000 devices.
     domain_max_history: int = Field(default=16, ge=2, le=1_000_000)
 
     # --- failures and redelivery ---

@@ -334,7 +334,7 @@ class DeviceState:
         if not self.history:
             return self.base
         last = self.history[-1]
-        return last.as_base()
+        return Base(last.inside, last.last_kept, last.fix.ts_us)
 
 
 class NeedsHistory(Exception):  # noqa: N818 (a request to the caller, not an error)
@@ -535,7 +535,10 @@ def _append_one(
         inside, last_kept = base.inside, base.last_kept
     newest = t if state.newest_us is None or t > state.newest_us else state.newest_us
     floor = newest - config.late_window_us
-    if t < floor:  # (a time refused before was older than the floor, or than the history)
+    # a time refused before is older than the floor or than the history: never here, unless the
+    # window changed since (a restart with a longer TPX_DOMAIN_LATE_WINDOW); the general path
+    # then decides (``rejected`` is sorted)
+    if t < floor or (state.rejected and t <= state.rejected[-1]):
         return None
     added: tuple[Event, ...] = ()
     if plausible(last_kept, fix, config.max_speed_kmh):
@@ -787,7 +790,9 @@ def fold(state: DeviceState, config: TimingConfig = TimingConfig()) -> DeviceSta
     points = [*state.checkpoints, state.base, *(e.as_base() for e in picked)]
     return DeviceState(
         state.device_id,
-        last.as_base(),
+        # not last.as_base(): every entry is the last once, and a Base with its text on each
+        # of them would cost ~3 KB a device; only the picked ones (checkpoints) keep theirs
+        Base(last.inside, last.last_kept, last.fix.ts_us),
         (),
         state.newest_us,
         state.generation,

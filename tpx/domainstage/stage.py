@@ -70,6 +70,8 @@ from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
 
+US_PER_S = 1_000_000
+
 #: Each device's lock: its row in ``tpx_domain_devices``, locked in one statement, in one order
 #: (the key's, byte-wise) for every writer, so two writers that share devices never wait on each
 #: other in a cycle. A device without a row gets a placeholder (version 0, no state: the cold
@@ -77,9 +79,7 @@ log = logging.getLogger(__name__)
 #: existing row without writing it. Row locks live in the rows, not in PostgreSQL's shared lock
 #: table: any number of devices per batch, writers and instances (advisory locks, per device,
 #: would run out of ``max_locks_per_transaction``; per bucket of devices, two writers' batches
-#: of different devices serialised each other on shared buckets: half the throughput).
-US_PER_S = 1_000_000
-
+#: of different devices waited for each other on shared buckets: README, "The domain stage").
 LOCK_SQL = """
 INSERT INTO tpx_domain_devices (device_id, version, state)
 SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER BY d COLLATE "C"
@@ -212,11 +212,7 @@ class StateCache:
         self._lock = threading.Lock()
 
     def get(self, device_id: str) -> tuple[int, DeviceState] | None:
-        with self._lock:
-            found = self._data.get(device_id)
-            if found is not None:
-                self._data.move_to_end(device_id)
-            return found
+        return self.get_many([device_id])[device_id]
 
     def get_many(self, device_ids: Iterable[str]) -> dict[str, tuple[int, DeviceState] | None]:
         """:meth:`get` of each device, under one hold of the lock (a batch's devices)."""

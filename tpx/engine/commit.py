@@ -400,7 +400,8 @@ class Committer:
         the stage, rolls back only the savepoint: the positions commit without the stage's work,
         which is logged and counted; that work is lost (`tpx timing recompute` redoes it). When a
         value was refused (a record naming a geofence deleted since the last reload), the stage
-        runs again device by device, each in a savepoint: only the devices concerned lose theirs.
+        runs again device by device (in device-id order), each in a savepoint: only the devices
+        concerned lose theirs.
         """
         stage = self.stage
         if stage is None:
@@ -419,7 +420,10 @@ class Committer:
             self._stage_failed(stage, rows, reason)
             return None
         afters: list[AfterCommit] = []
-        for device_rows in by_device.values():
+        # in device-id order, the order a stage locks a batch's devices in (each savepoint is
+        # released, its locks kept): two writers retrying alike never wait on each other in a cycle
+        for device in sorted(by_device):
+            device_rows = by_device[device]
             after, failure = self._stage_attempt(conn, stage, device_rows)
             if failure is not None:
                 self._stage_failed(stage, device_rows, failure[0])

@@ -65,6 +65,9 @@ class TransactionStage(Protocol):
     that it cannot (the stage's tables refuse the query or a value) rolls back only the
     savepoint, is logged and counted, and the positions commit without the stage's work. A
     stage must catch its own errors per item, so that one bad device never stops the others.
+    A stage that locks devices takes them in device-id order (byte-wise): the writer's retry of
+    a batch device by device goes in that order too, so writers never wait on each other in a
+    cycle.
     """
 
     #: Label for logs and the ``tpx_stage_errors_total`` metric.

@@ -89,6 +89,8 @@ SELECT id, geofence::text, event, (extract(epoch FROM ts) * 1000)::int8 FROM {ti
 WHERE device_id = %(device)s AND geofence::text = ANY(%(scope)s::text[])
   AND ts >= %(since)s AND (%(until)s::timestamptz IS NULL OR ts <= %(until)s)
 """
+#: The lock's placeholder row (version 0: never stored), left only by a device no writer stored.
+UNPLACE_SQL = "DELETE FROM {}.tpx_domain_devices WHERE device_id = %s AND version = 0"
 BUMP_SQL = (
     "UPDATE {}.tpx_domain_devices SET version = version + 1, updated_at = now()"
     " WHERE device_id = %s AND version > 0"
@@ -220,8 +222,12 @@ def run(
         types = _column_types(conn, chosen.tables)
         conn.commit()
         for device in chosen.devices:
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.transaction(force_rollback=dry_run), conn.cursor() as cur:
+                cur.execute(LOCK_SQL, (json.dumps([device]),))
                 n, gone, new = _device(cur, settings, chosen, types, device, dry_run)
+                # the placeholder the lock made for a device never stored goes (the lock holds
+                # until COMMIT all the same)
+                cur.execute(sql.SQL(UNPLACE_SQL).format(sql.Identifier(settings.db_schema)), (device,))
             fixes += n
             removed += gone
             written += new
@@ -264,10 +270,10 @@ def _device(
     device: str,
     dry_run: bool,
 ) -> tuple[int, int, int]:
-    """One device, in the caller's transaction: (fixes replayed, records removed, written)."""
+    """One device, in the caller's transaction, its lock held: (fixes replayed, records removed,
+    written)."""
     window, tables = chosen.window, chosen.tables
     bounds = {"device": device, "since": window.since, "until": window.until}
-    cur.execute(LOCK_SQL, (json.dumps([device]),))
     fixes = [
         Fix(ts_us, lat, lon, True, speed)
         for ts_us, lat, lon, speed in cur.execute(

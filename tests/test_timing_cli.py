@@ -395,6 +395,9 @@ def test_recompute_waits_for_the_lock_the_stage_takes_on_the_device(s: Settings)
             holder = writer.info.backend_pid
             wait_for(lambda: blocked_by(s, holder, ops.PG_PURPOSE), what="recompute waiting")
             assert not results
+            # a dry run takes no lock: it counts while the writer holds the device
+            dry = ops.run(s, chosen, dry_run=True)
+            assert (dry.devices, dry.removed, dry.written) == (1, 0, 0)
         finally:
             writer.rollback()
             worker.join(timeout=10)

@@ -26,8 +26,8 @@ query); :func:`run` then takes each device in one transaction of its own:
    state (a device never stored, version 0, is resumed from its records anyway).
 
 Idempotent (the same replay gives the same ids and values: a second run changes nothing and
-says so); ``dry_run`` counts the same without writing. Interrupted, it leaves each device either
-done or untouched: run it again.
+says so); ``dry_run`` counts the same without writing or locking (it holds up no writer).
+Interrupted, it leaves each device either done or untouched: run it again.
 """
 
 from __future__ import annotations
@@ -222,12 +222,14 @@ def run(
         types = _column_types(conn, chosen.tables)
         conn.commit()
         for device in chosen.devices:
+            # a dry run writes nothing, not even the lock's row: it reads, counts, rolls back
             with conn.transaction(force_rollback=dry_run), conn.cursor() as cur:
-                cur.execute(LOCK_SQL, (json.dumps([device]),))
+                if not dry_run:
+                    cur.execute(LOCK_SQL, (json.dumps([device]),))
                 n, gone, new = _device(cur, settings, chosen, types, device, dry_run)
-                # the placeholder the lock made for a device never stored goes (the lock holds
-                # until COMMIT all the same)
-                cur.execute(sql.SQL(UNPLACE_SQL).format(sql.Identifier(settings.db_schema)), (device,))
+                if not dry_run:  # the lock's placeholder for a device never stored goes (the
+                    # lock holds until COMMIT all the same)
+                    cur.execute(sql.SQL(UNPLACE_SQL).format(sql.Identifier(settings.db_schema)), (device,))
             fixes += n
             removed += gone
             written += new

@@ -71,7 +71,9 @@ def test_two_instances_split_then_one_fails_over(
         )
         wa, wb = written(a), written(b)
         share = wa / (wa + wb)
-        assert 0.40 <= share <= 0.60, f"split {wa:.0f} / {wb:.0f}"
+        # both take a real share; Redis hands entries to whichever instance asks first, so on a
+        # loaded machine the split wanders (62 / 38 seen in CI): not an even split, no starving
+        assert 0.30 <= share <= 0.70, f"split {wa:.0f} / {wb:.0f}"
 
         # phase 2: more load, and instance a is killed in the middle of it
         sim = simulate(common, *args[:-4], "--seed", "22", "--rate", "1500", "--count", "4500")
@@ -85,6 +87,7 @@ def test_two_instances_split_then_one_fails_over(
         assert sim.wait(60) == 0
         wait_for(lambda: pending_count(rclient, settings.stream) == 0, timeout=60, what="b finishes a's work")
     finally:
+        a.stop()  # killed already, unless a step before failed: never left running
         assert b.stop() == 0
     entries = []
     for seed, poison, dups in ((21, 0.01, 0.01), (22, 0.0, 0.0)):

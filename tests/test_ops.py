@@ -268,7 +268,15 @@ def test_scrape_time_metrics_and_heartbeat_leave(
     settings: Settings, rclient: redis.Redis, serve: Serve, env: dict[str, str]
 ) -> None:
     add_entries(rclient, settings.stream, [{"device_id": "x", "record": "[]"}])
-    wait_for(lambda: rclient.xlen(settings.dlq_stream) == 1, what="a dead letter")
+    # the letter is added before its original is acknowledged (never the other way round): wait
+    # for both, or the scrape may fall between them (a CI run's had no tpx_pending_entries 0.0)
+    wait_for(
+        lambda: (
+            rclient.xlen(settings.dlq_stream) == 1
+            and pending_count(rclient, settings.stream, settings.group) == 0
+        ),
+        what="a dead letter, its original acknowledged",
+    )
     _, metrics = serve.get("/metrics")
     for name in (
         "tpx_redis_up 1.0",

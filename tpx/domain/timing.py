@@ -199,6 +199,7 @@ def _evolve(
     *,
     base: Base | None = None,
     history: tuple[Entry, ...] | None = None,
+    newest_us: int | None = None,
     checkpoints: tuple[Base, ...] | None = None,
     anchors: Mapping[GeofenceId, int] | None = None,
     rejected: tuple[int, ...] | None = None,
@@ -209,7 +210,7 @@ def _evolve(
         state.device_id,
         state.base if base is None else base,
         state.history if history is None else history,
-        state.newest_us,
+        state.newest_us if newest_us is None else newest_us,
         state.generation,
         state.versions,
         state.anchors if anchors is None else anchors,
@@ -494,22 +495,7 @@ def _merge(
         return state, Changes(too_late=len(refused), duplicates=duplicates)
     start = len(history) if appends else bisect.bisect_left(times, accepted[0].ts_us)
     new_history, added, deleted = _replay_from(state, geofences, accepted, start, config)
-    # the constructor, not dataclasses.replace (several times slower, on every batch's path)
-    state = _trim(
-        DeviceState(
-            state.device_id,
-            state.base,
-            new_history,
-            newest,
-            state.generation,
-            state.versions,
-            state.anchors,
-            state.checkpoints,
-            state.rejected,
-        ),
-        floor,
-        config,
-    )
+    state = _trim(_evolve(state, history=new_history, newest_us=newest), floor, config)
     return state, Changes(tuple(added), tuple(deleted), len(refused), duplicates)
 
 
@@ -548,17 +534,7 @@ def _append_one(
             added = tuple(ordered(found))
     else:
         entry = Entry(fix, False, inside, last_kept, ())
-    appended = DeviceState(
-        state.device_id,
-        state.base,
-        (*history, entry),
-        newest,
-        state.generation,
-        state.versions,
-        state.anchors,
-        state.checkpoints,
-        state.rejected,
-    )
+    appended = _evolve(state, history=(*history, entry), newest_us=newest)
     return _trim(appended, floor, config), Changes(added)
 
 

@@ -60,6 +60,7 @@ from tpx.domain import (
     with_history,
 )
 from tpx.domain.geofences import GeofenceId
+from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
 from tpx.engine.sqlstate import describe
@@ -69,8 +70,6 @@ from tpx.records import Position
 from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
-
-US_PER_S = 1_000_000
 
 #: Each device's lock: its row in ``tpx_domain_devices``, locked in one statement, in one order
 #: (the key's, byte-wise) for every writer, so two writers that share devices never wait on each

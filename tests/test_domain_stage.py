@@ -25,7 +25,7 @@ from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
 from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
 from tpx.connections import search_path
-from tpx.domain import Event, Fix, GeofenceSet, replay
+from tpx.domain import Event, Fix, GeofenceSet, advance, replay
 from tpx.domain.shapes import Frame
 from tpx.domainstage.stage import LOCK_SQL, DomainStage
 from tpx.engine.service import Engine, StartupError
@@ -235,37 +235,88 @@ def test_a_device_seen_before_the_domain_ran_is_inside_where_it_is(
 
 
 @pytest.mark.timeout(90)
-def test_a_changed_timing_table_costs_timing_records_not_positions(
+def test_a_changed_timing_table_costs_positions_nothing_and_its_records_come_later(
     domain_settings: Settings, rclient: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     # someone drops a column tpx writes: PostgreSQL answers 42703 (UndefinedColumn: column
     # "direction" of relation "timing_records" does not exist) on every batch; the positions are
-    # written all the same, the failure is counted and reported once, and once the column is back
-    # timing records are written again
+    # written all the same, the failure is counted and reported once; once the column is back,
+    # the timing records of the batches that failed are written too: those of a device that
+    # stopped (dev-1, parked since) and of one that drove on (dev-2)
     s = domain_settings.model_copy(update={"batch_size": 3, "read_count": 3})  # many batches
     cms_tables(s.database_url, s.db_schema)
-    before, during, after = (drive(f"dev-{i}", 150, seed=i) for i in range(3))
+    before, during, later = (drive(f"dev-{i}", 150, seed=i) for i in range(3))
+    split = len(later) // 2  # dev-2: the depot and the gate in the outage, the pump after it
 
     def alter(statement: str) -> None:
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(sql.SQL(statement).format(sql.Identifier(s.db_schema)))
 
+    total = len(before) + len(during) + len(later)
     with running(s) as engine:
         add_entries(rclient, s.stream, entries("dev-0", before))
         wait_for(lambda: drained(rclient, s, len(before)), what="the first device written")
         alter("ALTER TABLE {}.timing_records DROP COLUMN direction")
-        add_entries(rclient, s.stream, entries("dev-1", during))
-        wait_for(lambda: drained(rclient, s, len(before) + len(during)), what="positions written anyway")
+        add_entries(rclient, s.stream, entries("dev-1", during) + entries("dev-2", later[:split]))
+        wait_for(lambda: drained(rclient, s, total - len(later) + split), what="positions written anyway")
         failures = engine.metrics.count(engine.metrics.stage_errors, stage="domain")
         assert failures >= 1
+        assert {r[1] for r in stored(s.database_url, s.db_schema)} == {"dev-0"}
         alter("ALTER TABLE {}.timing_records ADD COLUMN direction integer")
-        add_entries(rclient, s.stream, entries("dev-2", after))
-        wait_for(lambda: drained(rclient, s, len(before) + len(during) + len(after)), what="all written")
-    devices = {r[1] for r in stored(s.database_url, s.db_schema)}
-    assert devices == {"dev-0", "dev-2"}  # dev-1's batches lost their timing records, not their rows
+        add_entries(rclient, s.stream, entries("dev-2", later[split:]))
+        wait_for(lambda: drained(rclient, s, total), what="all written")
+        want = expected({"dev-0": before, "dev-1": during, "dev-2": later})
+        wait_for(
+            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
+            timeout=30,
+            what="the failed batches' timing records written",
+        )
+    assert len(stored(s.database_url, s.db_schema)) == len(want)  # each once
     errors = [r.getMessage() for r in caplog.records if "domain stage failed" in r.getMessage()]
     assert errors and 'column "direction" of relation "timing_records" does not exist' in errors[0]
     assert len(errors) <= domain_settings.writers  # once per writer, not once per batch
+
+
+@pytest.mark.timeout(60)
+def test_a_device_whose_step_failed_gets_its_records_from_the_repair(
+    domain_settings: Settings, rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a bug in one device's step (here a ZeroDivisionError while ``broken`` is set) costs that
+    # device its records for the batches it hit, and no other device anything; once the step
+    # works again, the repair writes them: every record is the sequential replay's, each once
+    s = domain_settings.model_copy(update={"batch_size": 4, "read_count": 4})
+    cms_tables(s.database_url, s.db_schema)
+    broken = threading.Event()
+    broken.set()
+
+    def buggy(state: Any, geofences: Any, fixes: Any, config: Any) -> Any:
+        if broken.is_set() and state.device_id == "dev-1":
+            raise ZeroDivisionError("a bug in the step")
+        return advance(state, geofences, fixes, config)
+
+    monkeypatch.setattr("tpx.domainstage.stage.advance", buggy)
+    devices = {d: drive(d, 150, seed=i) for i, d in enumerate(("dev-0", "dev-1"))}
+    a, b = (entries(d, fixes) for d, fixes in devices.items())
+    with running(s) as engine:
+        add_entries(rclient, s.stream, [e for pair in zip(a, b, strict=True) for e in pair])
+        wait_for(lambda: drained(rclient, s, len(a) + len(b)), what="every fix written")
+        assert engine.metrics.registry.get_sample_value("tpx_domain_device_errors_total")
+        got = {tuple(r) for r in stored(s.database_url, s.db_schema)}
+        assert got == expected({"dev-0": devices["dev-0"]})  # dev-0 lost nothing, dev-1 all
+        broken.clear()
+        want = expected(devices)
+        wait_for(
+            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
+            timeout=20,
+            what="dev-1's records written by the repair",
+        )
+        wait_for(
+            lambda: engine.metrics.registry.get_sample_value("tpx_domain_missed_devices") == 0,
+            timeout=10,
+            what="no device left waiting",
+        )
+        assert engine.metrics.registry.get_sample_value("tpx_domain_repaired_total") == 1
+    assert len(stored(s.database_url, s.db_schema)) == len(want)
 
 
 @pytest.mark.timeout(60)
@@ -408,7 +459,7 @@ class _RefusesBatchesOfMany:
     def request_reload(self) -> None:
         pass
 
-    def failed(self, inserted: Sequence[Any], reason: str) -> None:
+    def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Any], reason: str) -> None:
         pass
 
 

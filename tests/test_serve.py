@@ -269,6 +269,7 @@ def test_migrate_command(settings: Settings) -> None:
         "002_device_id_collate_c",
         "003_domain_state",
         "004_domain_recomputes",
+        "005_domain_missed",
     ]
     assert report["storage"] in ("table", "hypertable")
 

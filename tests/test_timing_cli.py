@@ -40,7 +40,7 @@ from tpx.cli import app
 from tpx.config import Settings
 from tpx.connections import search_path
 from tpx.domain import Fix, GeofenceSet, replay
-from tpx.domainstage.stage import LOCK_SQL, DomainStage
+from tpx.domainstage.stage import LOCK_SQL, MARK_SQL, DomainStage
 from tpx.ops import recompute as ops
 from tpx.ops.timing import device_timing, latest_records
 from tpx.schema import latest_version, migrate
@@ -147,8 +147,10 @@ def test_records_newest_first_with_names_and_membership_after_driving_into_a_zon
     assert got["seen"] is True and got["version"] >= 1
     assert got["newest_us"] == devices["dev-pump"][-1].ts_us
     assert got["last_fix"] == _iso(devices["dev-pump"][-1].ts_us)
+    assert got["missed_since"] is None  # nothing missed: no repair waits
     assert set(got) == {"device_id", "seen", "version", "last_fix", "newest_us", "inside", "state_error"} | {
-        "records"
+        "records",
+        "missed_since",
     }
     assert set(records[0]) == {
         "id",
@@ -229,6 +231,25 @@ def test_a_device_the_domain_never_saw(s: Settings, env: dict[str, str]) -> None
     assert out.splitlines() == ["nobody: not seen by the domain (no stored state)", "no timing records"]
     got = json.loads(tpx(env, "timing", "nobody", "--json")[1])
     assert (got["seen"], got["version"], got["inside"], got["records"]) == (False, None, [], [])
+
+
+def test_a_device_waiting_for_the_repair_says_since_when(s: Settings, env: dict[str, str]) -> None:
+    # a batch whose domain step failed marked the device (the stage's own statement); it was
+    # never stored, so only its placeholder holds the mark; a recompute leaves the mark alone
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    at_us = 1_780_000_000_123_456  # 2026-05-28 20:26:40.123456 UTC
+    with sql_conn(s) as conn:
+        conn.execute(MARK_SQL, (json.dumps([["parked", at_us]]),))
+    code, out, err = tpx(env, "timing", "parked")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        "parked: not seen by the domain (no stored state)",
+        "timing records missed since 2026-05-28 20:26:40 UTC (a failed batch): waiting for the repair",
+    ]
+    assert tpx(env, "timing", "recompute", "--device", "parked", "--since", "2026-05-28T00:00:00Z")[0] == 0
+    got = json.loads(tpx(env, "timing", "parked", "--json")[1])
+    assert got["missed_since"] == "2026-05-28T20:26:40.123456+00:00"
 
 
 def test_columns_the_table_lacks_read_as_none(s: Settings, env: dict[str, str]) -> None:

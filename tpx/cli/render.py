@@ -499,6 +499,11 @@ def print_device_timing(report: DeviceTiming, since: dt.datetime | None = None) 
         inside = ", ".join(f"{i.name or '(gone)'} ({i.id})" for i in report.inside) or "no geofence"
         last = "-" if report.newest_us is None else us_time(report.newest_us) + " UTC"
         console.print(f"{report.device_id}: inside {inside}; last fix {last}; state version {report.version}")
+    if report.missed_since is not None:
+        console.print(
+            f"timing records missed since {report.missed_since.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+            " (a failed batch): waiting for the repair"
+        )
     window = "" if since is None else f" since {since:%Y-%m-%d %H:%M:%S} UTC"
     if not report.records:
         console.print(f"no timing records{window}")

@@ -18,6 +18,16 @@ first written). For the devices with valid fixes in the batch, in one transactio
 4. write the changes: new and changed timing records (``INSERT … ON CONFLICT (id) DO UPDATE``),
    withdrawn ones (``DELETE`` by id), and each device's folded state with its version + 1.
 
+When the step cannot run (the CMS's table refuses its query or a value), the writer rolls back
+its savepoint and the positions commit without it; :meth:`DomainStage.failed` then records, in
+the same transaction, each device's oldest fix lost (``missed_since`` in ``tpx_domain_devices``,
+:data:`MARK_SQL`). A device whose own step failed (a bug) is marked alike. The repair thread of
+every instance (:meth:`DomainStage.repair`) replays each marked device from that time, from
+positions, under its lock, as late fixes (the same :func:`tpx.domain.advance`), and clears the
+mark: once the table takes records again, the failed batches' records are written, exactly
+those a sequential replay gives, within the late window (fixes older than it by then are
+refused, as late fixes are, and named in the log for a ``tpx timing recompute``).
+
 A crash anywhere leaves both the positions and the timing records, or neither; the redelivered
 entries then find their rows stored and are not passed again. Any number of instances give the
 same records as one process replaying each device's fixes in time order, whatever order they
@@ -30,6 +40,7 @@ its stored state.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -63,7 +74,7 @@ from tpx.domain.geofences import GeofenceId
 from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
-from tpx.engine.sqlstate import describe
+from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.engine.stages import AfterCommit, StageStartError
 from tpx.errors import first_line
 from tpx.records import Position
@@ -84,13 +95,34 @@ INSERT INTO tpx_domain_devices (device_id, version, state)
 SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER BY d COLLATE "C"
 ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
-#: Each device's stored version (0: a placeholder, never stored), and its state where the version
-#: is not the one in memory.
+#: Each device's stored version (0: a placeholder, never stored), its state where the version
+#: is not the one in memory, and the oldest fix a failed batch missed (epoch µs), if one did.
 READ_SQL = """
 SELECT s.device_id, s.version,
-       CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END
+       CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
+       (extract(epoch FROM s.missed_since) * 1000000)::int8
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
+"""
+#: Devices a failed batch missed, [[device, oldest fix time in epoch µs], ...]: each keeps the
+#: oldest time marked (the repair replays from it). In device order, as :data:`LOCK_SQL`; a
+#: device never stored gets a placeholder (version 0), as there.
+MARK_SQL = """
+INSERT INTO tpx_domain_devices (device_id, version, state, missed_since)
+SELECT r->>0, 0, 'null'::jsonb, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond'
+FROM jsonb_array_elements(%s::jsonb) AS r ORDER BY (r->>0) COLLATE "C"
+ON CONFLICT (device_id) DO UPDATE
+SET missed_since = LEAST(tpx_domain_devices.missed_since, EXCLUDED.missed_since)
+"""
+#: Some of the devices waiting for a repair (the repair thread's next pass).
+MISSED_SQL = """
+SELECT device_id FROM tpx_domain_devices WHERE missed_since IS NOT NULL AND device_id > %s
+ORDER BY device_id LIMIT %s
+"""
+UNMARK_SQL = "UPDATE tpx_domain_devices SET missed_since = NULL WHERE device_id = ANY(%s::text[])"
+#: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
+COUNT_MISSED_SQL = """
+SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS NOT NULL
 """
 #: Each device's new version and folded state, as one JSON array of [device, version, state]:
 #: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
@@ -202,6 +234,15 @@ def fix_of(p: Position) -> Fix:
     return Fix(p.ts_us, p.latitude, p.longitude, p.valid, p.speed)
 
 
+def _times(fixes: Iterable[Fix], missed_us: int | None) -> list[int]:
+    return [f.ts_us for f in fixes] + ([] if missed_us is None else [missed_us])
+
+
+def _marks(lost: Mapping[str, Sequence[Fix]]) -> str:
+    """:data:`MARK_SQL`'s parameter: each device with the time of its oldest fix lost."""
+    return json.dumps([[d, min(f.ts_us for f in fixes)] for d, fixes in lost.items()])
+
+
 class StateCache:
     """Each device's (version, state) as this process last committed it; a bounded LRU."""
 
@@ -279,9 +320,19 @@ class DomainMetrics:
         )
         self.device_errors = Counter(
             "tpx_domain_device_errors",
-            "Devices whose domain step failed (their batch's records lost)",
+            "Devices whose domain step failed (marked for the repair)",
             registry=registry,
         )
+        self.repaired = Counter(
+            "tpx_domain_repaired",
+            "Devices whose timing records a failed batch missed, written since by the repair",
+            registry=registry,
+        )
+        Gauge(
+            "tpx_domain_missed_devices",
+            "Devices whose timing records a failed batch missed, waiting for the repair (all instances)",
+            registry=registry,
+        ).set_function(lambda: float(stage.missed[0]))
         self.seconds = Histogram(
             "tpx_domain_seconds",
             "Time the domain stage adds to a batch's transaction",
@@ -336,14 +387,17 @@ class DomainStage:
         self._device_error_logged_at = -DEVICE_ERROR_LOG_EVERY_S
         #: generations known to be in tpx_domain_generations (a writer records one before use)
         self._recorded: set[str] = set()
+        #: devices waiting for a repair, and the oldest fix missed (the repair thread's last count)
+        self.missed: tuple[int, dt.datetime | None] = (0, None)
+        self._repair_logged_at = -DEVICE_ERROR_LOG_EVERY_S
 
     # --- lifecycle ---
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        """A connection of the stage's own (start-up, reloads), with tpx's search_path and the
-        writers' lock and statement timeouts: a reload queued behind a Directus ``ALTER TABLE``
-        gives up and is tried again, it never holds the reload thread for good."""
-        conn = pg_connect(self.settings.database_url, "tpx-domain")
+    def _connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+        """A connection of the stage's own (start-up, reloads, repairs), with tpx's search_path
+        and the writers' lock and statement timeouts: a reload queued behind a Directus ``ALTER
+        TABLE`` gives up and is tried again, it never holds the reload thread for good."""
+        conn = pg_connect(self.settings.database_url, "tpx-domain", autocommit=autocommit)
         try:
             conn.execute(search_path(self.settings))
             for statement in writer_timeouts(self.settings):
@@ -378,15 +432,24 @@ class DomainStage:
         self.metrics = DomainMetrics(registry, self)
         self._remember_generation(geofences)
         reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
-        reloader.start()
-        self._threads = [reloader]
+        repairer = threading.Thread(
+            target=self._repair_loop, args=(stop,), name="tpx-domain-repair", daemon=True
+        )
+        for thread in (reloader, repairer):
+            thread.start()
+        self._threads = [reloader, repairer]
         return f"{line}; {len(geofences)} geofences loaded, {len(geofences.invalid)} invalid"
 
     def threads(self) -> Sequence[threading.Thread]:
         return self._threads
 
     def health(self) -> str | None:
-        return self._problem
+        if self._problem is not None:
+            return self._problem
+        waiting, oldest = self.missed
+        if waiting and oldest is not None:
+            return f"{waiting} devices wait for the repair of the timing records missed since {oldest:%c %Z}"
+        return None
 
     def geofences(self) -> GeofenceSet:
         assert self.source is not None  # noqa: S101 (open() returned with the domain on)
@@ -443,11 +506,19 @@ class DomainStage:
 
     # --- the transaction step ---
 
-    def failed(self, inserted: Sequence[Position], reason: str) -> None:
-        self.cache.drop({p.device_id for p in inserted})
+    def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Position], reason: str) -> None:
+        by_device: dict[str, list[Fix]] = {}
+        for p in inserted:
+            by_device.setdefault(p.device_id, [])
+            if p.valid:
+                by_device[p.device_id].append(fix_of(p))
+        self.cache.drop(by_device)
         self._problem = f"domain stage failing: {reason}"
         if reason.startswith("ForeignKeyViolation"):  # a geofence deleted since the last reload
             self.request_reload()
+        lost = {d: fixes for d, fixes in by_device.items() if fixes}
+        if lost and self.source is not None:
+            conn.execute(MARK_SQL, (_marks(lost),))
 
     def in_transaction(
         self, conn: psycopg.Connection[Any], inserted: Sequence[Position]
@@ -472,9 +543,11 @@ class DomainStage:
             if not recorded:  # a state is never stored under a generation others cannot read
                 cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
             cur.execute(LOCK_SQL, (json.dumps(devices),))
-            states = self._states(cur, devices, geofences, by_device)
+            states, _ = self._states(cur, devices, geofences, by_device)
             results = self._advance(cur, states, by_device, geofences, work)
             self._write(cur, results, work)
+            if work.failed:  # their records of this batch wait for the repair thread
+                cur.execute(MARK_SQL, (_marks({d: by_device[d] for d in work.failed}),))
         spent = time.monotonic() - started
 
         def after_commit() -> None:
@@ -493,13 +566,17 @@ class DomainStage:
         devices: list[str],
         geofences: GeofenceSet,
         by_device: dict[str, list[Fix]],
-    ) -> dict[str, tuple[int, DeviceState]]:
-        """Each device's current (version, state): memory where it is current, else the store."""
+    ) -> tuple[dict[str, tuple[int, DeviceState]], dict[str, int]]:
+        """Each device's current (version, state): memory where it is current, else the store;
+        and the oldest fix a failed batch missed, of the devices marked so (epoch µs)."""
         held = self.cache.get_many(devices)
         versions = [h[0] if h is not None else None for h in held.values()]
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
-        for device_id, version, stored in rows:
+        missed: dict[str, int] = {}
+        for device_id, version, stored, missed_us in rows:
+            if missed_us is not None:
+                missed[device_id] = missed_us
             if version == 0:  # a placeholder: never stored (cold, below)
                 continue
             if stored is None:
@@ -514,10 +591,10 @@ class DomainStage:
                 state = DeviceState(device_id)
             out[device_id] = (version, state)
         cold = [d for d in devices if d not in out]
-        if cold:
-            oldest = [[d, min(f.ts_us for f in by_device[d])] for d in cold]
+        if cold:  # resumed from before the oldest fix of the batch, or missed before it
+            oldest = [[d, min(times)] for d in cold if (times := _times(by_device.get(d, ()), missed.get(d)))]
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
-        return out
+        return out, missed
 
     def _resume(
         self, cur: psycopg.Cursor[Any], oldest: list[list[Any]], geofences: GeofenceSet
@@ -649,11 +726,13 @@ class DomainStage:
         work.states = changed
         work.changes = [changes for *_, changes in results]
 
-    def _account(self, work: _Work, spent: float) -> None:
+    def _account(self, work: _Work, spent: float | None) -> None:
+        """Count a committed step's work (``spent``: the time it added to a batch; None: a repair)."""
         m = self.metrics
         if m is None:
             return
-        m.seconds.observe(spent)
+        if spent is not None:
+            m.seconds.observe(spent)
         for changes in work.changes:
             for e in changes.added:
                 m.records.labels(e.event).inc()
@@ -666,6 +745,141 @@ class DomainStage:
         if work.oldest_entry_ms is not None:
             m.lag.observe(max(0.0, time.time() - work.oldest_entry_ms / 1000))
 
+    # --- the repair of what failed batches missed ---
+
+    def _repair_loop(self, stop: threading.Event) -> None:
+        """Every :data:`REPAIR_EVERY_S`: repair the marked devices, a pass at a time, then count
+        those left. A failure (the table still refuses) is logged and tried again next time."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not stop.wait(REPAIR_EVERY_S):
+                try:
+                    if conn is None or conn.closed:
+                        conn = self._connect(autocommit=True)
+                    after = ""
+                    while not stop.is_set() and (after := self.repair(conn, after)):
+                        pass
+                    self._count_missed(conn)
+                except psycopg.OperationalError as exc:  # the server is away: the pool says so
+                    log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                    if conn is not None and conn.broken:
+                        conn.close()
+                except psycopg.Error as exc:
+                    self._repair_failed(describe(exc))
+                except Exception:  # a bug: the next pass tries again
+                    log.exception("domain repair failed; tried again in %.0fs", REPAIR_EVERY_S)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def repair(self, conn: psycopg.Connection[Any], after: str = "") -> str:
+        """One pass (``conn`` in autocommit): up to :data:`REPAIR_DEVICES` marked devices after
+        ``after``, in one transaction; returns the last device of the pass ("" when no device is
+        left). When the server refuses a value (a record naming a geofence deleted since the last
+        reload), each device is tried alone: only those concerned stay marked."""
+        found = [d for (d,) in conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()]
+        if not found:
+            return ""
+        try:
+            self._repair(conn, found)
+        except psycopg.Error as exc:
+            if len(found) == 1 or conn.closed or classify(exc) is not Fault.ROW:
+                raise
+            for device in found:
+                try:
+                    self._repair(conn, [device])
+                except psycopg.Error as one:
+                    if conn.closed or classify(one) is not Fault.ROW:
+                        raise
+                    self._repair_failed(describe(one))
+        return found[-1] if len(found) == REPAIR_DEVICES else ""
+
+    def _repair(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
+        """Some marked devices, in a transaction: each locked, its state read, its valid fixes
+        since its mark replayed (as late fixes: :func:`tpx.domain.advance`), its changes written
+        and its mark cleared; a device another instance repaired meanwhile is left alone."""
+        assert self.source is not None and self.metrics is not None  # noqa: S101 (domain on)
+        geofences = self.source.current
+        work = _Work()
+        with conn.transaction(), conn.cursor() as cur:
+            recorded = geofences.generation in self._recorded
+            if not recorded:
+                cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
+            cur.execute(LOCK_SQL, (json.dumps(devices),))
+            states, missed = self._states(cur, devices, geofences, {})
+            states = {d: held for d, held in states.items() if d in missed}
+            by_device, beyond = self._missed_fixes(cur, states, missed)
+            results = self._advance(cur, states, by_device, geofences, work)
+            self._write(cur, results, work)
+            repaired = [d for d in states if d not in work.failed]
+            cur.execute(UNMARK_SQL, (repaired,))
+        if not recorded:
+            self._recorded.add(geofences.generation)
+        self.cache.put_all(work.states)
+        self.cache.drop(work.failed)
+        self._account(work, None)
+        self.metrics.repaired.inc(len(repaired))
+        if beyond:
+            since = min(beyond.values())
+            log.warning(
+                "%d devices missed fixes older than the late window (TPX_DOMAIN_LATE_WINDOW=%s) by the"
+                " time they were repaired, the oldest since %s (%s): those change no timing record;"
+                " `tpx timing recompute --since %s` (per geofence, or --device) writes them",
+                len(beyond),
+                self.settings.domain_late_window,
+                _iso(since),
+                min(beyond, key=beyond.__getitem__),
+                _iso(since),
+            )
+
+    def _missed_fixes(
+        self, cur: psycopg.Cursor[Any], states: dict[str, tuple[int, DeviceState]], missed: dict[str, int]
+    ) -> tuple[dict[str, list[Fix]], dict[str, int]]:
+        """Each device's valid fixes since its mark (one query), or since the start of its late
+        window where the mark is older than that; and those devices, with their marks."""
+        window = self.config.late_window_us
+        since: dict[str, int] = {}
+        beyond: dict[str, int] = {}
+        for device_id, (_, state) in states.items():
+            start = missed[device_id]
+            newest = state.newest_us
+            if newest is not None and start < newest - window:
+                beyond[device_id] = start
+                start = newest - window
+            since[device_id] = start
+        devices = sorted(since)
+        by_device: dict[str, list[Fix]] = {d: [] for d in devices}
+        if devices:  # HISTORY_SQL's bound is exclusive: 1 µs before the mark
+            bounds = ([since[d] - 1 for d in devices], [None] * len(devices))
+            for device_id, ts_us, lat, lon, speed in cur.execute(HISTORY_SQL, (devices, *bounds)).fetchall():
+                by_device[device_id].append(Fix(ts_us, lat, lon, True, speed))
+        return by_device, beyond
+
+    def _repair_failed(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._repair_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # the table refuses every pass
+            self._repair_logged_at = now
+            log.warning(
+                "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
+            )
+        if reason.startswith("ForeignKeyViolation"):  # a geofence deleted since the last reload
+            self.request_reload()
+
+    def _count_missed(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(COUNT_MISSED_SQL).fetchone()
+        if row is not None:
+            self.missed = (int(row[0]), row[1])
+
+
+def _iso(us: int) -> str:
+    return (EPOCH + dt.timedelta(microseconds=us)).isoformat()
+
+
+#: Seconds between the repair thread's passes over the devices failed batches missed.
+REPAIR_EVERY_S = 2.0
+#: Devices a repair pass takes in one transaction.
+REPAIR_DEVICES = 500
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 #: A device whose step fails (a bug) is logged with its traceback at most once per this many
 #: seconds per instance (tpx_domain_device_errors_total counts every one).

@@ -398,7 +398,8 @@ class Committer:
         A fault that retrying can fix (connection, deadlock, timeout) propagates: the whole batch
         is retried. One it cannot (the stage's tables refuse the query or a value), or a bug in
         the stage, rolls back only the savepoint: the positions commit without the stage's work,
-        which is logged and counted; that work is lost (`tpx timing recompute` redoes it). When a
+        which is logged and counted, and the stage records in the same transaction what it must
+        redo (:meth:`TransactionStage.failed`; the domain's repair thread redoes it). When a
         value was refused (a record naming a geofence deleted since the last reload), the stage
         runs again device by device (in device-id order), each in a savepoint: only the devices
         concerned lose theirs.
@@ -417,7 +418,7 @@ class Committer:
         for p in rows:
             by_device.setdefault(p.device_id, []).append(p)
         if not row_fault or len(by_device) == 1:
-            self._stage_failed(stage, rows, reason)
+            self._stage_failed(conn, stage, rows, reason)
             return None
         afters: list[AfterCommit] = []
         # in device-id order, the order a stage locks a batch's devices in (each savepoint is
@@ -426,7 +427,7 @@ class Committer:
             device_rows = by_device[device]
             after, failure = self._stage_attempt(conn, stage, device_rows)
             if failure is not None:
-                self._stage_failed(stage, device_rows, failure[0])
+                self._stage_failed(conn, stage, device_rows, failure[0])
             elif after is not None:
                 afters.append(after)
 
@@ -453,7 +454,11 @@ class Committer:
             log.exception("%s stage raised on %d rows", stage.name, len(rows))
             return None, (f"{type(exc).__name__}: {first_line(exc)}", False)
 
-    def _stage_failed(self, stage: TransactionStage, rows: list[Position], reason: str) -> None:
+    def _stage_failed(
+        self, conn: psycopg.Connection[Any], stage: TransactionStage, rows: list[Position], reason: str
+    ) -> None:
+        """Log and count a rolled-back stage, and let it record what it missed, in a savepoint
+        of its own: should that fail too, the positions still commit (and the loss is logged)."""
         self.metrics.stage_errors.labels(stage.name).inc()
         now = time.monotonic()
         if now - self._stage_logged_at >= STAGE_ERROR_LOG_EVERY_S:  # every batch fails alike
@@ -472,7 +477,18 @@ class Committer:
             self._stage_logged_at, self._stage_unlogged = now, 0
         else:
             self._stage_unlogged += 1
-        stage.failed(rows, reason)
+        try:
+            with conn.transaction():
+                stage.failed(conn, rows, reason)
+        except psycopg.Error as exc:
+            if classify(exc) is Fault.TRANSIENT or conn.closed:
+                raise
+            log.error(
+                "%s stage could not record the %d rows it missed (%s): their work is lost",
+                stage.name,
+                len(rows),
+                describe(exc),
+            )
 
     def _copy_plain(
         self,

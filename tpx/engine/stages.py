@@ -63,7 +63,8 @@ class TransactionStage(Protocol):
     redelivered entries find their rows stored (duplicates, not passed again). A database error
     that retrying can fix (connection lost, deadlock, lock timeout) retries the whole batch; one
     that it cannot (the stage's tables refuse the query or a value) rolls back only the
-    savepoint, is logged and counted, and the positions commit without the stage's work. A
+    savepoint, is logged and counted, and the positions commit without the stage's work (the
+    stage's :meth:`failed` then records, in the same transaction, what it must redo). A
     stage must catch its own errors per item, so that one bad device never stops the others.
     A stage that locks devices takes them in device-id order (byte-wise): the writer's retry of
     a batch device by device goes in that order too, so writers never wait on each other in a
@@ -93,5 +94,8 @@ class TransactionStage(Protocol):
     def request_reload(self) -> None:
         """Reload what the stage reads from elsewhere (the geofences) at once (a control message)."""
 
-    def failed(self, inserted: Sequence[Position], reason: str) -> None:
-        """The savepoint was rolled back: forget what was assumed about these devices."""
+    def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Position], reason: str) -> None:
+        """The savepoint was rolled back: forget what was assumed about these devices, and
+        record (on ``conn``, in the batch's transaction, in a savepoint of its own) what must be
+        redone, so that it commits with the positions. A database error that retrying can fix
+        retries the batch; any other is logged, and the positions commit all the same."""

@@ -35,7 +35,8 @@ DEFAULT_LIMIT = 50
 OPTIONAL_COLUMNS = ("speed", "direction", "uncertainty_s")
 
 #: A device's stored state (version 0: a placeholder the stage's lock made, never stored).
-DEVICE_SQL = "SELECT version, state FROM {}.tpx_domain_devices WHERE device_id = %s AND version > 0"
+#: The device's stored state (version 0: a placeholder, never stored) and its repair mark.
+DEVICE_SQL = "SELECT version, state, missed_since FROM {}.tpx_domain_devices WHERE device_id = %s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,8 @@ class DeviceTiming:
     inside: tuple[Inside, ...] = ()
     #: Why the stored state could not be read ("" when it could; ``inside`` is then empty).
     state_error: str = ""
+    #: The oldest fix whose timing records a failed batch missed, waiting for the repair thread.
+    missed_since: dt.datetime | None = None
 
     @property
     def last_fix(self) -> dt.datetime | None:
@@ -114,6 +117,7 @@ class DeviceTiming:
             "newest_us": self.newest_us,
             "inside": [{"id": i.id, "name": i.name} for i in self.inside],
             "state_error": self.state_error or None,
+            "missed_since": None if self.missed_since is None else self.missed_since.isoformat(),
             "records": [r.to_dict() for r in self.records],
         }
 
@@ -153,11 +157,14 @@ def device_timing(
         ).fetchone()
         if row is None:
             return DeviceTiming(device, records)
-        version, stored = row
+        version, stored, missed = row
+        if version == 0:  # the lock's placeholder: never stored
+            return DeviceTiming(device, records, missed_since=missed)
         try:
             state = state_from_json(stored, device_id=device)
         except (ValueError, KeyError, TypeError) as exc:  # as the stage: it starts such a device afresh
-            return DeviceTiming(device, records, True, int(version), state_error=f"unreadable state: {exc}")
+            error = f"unreadable state: {exc}"
+            return DeviceTiming(device, records, True, int(version), state_error=error, missed_since=missed)
         ids = sorted(state.inside, key=repr)
         names = _names(conn, tables, ids)
     return DeviceTiming(
@@ -167,6 +174,7 @@ def device_timing(
         version=int(version),
         newest_us=state.newest_us,
         inside=tuple(Inside(gid, names.get(str(gid))) for gid in ids),
+        missed_since=missed,
     )
 
 

@@ -25,7 +25,7 @@ from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
 from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
 from tpx.connections import search_path
-from tpx.domain import Event, Fix, GeofenceSet, advance, replay
+from tpx.domain import DeviceState, Event, Fix, GeofenceSet, advance, replay
 from tpx.domain.shapes import Frame
 from tpx.domainstage.stage import LOCK_SQL, DomainStage
 from tpx.engine.service import Engine, StartupError
@@ -317,6 +317,74 @@ def test_a_device_whose_step_failed_gets_its_records_from_the_repair(
         )
         assert engine.metrics.registry.get_sample_value("tpx_domain_repaired_total") == 1
     assert len(stored(s.database_url, s.db_schema)) == len(want)
+
+
+def switched(device: str, fixes: Sequence[Fix], before: GeofenceSet, after: GeofenceSet, at: int) -> set[Any]:
+    """The records of one process that replays ``fixes`` in time order, one by one, with
+    ``before`` for the first ``at`` of them and ``after`` from there on (an edit picked up)."""
+    state = DeviceState(device)
+    records: dict[Any, Event] = {}
+    for i, fix in enumerate(sorted(fixes, key=lambda f: f.ts_us)):
+        state, changes = advance(state, before if i < at else after, [fix])
+        for e in changes.deleted:
+            records.pop(e.id, None)
+        records.update((e.id, e) for e in changes.added)
+    return {brief(e) for e in records.values()}
+
+
+@pytest.mark.timeout(60)
+def test_an_instance_behind_on_an_edit_never_takes_a_device_back_to_the_old_geofence(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    # the depot moves from 100..300 m to 1,000..1,200 m along the road. Instance a reloads it
+    # (every 0.5 s), instance b not yet (its reload is an hour away). Once a has moved the device
+    # on with the new depot, b must not take it back to the old one: b's fix at 1,050 m, computed
+    # with the old depot, would put the device outside, and a, adopting the new depot again at
+    # its newest fix, inside without an enter: the enter lost. Each instance reads a stream of its
+    # own here, so that the test says which instance takes which fix.
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    moved = [square(1, "depot", 1000, -50, 1200, 50), *COURSE[1:]]
+    track = drive("dev-e", 150)  # 0..1,490 m, a fix every 50 m
+    first, by_a, by_b, rest = track[:18], track[18:20], track[20:22], track[22:]  # by_b: 1,000..1,050 m
+    a_settings = s.model_copy(update={"consumer": "a"})
+    b_settings = s.model_copy(
+        update={"consumer": "b", "stream": f"{s.stream}-b", "geofences_reload_s": 3600.0}
+    )
+    stage_a = DomainStage(a_settings)
+    written = 0
+
+    def feed(settings: Settings, fixes: list[Fix]) -> None:
+        nonlocal written
+        add_entries(rclient, settings.stream, entries("dev-e", fixes))
+        written += len(fixes)
+        wait_for(lambda: drained(rclient, settings, written), what="the fixes written")
+
+    try:
+        with engine_running(a_settings, tx_stage=stage_a), running(b_settings) as b:
+            feed(a_settings, first)  # up to 850 m: the old depot's enter and exit
+            before = stage_a.geofences()
+            with psycopg.connect(s.database_url, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("UPDATE {}.geofences SET geometry = %s WHERE id = 1").format(
+                        sql.Identifier(s.db_schema)
+                    ),
+                    (json.dumps(moved[0]["geometry"]),),
+                )
+            wait_for(lambda: stage_a.geofences().generation != before.generation, what="a reloaded")
+            feed(a_settings, by_a)
+            feed(b_settings, by_b)
+            feed(a_settings, rest)
+            after = GeofenceSet.from_rows(moved)
+            want = switched("dev-e", track, before, after, len(first))
+            wait_for(
+                lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
+                timeout=20,
+                what="the records of one process that took the edit at the 900 m fix",
+            )
+            assert b.metrics.count(b.metrics.stage_errors, stage="domain") == 0
+    finally:
+        rclient.delete(b_settings.stream)
 
 
 @pytest.mark.timeout(60)

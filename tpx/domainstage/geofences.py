@@ -106,6 +106,9 @@ class GeofenceSource:
         self._warned: dict[object, str] = {}
         #: Reloads that failed (a database error), for the metrics.
         self.failed_reloads = 0
+        #: When the last read that succeeded started (``time.monotonic()``): the current set is
+        #: the table as it was then, or newer.
+        self.read_at = float("-inf")
 
     @property
     def current(self) -> GeofenceSet:
@@ -159,6 +162,7 @@ class GeofenceSource:
         self._attempted_at = now
         with self.connect() as conn:
             rows = geofence_rows(conn, self.tables)
+        self.read_at = now
         if self._current is not None and rows == self._rows:
             return self._current  # unchanged: no parsing, no index to rebuild
         loaded = GeofenceSet.from_rows(rows)

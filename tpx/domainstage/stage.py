@@ -10,7 +10,10 @@ first written). For the devices with valid fixes in the batch, in one transactio
    while a row waits for another writer's insert);
 2. read each device's stored version (``tpx_domain_devices``) and, where it is not the one this
    process holds in memory (another writer or instance moved it on, or this process never saw
-   the device), its stored state: one query for the batch;
+   the device), its stored state: one query for the batch. A state stored under a geofence set
+   newer than this instance's (another instance reloaded an edit first) is left for the repair
+   thread until this instance has reloaded (:meth:`DomainStage._ahead`): a device never goes
+   back to the old geofence;
 3. :func:`tpx.domain.advance` each device with its fixes; a late fix older than the history in
    memory (:class:`~tpx.domain.NeedsHistory`) is replayed from the positions after the
    checkpoint before it (one query for all such devices of the batch, this batch's own rows
@@ -145,6 +148,8 @@ CROSS JOIN LATERAL (
 ) AS p
 """
 GENERATION_SQL = "SELECT fingerprints FROM tpx_domain_generations WHERE generation = %s"
+#: When a generation was first used by any writer (the database's clock: one for all instances).
+CREATED_SQL = "SELECT created_at FROM tpx_domain_generations WHERE generation = %s"
 COUNT_RECOMPUTES_SQL = "SELECT count(*) FROM tpx_domain_recomputes"
 SAVE_GENERATION_SQL = """
 INSERT INTO tpx_domain_generations (generation, fingerprints) VALUES (%s, %s)
@@ -282,6 +287,20 @@ class StateCache:
         return len(self._data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A batch's devices as the store and memory hold them, under their locks."""
+
+    #: Each device's (version, state), ready to advance.
+    states: dict[str, tuple[int, DeviceState]]
+    #: The devices a failed batch marked: the oldest fix missed (epoch µs).
+    missed: dict[str, int]
+    #: Devices left for the repair: their stored state is under a geofence set this instance
+    #: has not loaded yet (another instance reloaded an edit first); advanced with the set here,
+    #: they would go back to the old geofence.
+    deferred: list[str]
+
+
 @dataclass(slots=True)
 class _Work:
     """One batch's domain work, computed in the transaction, applied to memory after COMMIT."""
@@ -389,6 +408,10 @@ class DomainStage:
         self._recorded: set[str] = set()
         #: devices waiting for a repair, and the oldest fix missed (the repair thread's last count)
         self.missed: tuple[int, dt.datetime | None] = (0, None)
+        #: generations of stored states newer than the set here -> when this instance first met each
+        self._foreign: dict[str, float] = {}
+        #: generation -> when a writer first used it (tpx_domain_generations.created_at)
+        self._created: dict[str, dt.datetime] = {}
         self._repair_logged_at = -DEVICE_ERROR_LOG_EVERY_S
 
     # --- lifecycle ---
@@ -543,18 +566,19 @@ class DomainStage:
             if not recorded:  # a state is never stored under a generation others cannot read
                 cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
             cur.execute(LOCK_SQL, (json.dumps(devices),))
-            states, _ = self._states(cur, devices, geofences, by_device)
-            results = self._advance(cur, states, by_device, geofences, work)
+            read = self._states(cur, devices, geofences, by_device)
+            results = self._advance(cur, read.states, by_device, geofences, work)
             self._write(cur, results, work)
-            if work.failed:  # their records of this batch wait for the repair thread
-                cur.execute(MARK_SQL, (_marks({d: by_device[d] for d in work.failed}),))
+            left = work.failed + read.deferred
+            if left:  # their records of this batch wait for the repair thread
+                cur.execute(MARK_SQL, (_marks({d: by_device[d] for d in left}),))
         spent = time.monotonic() - started
 
         def after_commit() -> None:
             if not recorded:
                 self._recorded.add(geofences.generation)
             self.cache.put_all(work.states)
-            self.cache.drop(work.failed)
+            self.cache.drop(left)
             self._problem = None
             self._account(work, spent)
 
@@ -566,14 +590,16 @@ class DomainStage:
         devices: list[str],
         geofences: GeofenceSet,
         by_device: dict[str, list[Fix]],
-    ) -> tuple[dict[str, tuple[int, DeviceState]], dict[str, int]]:
+    ) -> _Read:
         """Each device's current (version, state): memory where it is current, else the store;
-        and the oldest fix a failed batch missed, of the devices marked so (epoch µs)."""
+        the oldest fix a failed batch missed, of the devices marked so; and those whose stored
+        state waits for this instance's reload."""
         held = self.cache.get_many(devices)
         versions = [h[0] if h is not None else None for h in held.values()]
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
         missed: dict[str, int] = {}
+        deferred: list[str] = []
         for device_id, version, stored, missed_us in rows:
             if missed_us is not None:
                 missed[device_id] = missed_us
@@ -584,17 +610,48 @@ class DomainStage:
                 assert mine is not None  # noqa: S101 (same version: memory holds it)
                 out[device_id] = (version, mine[1])
                 continue
+            if self._ahead(cur, stored.get("generation"), geofences):
+                deferred.append(device_id)
+                continue
             try:
                 state = state_from_json(stored, self._versions(cur, stored.get("generation")), device_id)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("domain state of %s unreadable (%s): starting it afresh", device_id, exc)
                 state = DeviceState(device_id)
             out[device_id] = (version, state)
-        cold = [d for d in devices if d not in out]
+        cold = [d for d in devices if d not in out and d not in deferred]
         if cold:  # resumed from before the oldest fix of the batch, or missed before it
             oldest = [[d, min(times)] for d in cold if (times := _times(by_device.get(d, ()), missed.get(d)))]
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
-        return out, missed
+        return _Read(out, missed, deferred)
+
+    def _ahead(self, cur: psycopg.Cursor[Any], generation: object, geofences: GeofenceSet) -> bool:
+        """Whether a stored state's geofence set may be newer than this instance's: first used
+        after the set here, and met since this instance's last read of the table started. A
+        reload is asked for at once; once a read that started after the first meeting is done,
+        the set here is as new as the table: no longer ahead. (A state under an older set, as
+        after this instance's own reload or a restart, is reconciled as ever.)"""
+        if not isinstance(generation, str) or generation == geofences.generation:
+            return False
+        theirs, ours = self._created_at(cur, generation), self._created_at(cur, geofences.generation)
+        if theirs is None or ours is None or theirs <= ours:
+            return False
+        assert self.source is not None  # noqa: S101 (domain on)
+        met = self._foreign.get(generation)
+        if met is None:
+            if len(self._foreign) >= MAX_FOREIGN_GENERATIONS:
+                self._foreign.clear()
+            met = self._foreign[generation] = time.monotonic()
+            log.info(
+                "geofences: a device state is under generation %s, not %s here: reloading before"
+                " its devices go on (the repair takes them after)",
+                generation,
+                geofences.generation,
+            )
+        if self.source.read_at >= met:
+            return False
+        self.request_reload()
+        return True
 
     def _resume(
         self, cur: psycopg.Cursor[Any], oldest: list[list[Any]], geofences: GeofenceSet
@@ -625,6 +682,15 @@ class DomainStage:
             now = inside[device_id] if device_id in inside else geofences.areas_at(fix.lon, fix.lat)
             out[device_id] = DeviceState.resume(device_id, now, fix, geofences)
         return out
+
+    def _created_at(self, cur: psycopg.Cursor[Any], generation: str) -> dt.datetime | None:
+        known = self._created.get(generation)
+        if known is None:
+            row = cur.execute(CREATED_SQL, (generation,)).fetchone()
+            if row is None:
+                return None
+            known = self._created[generation] = row[0]
+        return known
 
     def _versions(self, cur: psycopg.Cursor[Any], generation: object) -> Mapping[GeofenceId, str] | None:
         if not isinstance(generation, str):
@@ -806,9 +872,9 @@ class DomainStage:
             if not recorded:
                 cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
             cur.execute(LOCK_SQL, (json.dumps(devices),))
-            states, missed = self._states(cur, devices, geofences, {})
-            states = {d: held for d, held in states.items() if d in missed}
-            by_device, beyond = self._missed_fixes(cur, states, missed)
+            read = self._states(cur, devices, geofences, {})
+            states = {d: held for d, held in read.states.items() if d in read.missed}
+            by_device, beyond = self._missed_fixes(cur, states, read.missed)
             results = self._advance(cur, states, by_device, geofences, work)
             self._write(cur, results, work)
             repaired = [d for d in states if d not in work.failed]
@@ -879,6 +945,8 @@ def _iso(us: int) -> str:
 REPAIR_EVERY_S = 2.0
 #: Devices a repair pass takes in one transaction.
 REPAIR_DEVICES = 500
+#: Generations of other instances' states remembered (cleared when full: each is met again).
+MAX_FOREIGN_GENERATIONS = 256
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 #: A device whose step fails (a bug) is logged with its traceback at most once per this many

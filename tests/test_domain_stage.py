@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
@@ -275,6 +276,83 @@ def test_a_changed_timing_table_costs_positions_nothing_and_its_records_come_lat
     errors = [r.getMessage() for r in caplog.records if "domain stage failed" in r.getMessage()]
     assert errors and 'column "direction" of relation "timing_records" does not exist' in errors[0]
     assert len(errors) <= domain_settings.writers  # once per writer, not once per batch
+
+
+def _column(s: Settings, change: str) -> None:
+    """``ALTER TABLE timing_records`` ``change`` (DROP/ADD COLUMN direction), as a CMS admin would."""
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER TABLE {}.timing_records {}").format(sql.Identifier(s.db_schema), sql.SQL(change))
+        )
+
+
+@pytest.mark.timeout(60)
+def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_computed_without(
+    domain_settings: Settings, rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the device enters the depot in the batches that fail, and a later batch, written without
+    # them, computes its enter and exit on the segment from before the outage to after it (other
+    # times: the speed is not even). The repair is another instance's, which holds nothing of the
+    # device in memory: it reads the stored state (checkpoints, never the fixes) and must still
+    # withdraw those two records, leaving the sequential replay's, each once
+    monkeypatch.setattr("tpx.domainstage.stage.REPAIR_EVERY_S", 3600.0)  # only the repair below
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
+    cms_tables(s.database_url, s.db_schema)
+    east = [0, 50, 150, 160, 170, 180, 400, 450]  # the gate is at 500 m
+    fixes = [
+        Fix((T0_MS + i * 5000) * 1000, round(at(x, 0)[1], 7), round(at(x, 0)[0], 7), True, 36.0)
+        for i, x in enumerate(east)
+    ]
+    before, lost, after = fixes[:2], fixes[2:6], fixes[6:]
+    with running(s) as engine:
+        add_entries(rclient, s.stream, entries("dev-s", before))
+        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
+        _column(s, "DROP COLUMN direction")
+        add_entries(rclient, s.stream, entries("dev-s", lost))
+        wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") >= 1
+        _column(s, "ADD COLUMN direction integer")
+        add_entries(rclient, s.stream, entries("dev-s", after))
+        wait_for(lambda: drained(rclient, s, 8), what="after the outage")
+        assert len(stored(s.database_url, s.db_schema)) == 2  # the enter and exit of the long segment
+    other, stop = DomainStage(s), threading.Event()
+    other.open(CollectorRegistry(), stop)
+    try:
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(search_path(s))
+            assert other.repair(conn) == ""
+    finally:
+        stop.set()
+    got = stored(s.database_url, s.db_schema)
+    assert {tuple(r) for r in got} == expected({"dev-s": fixes})
+    assert len(got) == 2
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_longer_than_the_late_window_loses_no_record(
+    domain_settings: Settings, rclient: redis.Redis
+) -> None:
+    # every batch fails for 140 s of fix time, five times the late window (20 s here); the
+    # device stops after. Given to the step all at once, every missed fix but the last 20 s
+    # would be refused as too late: the depot, the gate and the pump lost
+    s = domain_settings.model_copy(update={"batch_size": 3, "read_count": 3, "domain_late_window": "20s"})
+    cms_tables(s.database_url, s.db_schema)
+    track = drive("dev-o", 150, wiggle=15.0)  # off the straight line: a long segment misses the pump
+    with running(s) as engine:
+        add_entries(rclient, s.stream, entries("dev-o", track[:2]))
+        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
+        _column(s, "DROP COLUMN direction")
+        add_entries(rclient, s.stream, entries("dev-o", track[2:]))
+        wait_for(lambda: drained(rclient, s, len(track)), what="the outage's fixes")
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") >= 1
+        _column(s, "ADD COLUMN direction integer")
+        want = expected({"dev-o": track})
+        wait_for(
+            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
+            timeout=20,
+            what="the outage's records written by the repair",
+        )
+        assert engine.metrics.registry.get_sample_value("tpx_domain_late_fixes_total") == 0
 
 
 @pytest.mark.timeout(60)

@@ -240,7 +240,7 @@ def test_a_device_waiting_for_the_repair_says_since_when(s: Settings, env: dict[
     migrate(s.database_url, s.db_schema)
     at_us = 1_780_000_000_123_456  # 2026-05-28 20:26:40.123456 UTC
     with sql_conn(s) as conn:
-        conn.execute(MARK_SQL, (json.dumps([["parked", at_us]]),))
+        conn.execute(MARK_SQL, (json.dumps([["parked", [at_us + 5_000_000, at_us]]]),))
     code, out, err = tpx(env, "timing", "parked")
     assert (code, err) == (0, "")
     assert out.splitlines()[:2] == [

@@ -23,13 +23,16 @@ first written). For the devices with valid fixes in the batch, in one transactio
 
 When the step cannot run (the CMS's table refuses its query or a value), the writer rolls back
 its savepoint and the positions commit without it; :meth:`DomainStage.failed` then records, in
-the same transaction, each device's oldest fix lost (``missed_since`` in ``tpx_domain_devices``,
-:data:`MARK_SQL`). A device whose own step failed (a bug) is marked alike. The repair thread of
-every instance (:meth:`DomainStage.repair`) replays each marked device from that time, from
-positions, under its lock, as late fixes (the same :func:`tpx.domain.advance`), and clears the
-mark: once the table takes records again, the failed batches' records are written, exactly
-those a sequential replay gives, within the late window (fixes older than it by then are
-refused, as late fixes are, and named in the log for a ``tpx timing recompute``).
+the same transaction, the time of each valid fix each device lost (``missed_us`` in
+``tpx_domain_devices``, :data:`MARK_SQL`). A device whose own step failed (a bug) is marked
+alike. The repair thread of every instance (:meth:`DomainStage.repair`) gives each marked
+device those fixes again, from positions, under its lock, as late fixes (the same
+:func:`tpx.domain.advance`, in slices of half the late window, oldest first, so that a long
+outage refuses none), and clears them: once the table takes records again, the failed batches'
+records are written, exactly those a sequential replay gives. (A device that drove on for
+longer than the late window before its repair has its older missed fixes refused, as late
+fixes are, and named in the log for a ``tpx timing recompute``.) A replay of late fixes from
+positions (step 3) leaves a device's missed fixes out, as it leaves out the batch's own.
 
 A crash anywhere leaves both the positions and the timing records, or neither; the redelivered
 entries then find their rows stored and are not passed again. Any number of instances give the
@@ -99,30 +102,58 @@ SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER 
 ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
 #: Each device's stored version (0: a placeholder, never stored), its state where the version
-#: is not the one in memory, and the oldest fix a failed batch missed (epoch µs), if one did.
+#: is not the one in memory, and the fixes a failed batch missed (epoch µs), if one did.
 READ_SQL = """
 SELECT s.device_id, s.version,
        CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
-       (extract(epoch FROM s.missed_since) * 1000000)::int8
+       s.missed_us
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
-#: Devices a failed batch missed, [[device, oldest fix time in epoch µs], ...]: each keeps the
-#: oldest time marked (the repair replays from it). In device order, as :data:`LOCK_SQL`; a
-#: device never stored gets a placeholder (version 0), as there.
+#: Fixes a failed batch missed, [[device, [fix time in epoch µs, ...]], ...], added to those the
+#: device already waits with. In device order, as :data:`LOCK_SQL`; a device never stored gets
+#: a placeholder (version 0), as there.
 MARK_SQL = """
-INSERT INTO tpx_domain_devices (device_id, version, state, missed_since)
-SELECT r->>0, 0, 'null'::jsonb, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond'
-FROM jsonb_array_elements(%s::jsonb) AS r ORDER BY (r->>0) COLLATE "C"
-ON CONFLICT (device_id) DO UPDATE
-SET missed_since = LEAST(tpx_domain_devices.missed_since, EXCLUDED.missed_since)
+WITH m AS (
+    SELECT r->>0 AS device_id,
+           ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1) AS times
+    FROM jsonb_array_elements(%s::jsonb) AS r
+)
+INSERT INTO tpx_domain_devices (device_id, version, state, missed_us, missed_since)
+SELECT device_id, 0, 'null'::jsonb, times, to_timestamp(0) + times[1] * interval '1 microsecond'
+FROM m ORDER BY device_id COLLATE "C"
+ON CONFLICT (device_id) DO UPDATE SET
+    missed_us = ARRAY(
+        SELECT DISTINCT t FROM unnest(tpx_domain_devices.missed_us || EXCLUDED.missed_us) AS t ORDER BY 1
+    ),
+    missed_since = LEAST(tpx_domain_devices.missed_since, EXCLUDED.missed_since)
 """
-#: Some of the devices waiting for a repair (the repair thread's next pass).
+#: Some of the devices waiting for a repair, with how many fixes each (the next pass's pick).
 MISSED_SQL = """
-SELECT device_id FROM tpx_domain_devices WHERE missed_since IS NOT NULL AND device_id > %s
-ORDER BY device_id LIMIT %s
+SELECT device_id, cardinality(missed_us) FROM tpx_domain_devices
+WHERE missed_since IS NOT NULL AND device_id > %s ORDER BY device_id LIMIT %s
 """
-UNMARK_SQL = "UPDATE tpx_domain_devices SET missed_since = NULL WHERE device_id = ANY(%s::text[])"
+#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key).
+MISSED_FIXES_SQL = """
+SELECT s.device_id, m.t, p.latitude, p.longitude, p.speed
+FROM tpx_domain_devices AS s
+CROSS JOIN LATERAL unnest(s.missed_us) AS m(t)
+JOIN positions AS p
+  ON p.device_id = s.device_id AND p.ts = to_timestamp(0) + m.t * interval '1 microsecond'
+WHERE s.device_id = ANY(%s::text[]) AND p.valid
+ORDER BY s.device_id, m.t
+"""
+#: After a repair, [[device, [fix time still missed, ...]], ...] ([]: none, the mark cleared).
+REMARK_SQL = """
+UPDATE tpx_domain_devices AS s
+SET missed_us = rest.times, missed_since = to_timestamp(0) + rest.times[1] * interval '1 microsecond'
+FROM (
+    SELECT r->>0 AS device_id,
+           NULLIF(ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1), '{}') AS times
+    FROM jsonb_array_elements(%s::jsonb) AS r
+) AS rest
+WHERE s.device_id = rest.device_id
+"""
 #: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
 COUNT_MISSED_SQL = """
 SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS NOT NULL
@@ -239,13 +270,22 @@ def fix_of(p: Position) -> Fix:
     return Fix(p.ts_us, p.latitude, p.longitude, p.valid, p.speed)
 
 
-def _times(fixes: Iterable[Fix], missed_us: int | None) -> list[int]:
-    return [f.ts_us for f in fixes] + ([] if missed_us is None else [missed_us])
+def _marks(lost: Mapping[str, Iterable[Fix]]) -> str:
+    """:data:`MARK_SQL`'s parameter: each device with the times of its fixes lost."""
+    return json.dumps([[d, [f.ts_us for f in fixes]] for d, fixes in lost.items()])
 
 
-def _marks(lost: Mapping[str, Sequence[Fix]]) -> str:
-    """:data:`MARK_SQL`'s parameter: each device with the time of its oldest fix lost."""
-    return json.dumps([[d, min(f.ts_us for f in fixes)] for d, fixes in lost.items()])
+def _slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
+    """Fixes in time order, cut where a slice would span more than ``span_us``: given to
+    :func:`tpx.domain.advance` one slice after the other, none is older than the late window
+    behind the newest of its slice (what a process that had them in time would have done)."""
+    out: list[list[Fix]] = []
+    for fix in sorted(fixes, key=lambda f: f.ts_us):
+        if out and fix.ts_us - out[-1][0].ts_us <= span_us:
+            out[-1].append(fix)
+        else:
+            out.append([fix])
+    return out
 
 
 class StateCache:
@@ -293,8 +333,8 @@ class _Read:
 
     #: Each device's (version, state), ready to advance.
     states: dict[str, tuple[int, DeviceState]]
-    #: The devices a failed batch marked: the oldest fix missed (epoch µs).
-    missed: dict[str, int]
+    #: The devices a failed batch marked: the times of the fixes missed (epoch µs, sorted).
+    missed: dict[str, list[int]]
     #: Devices left for the repair: their stored state is under a geofence set this instance
     #: has not loaded yet (another instance reloaded an edit first); advanced with the set here,
     #: they would go back to the old geofence.
@@ -471,7 +511,8 @@ class DomainStage:
             return self._problem
         waiting, oldest = self.missed
         if waiting and oldest is not None:
-            return f"{waiting} devices wait for the repair of the timing records missed since {oldest:%c %Z}"
+            when = oldest.astimezone(dt.UTC).isoformat(timespec="seconds")
+            return f"{waiting} devices wait for the repair of the timing records missed since {when}"
         return None
 
     def geofences(self) -> GeofenceSet:
@@ -567,8 +608,9 @@ class DomainStage:
                 cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
             cur.execute(LOCK_SQL, (json.dumps(devices),))
             read = self._states(cur, devices, geofences, by_device)
-            results = self._advance(cur, read.states, by_device, geofences, work)
-            self._write(cur, results, work)
+            results = self._advance(cur, read.states, by_device, geofences, work, read.missed)
+            self._write_records(cur, results, work)
+            self._write_states(cur, [(d, v + 1, state) for d, v, state, _ in results], work)
             left = work.failed + read.deferred
             if left:  # their records of this batch wait for the repair thread
                 cur.execute(MARK_SQL, (_marks({d: by_device[d] for d in left}),))
@@ -598,10 +640,10 @@ class DomainStage:
         versions = [h[0] if h is not None else None for h in held.values()]
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
-        missed: dict[str, int] = {}
+        missed: dict[str, list[int]] = {}
         deferred: list[str] = []
         for device_id, version, stored, missed_us in rows:
-            if missed_us is not None:
+            if missed_us:
                 missed[device_id] = missed_us
             if version == 0:  # a placeholder: never stored (cold, below)
                 continue
@@ -621,7 +663,8 @@ class DomainStage:
             out[device_id] = (version, state)
         cold = [d for d in devices if d not in out and d not in deferred]
         if cold:  # resumed from before the oldest fix of the batch, or missed before it
-            oldest = [[d, min(times)] for d in cold if (times := _times(by_device.get(d, ()), missed.get(d)))]
+            times = {d: [f.ts_us for f in by_device.get(d, ())] + missed.get(d, []) for d in cold}
+            oldest = [[d, min(times[d])] for d in cold if times[d]]
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
         return _Read(out, missed, deferred)
 
@@ -711,7 +754,10 @@ class DomainStage:
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
         work: _Work,
+        pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
+        """Each device's fixes through :func:`tpx.domain.advance`; ``pending``: fixes in positions
+        not applied yet (missed by a failed batch), which a replay from positions leaves out."""
         results: list[tuple[str, int, DeviceState, Changes]] = []
         needs: dict[str, NeedsHistory] = {}
         for device_id, (version, state) in states.items():
@@ -725,7 +771,7 @@ class DomainStage:
                 continue
             results.append((device_id, version, new, changes))
         if needs:
-            results += self._replay(cur, states, needs, by_device, geofences, work)
+            results += self._replay(cur, states, needs, by_device, geofences, work, pending)
         return results
 
     def _replay(
@@ -736,9 +782,11 @@ class DomainStage:
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
         work: _Work,
+        pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
         """Late fixes older than the history in memory: replay the positions since the
-        checkpoint before them (one query for all such devices; this batch's rows left out)."""
+        checkpoint before them (one query for all such devices; this batch's rows and the
+        fixes still ``pending`` left out)."""
         devices = sorted(needs)
         rows = cur.execute(
             HISTORY_SQL,
@@ -751,7 +799,7 @@ class DomainStage:
         for device_id in devices:
             version, state = states[device_id]
             batch = by_device[device_id]
-            mine = {f.ts_us for f in batch}
+            mine = {f.ts_us for f in batch}.union(pending.get(device_id, ()))
             try:
                 history = [f for f in loaded[device_id] if f.ts_us not in mine]
                 state = with_history(state, geofences, history, needs[device_id].since_us, self.config)
@@ -772,9 +820,10 @@ class DomainStage:
         if self.metrics is not None:
             self.metrics.device_errors.inc()
 
-    def _write(
+    def _write_records(
         self, cur: psycopg.Cursor[Any], results: list[tuple[str, int, DeviceState, Changes]], work: _Work
     ) -> None:
+        """The timing records the devices' steps added and withdrew."""
         added = [e for *_, changes in results for e in changes.added]
         deleted = [e.id for *_, changes in results for e in changes.deleted]
         if deleted:
@@ -783,14 +832,18 @@ class DomainStage:
         if added:
             assert self._upsert is not None  # noqa: S101
             cur.execute(self._upsert, timing_params(added))
-        changed = [(d, v + 1, s) for d, v, s, _ in results]
+        work.changes += [changes for *_, changes in results]
+
+    def _write_states(
+        self, cur: psycopg.Cursor[Any], changed: list[tuple[str, int, DeviceState]], work: _Work
+    ) -> None:
+        """Each device's new (version, state), folded."""
         if changed:
             config = self.config
             dumps = json.dumps
             rows = ",".join([f"[{dumps(d)},{v},{state_text(fold(s, config))}]" for d, v, s in changed])
             cur.execute(WRITE_STATE_SQL, (f"[{rows}]",))
-        work.states = changed
-        work.changes = [changes for *_, changes in results]
+        work.states += changed
 
     def _account(self, work: _Work, spent: float | None) -> None:
         """Count a committed step's work (``spent``: the time it added to a batch; None: a repair)."""
@@ -814,36 +867,45 @@ class DomainStage:
     # --- the repair of what failed batches missed ---
 
     def _repair_loop(self, stop: threading.Event) -> None:
-        """Every :data:`REPAIR_EVERY_S`: repair the marked devices, a pass at a time, then count
-        those left. A failure (the table still refuses) is logged and tried again next time."""
+        """Every :data:`REPAIR_EVERY_S`: count the marked devices, then repair them a pass at a
+        time. A failure (the table still refuses) is logged and tried again next time."""
         conn: psycopg.Connection[Any] | None = None
         try:
             while not stop.wait(REPAIR_EVERY_S):
                 try:
                     if conn is None or conn.closed:
                         conn = self._connect(autocommit=True)
+                    self._count_missed(conn)  # first: the count moves while the repair fails
                     after = ""
                     while not stop.is_set() and (after := self.repair(conn, after)):
                         pass
-                    self._count_missed(conn)
-                except psycopg.OperationalError as exc:  # the server is away: the pool says so
-                    log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                except psycopg.Error as exc:
                     if conn is not None and conn.broken:
                         conn.close()
-                except psycopg.Error as exc:
-                    self._repair_failed(describe(exc))
+                    if conn is None or conn.closed:  # the server is away: the pool says so
+                        log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                    else:  # a refusal, a lock or statement timeout: said, every 30 s at most
+                        self._repair_failed(describe(exc))
                 except Exception:  # a bug: the next pass tries again
-                    log.exception("domain repair failed; tried again in %.0fs", REPAIR_EVERY_S)
+                    self._repair_failed(None)
         finally:
             if conn is not None:
                 conn.close()
 
     def repair(self, conn: psycopg.Connection[Any], after: str = "") -> str:
-        """One pass (``conn`` in autocommit): up to :data:`REPAIR_DEVICES` marked devices after
-        ``after``, in one transaction; returns the last device of the pass ("" when no device is
-        left). When the server refuses a value (a record naming a geofence deleted since the last
-        reload), each device is tried alone: only those concerned stay marked."""
-        found = [d for (d,) in conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()]
+        """One pass (``conn`` in autocommit): the marked devices after ``after``, up to
+        :data:`REPAIR_DEVICES` of them or :data:`REPAIR_FIXES` missed fixes (at least one
+        device), in one transaction; returns the last device of the pass when more may follow,
+        else "". When the server refuses a value (a record naming a geofence deleted since the
+        last reload), each device is tried alone: only those concerned stay marked."""
+        rows = conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()
+        found: list[str] = []
+        fixes = 0
+        for device_id, count in rows:
+            if found and fixes + (count or 0) > REPAIR_FIXES:
+                break
+            found.append(device_id)
+            fixes += count or 0
         if not found:
             return ""
         try:
@@ -858,14 +920,18 @@ class DomainStage:
                     if conn.closed or classify(one) is not Fault.ROW:
                         raise
                     self._repair_failed(describe(one))
-        return found[-1] if len(found) == REPAIR_DEVICES else ""
+        more = len(found) < len(rows) or len(rows) == REPAIR_DEVICES
+        return found[-1] if more else ""
 
     def _repair(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
-        """Some marked devices, in a transaction: each locked, its state read, its valid fixes
-        since its mark replayed (as late fixes: :func:`tpx.domain.advance`), its changes written
-        and its mark cleared; a device another instance repaired meanwhile is left alone."""
+        """Some marked devices, in a transaction: each locked, its state read, the fixes it
+        missed given to :func:`tpx.domain.advance` again (late fixes, a slice of half the late
+        window at a time, oldest first), the changes written and the mark cleared. A device
+        another instance repaired meanwhile is left alone; one whose step fails keeps the fixes
+        it has not taken yet."""
         assert self.source is not None and self.metrics is not None  # noqa: S101 (domain on)
         geofences = self.source.current
+        window = self.config.late_window_us
         work = _Work()
         with conn.transaction(), conn.cursor() as cur:
             recorded = geofences.generation in self._recorded
@@ -874,23 +940,33 @@ class DomainStage:
             cur.execute(LOCK_SQL, (json.dumps(devices),))
             read = self._states(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
-            by_device, beyond = self._missed_fixes(cur, states, read.missed)
-            results = self._advance(cur, states, by_device, geofences, work)
-            self._write(cur, results, work)
-            repaired = [d for d in states if d not in work.failed]
-            cur.execute(UNMARK_SQL, (repaired,))
+            loaded = self._missed_fixes(cur, sorted(states))
+            slices = {d: _slices(loaded[d], window // 2) for d in states}
+            beyond = self._beyond(states, read.missed)
+            still: dict[str, list[int]] = {}
+            for r in range(max(map(len, slices.values()), default=0)):
+                part = {d: parts[r] for d, parts in slices.items() if r < len(parts) and d not in still}
+                # this slice and the later ones are not in positions' replay (step 3) yet
+                pending = {d: [f.ts_us for later in slices[d][r:] for f in later] for d in part}
+                failed_before = len(work.failed)
+                results = self._advance(cur, {d: states[d] for d in part}, part, geofences, work, pending)
+                self._write_records(cur, results, work)
+                states.update((d, (v, state)) for d, v, state, _ in results)
+                still.update((d, pending[d]) for d in work.failed[failed_before:])
+            self._write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
+            cur.execute(REMARK_SQL, (json.dumps([[d, still.get(d, [])] for d in states]),))
         if not recorded:
             self._recorded.add(geofences.generation)
         self.cache.put_all(work.states)
         self.cache.drop(work.failed)
         self._account(work, None)
-        self.metrics.repaired.inc(len(repaired))
+        self.metrics.repaired.inc(len(states) - len(still))
         if beyond:
             since = min(beyond.values())
             log.warning(
-                "%d devices missed fixes older than the late window (TPX_DOMAIN_LATE_WINDOW=%s) by the"
-                " time they were repaired, the oldest since %s (%s): those change no timing record;"
-                " `tpx timing recompute --since %s` (per geofence, or --device) writes them",
+                "%d devices missed fixes older than the late window (TPX_DOMAIN_LATE_WINDOW=%s) behind"
+                " their newest by the time they were repaired, the oldest at %s (%s): those change no"
+                " timing record; `tpx timing recompute --since %s` (per geofence, or --device) writes them",
                 len(beyond),
                 self.settings.domain_late_window,
                 _iso(since),
@@ -898,37 +974,39 @@ class DomainStage:
                 _iso(since),
             )
 
-    def _missed_fixes(
-        self, cur: psycopg.Cursor[Any], states: dict[str, tuple[int, DeviceState]], missed: dict[str, int]
-    ) -> tuple[dict[str, list[Fix]], dict[str, int]]:
-        """Each device's valid fixes since its mark (one query), or since the start of its late
-        window where the mark is older than that; and those devices, with their marks."""
+    def _beyond(
+        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]]
+    ) -> dict[str, int]:
+        """The devices that drove on for longer than the late window since a fix they missed
+        (:func:`tpx.domain.advance` refuses it, as a late fix), with the oldest such fix."""
         window = self.config.late_window_us
-        since: dict[str, int] = {}
-        beyond: dict[str, int] = {}
+        out: dict[str, int] = {}
         for device_id, (_, state) in states.items():
-            start = missed[device_id]
             newest = state.newest_us
-            if newest is not None and start < newest - window:
-                beyond[device_id] = start
-                start = newest - window
-            since[device_id] = start
-        devices = sorted(since)
-        by_device: dict[str, list[Fix]] = {d: [] for d in devices}
-        if devices:  # HISTORY_SQL's bound is exclusive: 1 µs before the mark
-            bounds = ([since[d] - 1 for d in devices], [None] * len(devices))
-            for device_id, ts_us, lat, lon, speed in cur.execute(HISTORY_SQL, (devices, *bounds)).fetchall():
-                by_device[device_id].append(Fix(ts_us, lat, lon, True, speed))
-        return by_device, beyond
+            if newest is not None and missed[device_id][0] < newest - window:
+                out[device_id] = missed[device_id][0]
+        return out
 
-    def _repair_failed(self, reason: str) -> None:
+    def _missed_fixes(self, cur: psycopg.Cursor[Any], devices: list[str]) -> dict[str, list[Fix]]:
+        """The valid fixes each device missed, from positions, oldest first (one query)."""
+        out: dict[str, list[Fix]] = {d: [] for d in devices}
+        if devices:
+            for device_id, ts_us, lat, lon, speed in cur.execute(MISSED_FIXES_SQL, (devices,)).fetchall():
+                out[device_id].append(Fix(ts_us, lat, lon, True, speed))
+        return out
+
+    def _repair_failed(self, reason: str | None) -> None:
+        """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""
         now = time.monotonic()
-        if now - self._repair_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # the table refuses every pass
+        if now - self._repair_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # it fails every pass alike
             self._repair_logged_at = now
-            log.warning(
-                "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
-            )
-        if reason.startswith("ForeignKeyViolation"):  # a geofence deleted since the last reload
+            if reason is None:
+                log.exception("domain repair failed; tried again every %.0fs", REPAIR_EVERY_S)
+            else:
+                log.warning(
+                    "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
+                )
+        if reason is not None and reason.startswith("ForeignKeyViolation"):  # a geofence deleted
             self.request_reload()
 
     def _count_missed(self, conn: psycopg.Connection[Any]) -> None:
@@ -943,8 +1021,11 @@ def _iso(us: int) -> str:
 
 #: Seconds between the repair thread's passes over the devices failed batches missed.
 REPAIR_EVERY_S = 2.0
-#: Devices a repair pass takes in one transaction.
+#: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
+#: Missed fixes a repair pass takes in one transaction, at most (a device with more is a pass of
+#: its own): about a second of the writers' device locks held.
+REPAIR_FIXES = 20_000
 #: Generations of other instances' states remembered (cleared when full: each is met again).
 MAX_FOREIGN_GENERATIONS = 256
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

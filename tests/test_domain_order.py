@@ -183,3 +183,25 @@ def test_a_fix_refused_as_too_late_stays_out_of_a_replay_from_positions():
     assert changes.too_late == 0
     assert store.events() == replay(DEVICE, gs, [*accepted, late])
     assert {e.geofence for e in store.events()} == {1}
+
+
+def test_refused_fixes_beyond_what_the_state_remembers_stay_out_of_a_replay_too():
+    # as above, with two fixes refused and room to remember one (max_rejected): the one it
+    # forgets must not come back in the replay from positions either. The state gives up the
+    # checkpoints a replay would take it back from (a fix before them is then too late)
+    gs = fences(zone(1, 280, -10, 320, 10), zone(7, 90, 290, 110, 310))
+    config = TimingConfig(late_window_us=60_000_000, max_history=1, max_rejected=1)
+    store, state, positions = Store(), DeviceState(DEVICE), Positions()
+    accepted = [fix(0, 0, 0), fix(50, 200, 0), fix(100, 400, 0)]
+    for f in accepted:
+        state, changes = positions.step(state, gs, [f], config)
+        store.apply(changes)
+    for refused in (fix(30, 100, 300), fix(35, 100, 300)):  # both inside zone 7
+        state, changes = positions.step(state, gs, [refused], config)
+        assert changes.too_late == 1
+    late = fix(45, 180, 0)
+    state, changes = positions.step(state, gs, [late], config)
+    store.apply(changes)
+    kept = [*accepted, late] if changes.too_late == 0 else accepted
+    assert store.events() == replay(DEVICE, gs, kept)
+    assert {e.geofence for e in store.events()} == {1}

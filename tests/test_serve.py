@@ -270,6 +270,7 @@ def test_migrate_command(settings: Settings) -> None:
         "003_domain_state",
         "004_domain_recomputes",
         "005_domain_missed",
+        "006_domain_missed_fixes",
     ]
     assert report["storage"] in ("table", "hypertable")
 

@@ -490,7 +490,7 @@ def _merge(
         else:
             accepted.append(fix)
     if refused:
-        state = replace(state, rejected=_remember(state, refused, config))
+        state = _remember(state, refused, config)
     if not accepted:
         return state, Changes(too_late=len(refused), duplicates=duplicates)
     start = len(history) if appends else bisect.bisect_left(times, accepted[0].ts_us)
@@ -544,12 +544,20 @@ def _checkpoint_before(state: DeviceState, t: int) -> Base:
     return before[-1] if before else state.checkpoints[0]
 
 
-def _remember(state: DeviceState, refused: list[int], config: TimingConfig) -> tuple[int, ...]:
-    """The too-late times a replay from positions must leave out: those after the oldest
-    checkpoint (older ones can never be replayed anyway), at most ``max_rejected``."""
+def _remember(state: DeviceState, refused: list[int], config: TimingConfig) -> DeviceState:
+    """The state remembering the too-late times a replay from positions must leave out: those
+    after the oldest checkpoint (older ones can never be replayed anyway), at most
+    ``max_rejected``. Beyond, the checkpoints before the newest time forgotten go, so that no
+    replay from positions can take a forgotten time back in (a late fix before the oldest
+    checkpoint left is then refused as too late, as one older than the window is)."""
     replayable = state.replay_horizon_us
     times = sorted({*state.rejected, *(t for t in refused if replayable is None or t > replayable)})
-    return tuple(times[-config.max_rejected :])
+    keep = config.max_rejected
+    if len(times) <= keep:
+        return _evolve(state, rejected=tuple(times))
+    forgotten = times[-keep - 1]
+    left = tuple(c for c in state.checkpoints if c.horizon_us is not None and c.horizon_us >= forgotten)
+    return _evolve(state, rejected=tuple(times[len(times) - keep :]), checkpoints=left)
 
 
 def with_history(

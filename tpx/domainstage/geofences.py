@@ -162,11 +162,12 @@ class GeofenceSource:
         self._attempted_at = now
         with self.connect() as conn:
             rows = geofence_rows(conn, self.tables)
-        self.read_at = now
         if self._current is not None and rows == self._rows:
+            self.read_at = now
             return self._current  # unchanged: no parsing, no index to rebuild
         loaded = GeofenceSet.from_rows(rows)
         previous, self._current, self._rows = self._current, loaded, rows
+        self.read_at = now
         if previous is None or previous.generation != loaded.generation:
             log.info(
                 "geofences: %d loaded, %d invalid (generation %s)",

@@ -133,13 +133,15 @@ MISSED_SQL = """
 SELECT device_id, cardinality(missed_us) FROM tpx_domain_devices
 WHERE missed_since IS NOT NULL AND device_id > %s ORDER BY device_id LIMIT %s
 """
-#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key).
+#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key;
+#: the range from missed_since lets a hypertable skip the chunks before it).
 MISSED_FIXES_SQL = """
 SELECT s.device_id, m.t, p.latitude, p.longitude, p.speed
 FROM tpx_domain_devices AS s
 CROSS JOIN LATERAL unnest(s.missed_us) AS m(t)
 JOIN positions AS p
   ON p.device_id = s.device_id AND p.ts = to_timestamp(0) + m.t * interval '1 microsecond'
+ AND p.ts >= s.missed_since
 WHERE s.device_id = ANY(%s::text[]) AND p.valid
 ORDER BY s.device_id, m.t
 """
@@ -179,12 +181,17 @@ CROSS JOIN LATERAL (
 ) AS p
 """
 GENERATION_SQL = "SELECT fingerprints FROM tpx_domain_generations WHERE generation = %s"
-#: When a generation was first used by any writer (the database's clock: one for all instances).
-CREATED_SQL = "SELECT created_at FROM tpx_domain_generations WHERE generation = %s"
+#: When instances last switched to some generations (the database's clock: one for all of them).
+ADOPTED_SQL = "SELECT generation, adopted_at FROM tpx_domain_generations WHERE generation = ANY(%s::text[])"
 COUNT_RECOMPUTES_SQL = "SELECT count(*) FROM tpx_domain_recomputes"
 SAVE_GENERATION_SQL = """
 INSERT INTO tpx_domain_generations (generation, fingerprints) VALUES (%s, %s)
 ON CONFLICT (generation) DO NOTHING
+"""
+#: An instance switched to a generation (it loaded the table and found it): its adoption, now.
+ADOPT_GENERATION_SQL = """
+INSERT INTO tpx_domain_generations (generation, fingerprints) VALUES (%s, %s)
+ON CONFLICT (generation) DO UPDATE SET adopted_at = now()
 """
 
 
@@ -450,8 +457,6 @@ class DomainStage:
         self.missed: tuple[int, dt.datetime | None] = (0, None)
         #: generations of stored states newer than the set here -> when this instance first met each
         self._foreign: dict[str, float] = {}
-        #: generation -> when a writer first used it (tpx_domain_generations.created_at)
-        self._created: dict[str, dt.datetime] = {}
         self._repair_logged_at = -DEVICE_ERROR_LOG_EVERY_S
 
     # --- lifecycle ---
@@ -556,11 +561,12 @@ class DomainStage:
             self.metrics.recomputes.set(int(row[0]))
 
     def _remember_generation(self, geofences: GeofenceSet) -> None:
-        """Record a set's fingerprints before any writer uses it (other instances read them)."""
+        """Record a set's fingerprints before any writer uses it (other instances read them), and
+        that this instance adopted it now (:meth:`_ahead`)."""
         self._fingerprints[geofences.generation] = geofences.fingerprints
         try:
             with self._connect() as conn:
-                conn.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
+                conn.execute(ADOPT_GENERATION_SQL, _generation_params(geofences))
         except psycopg.Error as exc:  # each writer's first batch under it records it anyway
             log.warning(
                 "could not record geofence generation %s: %s", geofences.generation, mask_url(first_line(exc))
@@ -642,6 +648,7 @@ class DomainStage:
         out: dict[str, tuple[int, DeviceState]] = {}
         missed: dict[str, list[int]] = {}
         deferred: list[str] = []
+        adopted = self._adoptions(cur, rows, geofences)
         for device_id, version, stored, missed_us in rows:
             if missed_us:
                 missed[device_id] = missed_us
@@ -652,7 +659,7 @@ class DomainStage:
                 assert mine is not None  # noqa: S101 (same version: memory holds it)
                 out[device_id] = (version, mine[1])
                 continue
-            if self._ahead(cur, stored.get("generation"), geofences):
+            if adopted and self._ahead(stored.get("generation"), geofences, adopted):
                 deferred.append(device_id)
                 continue
             try:
@@ -668,18 +675,38 @@ class DomainStage:
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
         return _Read(out, missed, deferred)
 
-    def _ahead(self, cur: psycopg.Cursor[Any], generation: object, geofences: GeofenceSet) -> bool:
-        """Whether a stored state's geofence set may be newer than this instance's: first used
-        after the set here, and met since this instance's last read of the table started. A
-        reload is asked for at once; once a read that started after the first meeting is done,
-        the set here is as new as the table: no longer ahead. (A state under an older set, as
-        after this instance's own reload or a restart, is reconciled as ever.)"""
+    def _adoptions(
+        self, cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]], geofences: GeofenceSet
+    ) -> dict[str, dt.datetime]:
+        """When the generations of the stored states read, other than this batch's, and this
+        batch's were last adopted (one query, only when a batch meets another generation)."""
+        ours = geofences.generation
+        others = {
+            g
+            for _, version, stored, _ in rows
+            if version and isinstance(stored, dict)
+            if isinstance(g := stored.get("generation"), str) and g != ours
+        }
+        if not others:
+            return {}
+        return dict(cur.execute(ADOPTED_SQL, (sorted({*others, ours}),)).fetchall())
+
+    def _ahead(self, generation: object, geofences: GeofenceSet, adopted: Mapping[str, dt.datetime]) -> bool:
+        """Whether a stored state's geofence set may be newer than this batch's: adopted after
+        it by some instance, and either this instance has reloaded since the batch took its set,
+        or it met that generation after its last read of the table started. A reload is asked
+        for at once; once a read that started after the first meeting is done, the set here is
+        as new as the table: no longer ahead. (A state under a set adopted before, as after this
+        instance's own reload or a restart, is reconciled as ever.)"""
         if not isinstance(generation, str) or generation == geofences.generation:
             return False
-        theirs, ours = self._created_at(cur, generation), self._created_at(cur, geofences.generation)
+        theirs, ours = adopted.get(generation), adopted.get(geofences.generation)
         if theirs is None or ours is None or theirs <= ours:
             return False
-        assert self.source is not None  # noqa: S101 (domain on)
+        source = self.source
+        assert source is not None  # noqa: S101 (domain on)
+        if source.current is not geofences:  # reloaded since this batch began: the repair takes it
+            return True
         met = self._foreign.get(generation)
         if met is None:
             if len(self._foreign) >= MAX_FOREIGN_GENERATIONS:
@@ -691,7 +718,7 @@ class DomainStage:
                 generation,
                 geofences.generation,
             )
-        if self.source.read_at >= met:
+        if source.read_at >= met:
             return False
         self.request_reload()
         return True
@@ -725,15 +752,6 @@ class DomainStage:
             now = inside[device_id] if device_id in inside else geofences.areas_at(fix.lon, fix.lat)
             out[device_id] = DeviceState.resume(device_id, now, fix, geofences)
         return out
-
-    def _created_at(self, cur: psycopg.Cursor[Any], generation: str) -> dt.datetime | None:
-        known = self._created.get(generation)
-        if known is None:
-            row = cur.execute(CREATED_SQL, (generation,)).fetchone()
-            if row is None:
-                return None
-            known = self._created[generation] = row[0]
-        return known
 
     def _versions(self, cur: psycopg.Cursor[Any], generation: object) -> Mapping[GeofenceId, str] | None:
         if not isinstance(generation, str):
@@ -954,13 +972,32 @@ class DomainStage:
                 states.update((d, (v, state)) for d, v, state, _ in results)
                 still.update((d, pending[d]) for d in work.failed[failed_before:])
             self._write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
-            cur.execute(REMARK_SQL, (json.dumps([[d, still.get(d, [])] for d in states]),))
+            # every device locked but those left for later: a mark without its fixes (written by
+            # sql/005 alone, before 006) has nothing to give back, and goes too
+            rest = [[d, still.get(d, [])] for d in devices if d not in read.deferred]
+            cur.execute(REMARK_SQL, (json.dumps(rest),))
         if not recorded:
             self._recorded.add(geofences.generation)
         self.cache.put_all(work.states)
         self.cache.drop(work.failed)
         self._account(work, None)
         self.metrics.repaired.inc(len(states) - len(still))
+        edited = {
+            d: (gids, read.missed[d][0])
+            for d, (_, state) in states.items()
+            if (gids := sorted((g for g, t in state.anchors.items() if t >= read.missed[d][0]), key=str))
+        }
+        if edited:  # an edit taken after a missed fix: its geofence's records there stay as they are
+            since = min(t for _, t in edited.values())
+            log.warning(
+                "%d devices missed fixes before an edit of geofences %s was taken: their records of"
+                " those geofences since %s stay as computed without them; `tpx timing recompute"
+                " --geofence ID --since %s` rewrites them",
+                len(edited),
+                ", ".join(sorted({str(g) for gids, _ in edited.values() for g in gids})),
+                _iso(since),
+                _iso(since),
+            )
         if beyond:
             since = min(beyond.values())
             log.warning(

@@ -295,7 +295,7 @@ def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_c
     # times: the speed is not even). The repair is another instance's, which holds nothing of the
     # device in memory: it reads the stored state (checkpoints, never the fixes) and must still
     # withdraw those two records, leaving the sequential replay's, each once
-    monkeypatch.setattr("tpx.domainstage.stage.REPAIR_EVERY_S", 3600.0)  # only the repair below
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
     s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
     cms_tables(s.database_url, s.db_schema)
     east = [0, 50, 150, 160, 170, 180, 400, 450]  # the gate is at 500 m
@@ -320,7 +320,7 @@ def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_c
     try:
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(search_path(s))
-            assert other.repair(conn) == ""
+            assert other.repair.run(conn) == ""
     finally:
         stop.set()
     got = stored(s.database_url, s.db_schema)
@@ -529,7 +529,7 @@ def test_a_repair_after_an_edit_says_which_records_it_cannot_redo(
     # runs. The edit is taken at the newest fix, after the missed ones: the depot's records
     # there are its past, which an edit never rewrites. The repair says so, and names the
     # recompute that does it
-    monkeypatch.setattr("tpx.domainstage.stage.REPAIR_EVERY_S", 3600.0)  # only the repair below
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
     s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
     cms_tables(s.database_url, s.db_schema)
     east = [0, 50, 150, 160, 170, 180, 400, 450]
@@ -557,7 +557,7 @@ def test_a_repair_after_an_edit_says_which_records_it_cannot_redo(
         wait_for(lambda: stage.geofences().generation != before, what="the edit reloaded")
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(search_path(s))
-            assert stage.repair(conn) == ""
+            assert stage.repair.run(conn) == ""
     warned = [r.getMessage() for r in caplog.records if "before an edit of geofences" in r.getMessage()]
     assert warned and warned[0].startswith("1 devices missed fixes before an edit of geofences 1 was taken")
     assert "tpx timing recompute --geofence ID --since 20" in warned[0]

@@ -25,7 +25,7 @@ When the step cannot run (the CMS's table refuses its query or a value), the wri
 its savepoint and the positions commit without it; :meth:`DomainStage.failed` then records, in
 the same transaction, the time of each valid fix each device lost (``missed_us`` in
 ``tpx_domain_devices``, :data:`MARK_SQL`). A device whose own step failed (a bug) is marked
-alike. The repair thread of every instance (:meth:`DomainStage.repair`) gives each marked
+alike. The repair thread of every instance (:mod:`tpx.domainstage.repair`) gives each marked
 device those fixes again, from positions, under its lock, as late fixes (the same
 :func:`tpx.domain.advance`, in slices of half the late window, oldest first, so that a long
 outage refuses none), and clears them: once the table takes records again, the failed batches'
@@ -53,7 +53,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -79,8 +78,10 @@ from tpx.domain import (
 from tpx.domain.geofences import GeofenceId
 from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
+from tpx.domainstage.repair import Repair
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
-from tpx.engine.sqlstate import Fault, classify, describe
+from tpx.domainstage.work import DeviceRead, Work
+from tpx.engine.sqlstate import describe
 from tpx.engine.stages import AfterCommit, StageStartError
 from tpx.errors import first_line
 from tpx.records import Position
@@ -127,38 +128,6 @@ ON CONFLICT (device_id) DO UPDATE SET
         SELECT DISTINCT t FROM unnest(tpx_domain_devices.missed_us || EXCLUDED.missed_us) AS t ORDER BY 1
     ),
     missed_since = LEAST(tpx_domain_devices.missed_since, EXCLUDED.missed_since)
-"""
-#: Some of the devices waiting for a repair, with how many fixes each (the next pass's pick).
-MISSED_SQL = """
-SELECT device_id, cardinality(missed_us) FROM tpx_domain_devices
-WHERE missed_since IS NOT NULL AND device_id > %s ORDER BY device_id LIMIT %s
-"""
-#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key;
-#: the range from missed_since lets a hypertable skip the chunks before it).
-MISSED_FIXES_SQL = """
-SELECT s.device_id, m.t, p.latitude, p.longitude, p.speed
-FROM tpx_domain_devices AS s
-CROSS JOIN LATERAL unnest(s.missed_us) AS m(t)
-JOIN positions AS p
-  ON p.device_id = s.device_id AND p.ts = to_timestamp(0) + m.t * interval '1 microsecond'
- AND p.ts >= s.missed_since
-WHERE s.device_id = ANY(%s::text[]) AND p.valid
-ORDER BY s.device_id, m.t
-"""
-#: After a repair, [[device, [fix time still missed, ...]], ...] ([]: none, the mark cleared).
-REMARK_SQL = """
-UPDATE tpx_domain_devices AS s
-SET missed_us = rest.times, missed_since = to_timestamp(0) + rest.times[1] * interval '1 microsecond'
-FROM (
-    SELECT r->>0 AS device_id,
-           NULLIF(ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1), '{}') AS times
-    FROM jsonb_array_elements(%s::jsonb) AS r
-) AS rest
-WHERE s.device_id = rest.device_id
-"""
-#: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
-COUNT_MISSED_SQL = """
-SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS NOT NULL
 """
 #: Each device's new version and folded state, as one JSON array of [device, version, state]:
 #: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
@@ -282,19 +251,6 @@ def _marks(lost: Mapping[str, Iterable[Fix]]) -> str:
     return json.dumps([[d, [f.ts_us for f in fixes]] for d, fixes in lost.items()])
 
 
-def _slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
-    """Fixes in time order, cut where a slice would span more than ``span_us``: given to
-    :func:`tpx.domain.advance` one slice after the other, none is older than the late window
-    behind the newest of its slice (what a process that had them in time would have done)."""
-    out: list[list[Fix]] = []
-    for fix in sorted(fixes, key=lambda f: f.ts_us):
-        if out and fix.ts_us - out[-1][0].ts_us <= span_us:
-            out[-1].append(fix)
-        else:
-            out.append([fix])
-    return out
-
-
 class StateCache:
     """Each device's (version, state) as this process last committed it; a bounded LRU."""
 
@@ -332,31 +288,6 @@ class StateCache:
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-@dataclass(frozen=True, slots=True)
-class _Read:
-    """A batch's devices as the store and memory hold them, under their locks."""
-
-    #: Each device's (version, state), ready to advance.
-    states: dict[str, tuple[int, DeviceState]]
-    #: The devices a failed batch marked: the times of the fixes missed (epoch µs, sorted).
-    missed: dict[str, list[int]]
-    #: Devices left for the repair: their stored state is under a geofence set this instance
-    #: has not loaded yet (another instance reloaded an edit first); advanced with the set here,
-    #: they would go back to the old geofence.
-    deferred: list[str]
-
-
-@dataclass(slots=True)
-class _Work:
-    """One batch's domain work, computed in the transaction, applied to memory after COMMIT."""
-
-    states: list[tuple[str, int, DeviceState]] = field(default_factory=list)
-    changes: list[Changes] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    replays: int = 0
-    oldest_entry_ms: int | None = None
 
 
 class DomainMetrics:
@@ -398,7 +329,7 @@ class DomainMetrics:
             "tpx_domain_missed_devices",
             "Devices whose timing records a failed batch missed, waiting for the repair (all instances)",
             registry=registry,
-        ).set_function(lambda: float(stage.missed[0]))
+        ).set_function(lambda: float(stage.repair.missed[0]))
         self.seconds = Histogram(
             "tpx_domain_seconds",
             "Time the domain stage adds to a batch's transaction",
@@ -453,15 +384,14 @@ class DomainStage:
         self._device_error_logged_at = -DEVICE_ERROR_LOG_EVERY_S
         #: generations known to be in tpx_domain_generations (a writer records one before use)
         self._recorded: set[str] = set()
-        #: devices waiting for a repair, and the oldest fix missed (the repair thread's last count)
-        self.missed: tuple[int, dt.datetime | None] = (0, None)
+        #: the repair of what failed batches missed (its thread starts with the stage's)
+        self.repair = Repair(self)
         #: generations of stored states newer than the set here -> when this instance first met each
         self._foreign: dict[str, float] = {}
-        self._repair_logged_at = -DEVICE_ERROR_LOG_EVERY_S
 
     # --- lifecycle ---
 
-    def _connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
         """A connection of the stage's own (start-up, reloads, repairs), with tpx's search_path
         and the writers' lock and statement timeouts: a reload queued behind a Directus ``ALTER
         TABLE`` gives up and is tried again, it never holds the reload thread for good."""
@@ -478,11 +408,11 @@ class DomainStage:
 
     def open(self, registry: CollectorRegistry, stop: threading.Event) -> str:
         try:
-            with self._connect() as conn:
+            with self.connect() as conn:
                 tables, line = decide(conn, self.settings)
                 if tables is None:
                     return line
-                source = GeofenceSource(self._connect, tables, self.settings.geofences_reload_s)
+                source = GeofenceSource(self.connect, tables, self.settings.geofences_reload_s)
                 geofences = source.load(time.monotonic())
         except TablesMissing as exc:
             raise StageStartError(f"{exc} (TPX_DOMAIN=on)") from None
@@ -501,7 +431,7 @@ class DomainStage:
         self._remember_generation(geofences)
         reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
         repairer = threading.Thread(
-            target=self._repair_loop, args=(stop,), name="tpx-domain-repair", daemon=True
+            target=self.repair.loop, args=(stop,), name="tpx-domain-repair", daemon=True
         )
         for thread in (reloader, repairer):
             thread.start()
@@ -514,7 +444,7 @@ class DomainStage:
     def health(self) -> str | None:
         if self._problem is not None:
             return self._problem
-        waiting, oldest = self.missed
+        waiting, oldest = self.repair.missed
         if waiting and oldest is not None:
             when = oldest.astimezone(dt.UTC).isoformat(timespec="seconds")
             return f"{waiting} devices wait for the repair of the timing records missed since {when}"
@@ -552,7 +482,7 @@ class DomainStage:
     def _count_recomputes(self) -> None:
         """Refresh ``tpx_timing_recomputes`` from the audit table (a best effort, like the reload)."""
         try:
-            with self._connect() as conn:
+            with self.connect() as conn:
                 row = conn.execute(COUNT_RECOMPUTES_SQL).fetchone()
         except psycopg.Error as exc:
             log.debug("could not count recomputes: %s", mask_url(first_line(exc)))
@@ -565,7 +495,7 @@ class DomainStage:
         that this instance adopted it now (:meth:`_ahead`)."""
         self._fingerprints[geofences.generation] = geofences.fingerprints
         try:
-            with self._connect() as conn:
+            with self.connect() as conn:
                 conn.execute(ADOPT_GENERATION_SQL, _generation_params(geofences))
         except psycopg.Error as exc:  # each writer's first batch under it records it anyway
             log.warning(
@@ -607,38 +537,53 @@ class DomainStage:
             return None
         geofences = self.source.current
         devices = sorted(by_device)
-        work = _Work(oldest_entry_ms=oldest_ms)
+        work = Work(oldest_entry_ms=oldest_ms)
         with conn.cursor() as cur:
-            recorded = geofences.generation in self._recorded
-            if not recorded:  # a state is never stored under a generation others cannot read
-                cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
-            cur.execute(LOCK_SQL, (json.dumps(devices),))
-            read = self._states(cur, devices, geofences, by_device)
-            results = self._advance(cur, read.states, by_device, geofences, work, read.missed)
-            self._write_records(cur, results, work)
-            self._write_states(cur, [(d, v + 1, state) for d, v, state, _ in results], work)
+            recorded = self.lock(cur, devices, geofences)
+            read = self.read_devices(cur, devices, geofences, by_device)
+            results = self.advance_devices(cur, read.states, by_device, geofences, work, read.missed)
+            self.write_records(cur, results, work)
+            self.write_states(cur, [(d, v + 1, state) for d, v, state, _ in results], work)
             left = work.failed + read.deferred
             if left:  # their records of this batch wait for the repair thread
                 cur.execute(MARK_SQL, (_marks({d: by_device[d] for d in left}),))
         spent = time.monotonic() - started
 
         def after_commit() -> None:
-            if not recorded:
-                self._recorded.add(geofences.generation)
-            self.cache.put_all(work.states)
-            self.cache.drop(left)
+            self.settle(work, geofences, recorded, left, spent)
             self._problem = None
-            self._account(work, spent)
 
         return after_commit
 
-    def _states(
+    # --- the steps of a transaction (a writer's batch, a repair's pass) ---
+
+    def lock(self, cur: psycopg.Cursor[Any], devices: list[str], geofences: GeofenceSet) -> bool:
+        """Lock ``devices`` (:data:`LOCK_SQL`), the set's generation recorded first (a state is
+        never stored under a generation others cannot read); whether it was known recorded."""
+        recorded = geofences.generation in self._recorded
+        if not recorded:
+            cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
+        cur.execute(LOCK_SQL, (json.dumps(devices),))
+        return recorded
+
+    def settle(
+        self, work: Work, geofences: GeofenceSet, recorded: bool, dropped: Iterable[str], spent: float | None
+    ) -> None:
+        """After COMMIT: memory takes the new states, forgets ``dropped``, and the work is counted
+        (``spent``: the time it added to a batch; None: a repair)."""
+        if not recorded:
+            self._recorded.add(geofences.generation)
+        self.cache.put_all(work.states)
+        self.cache.drop(dropped)
+        self.account(work, spent)
+
+    def read_devices(
         self,
         cur: psycopg.Cursor[Any],
         devices: list[str],
         geofences: GeofenceSet,
         by_device: dict[str, list[Fix]],
-    ) -> _Read:
+    ) -> DeviceRead:
         """Each device's current (version, state): memory where it is current, else the store;
         the oldest fix a failed batch missed, of the devices marked so; and those whose stored
         state waits for this instance's reload."""
@@ -673,7 +618,7 @@ class DomainStage:
             times = {d: [f.ts_us for f in by_device.get(d, ())] + missed.get(d, []) for d in cold}
             oldest = [[d, min(times[d])] for d in cold if times[d]]
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
-        return _Read(out, missed, deferred)
+        return DeviceRead(out, missed, deferred)
 
     def _adoptions(
         self, cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]], geofences: GeofenceSet
@@ -765,13 +710,13 @@ class DomainStage:
             self._fingerprints[generation] = known
         return known
 
-    def _advance(
+    def advance_devices(
         self,
         cur: psycopg.Cursor[Any],
         states: dict[str, tuple[int, DeviceState]],
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
-        work: _Work,
+        work: Work,
         pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
         """Each device's fixes through :func:`tpx.domain.advance`; ``pending``: fixes in positions
@@ -799,7 +744,7 @@ class DomainStage:
         needs: dict[str, NeedsHistory],
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
-        work: _Work,
+        work: Work,
         pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
         """Late fixes older than the history in memory: replay the positions since the
@@ -829,7 +774,7 @@ class DomainStage:
             results.append((device_id, version, new, changes))
         return results
 
-    def _device_failed(self, device_id: str, work: _Work) -> None:
+    def _device_failed(self, device_id: str, work: Work) -> None:
         now = time.monotonic()
         if now - self._device_error_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # a bug repeats: not per batch
             self._device_error_logged_at = now
@@ -838,8 +783,8 @@ class DomainStage:
         if self.metrics is not None:
             self.metrics.device_errors.inc()
 
-    def _write_records(
-        self, cur: psycopg.Cursor[Any], results: list[tuple[str, int, DeviceState, Changes]], work: _Work
+    def write_records(
+        self, cur: psycopg.Cursor[Any], results: list[tuple[str, int, DeviceState, Changes]], work: Work
     ) -> None:
         """The timing records the devices' steps added and withdrew."""
         added = [e for *_, changes in results for e in changes.added]
@@ -852,8 +797,8 @@ class DomainStage:
             cur.execute(self._upsert, timing_params(added))
         work.changes += [changes for *_, changes in results]
 
-    def _write_states(
-        self, cur: psycopg.Cursor[Any], changed: list[tuple[str, int, DeviceState]], work: _Work
+    def write_states(
+        self, cur: psycopg.Cursor[Any], changed: list[tuple[str, int, DeviceState]], work: Work
     ) -> None:
         """Each device's new (version, state), folded."""
         if changed:
@@ -863,8 +808,8 @@ class DomainStage:
             cur.execute(WRITE_STATE_SQL, (f"[{rows}]",))
         work.states += changed
 
-    def _account(self, work: _Work, spent: float | None) -> None:
-        """Count a committed step's work (``spent``: the time it added to a batch; None: a repair)."""
+    def account(self, work: Work, spent: float | None) -> None:
+        """Count a committed step's work (as :meth:`settle`)."""
         m = self.metrics
         if m is None:
             return
@@ -882,190 +827,9 @@ class DomainStage:
         if work.oldest_entry_ms is not None:
             m.lag.observe(max(0.0, time.time() - work.oldest_entry_ms / 1000))
 
-    # --- the repair of what failed batches missed ---
 
-    def _repair_loop(self, stop: threading.Event) -> None:
-        """Every :data:`REPAIR_EVERY_S`: count the marked devices, then repair them a pass at a
-        time. A failure (the table still refuses) is logged and tried again next time."""
-        conn: psycopg.Connection[Any] | None = None
-        try:
-            while not stop.wait(REPAIR_EVERY_S):
-                try:
-                    if conn is None or conn.closed:
-                        conn = self._connect(autocommit=True)
-                    self._count_missed(conn)  # first: the count moves while the repair fails
-                    after = ""
-                    while not stop.is_set() and (after := self.repair(conn, after)):
-                        pass
-                except psycopg.Error as exc:
-                    if conn is not None and conn.broken:
-                        conn.close()
-                    if conn is None or conn.closed:  # the server is away: the pool says so
-                        log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
-                    else:  # a refusal, a lock or statement timeout: said, every 30 s at most
-                        self._repair_failed(describe(exc))
-                except Exception:  # a bug: the next pass tries again
-                    self._repair_failed(None)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def repair(self, conn: psycopg.Connection[Any], after: str = "") -> str:
-        """One pass (``conn`` in autocommit): the marked devices after ``after``, up to
-        :data:`REPAIR_DEVICES` of them or :data:`REPAIR_FIXES` missed fixes (at least one
-        device), in one transaction; returns the last device of the pass when more may follow,
-        else "". When the server refuses a value (a record naming a geofence deleted since the
-        last reload), each device is tried alone: only those concerned stay marked."""
-        rows = conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()
-        found: list[str] = []
-        fixes = 0
-        for device_id, count in rows:
-            if found and fixes + (count or 0) > REPAIR_FIXES:
-                break
-            found.append(device_id)
-            fixes += count or 0
-        if not found:
-            return ""
-        try:
-            self._repair(conn, found)
-        except psycopg.Error as exc:
-            if len(found) == 1 or conn.closed or classify(exc) is not Fault.ROW:
-                raise
-            for device in found:
-                try:
-                    self._repair(conn, [device])
-                except psycopg.Error as one:
-                    if conn.closed or classify(one) is not Fault.ROW:
-                        raise
-                    self._repair_failed(describe(one))
-        more = len(found) < len(rows) or len(rows) == REPAIR_DEVICES
-        return found[-1] if more else ""
-
-    def _repair(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
-        """Some marked devices, in a transaction: each locked, its state read, the fixes it
-        missed given to :func:`tpx.domain.advance` again (late fixes, a slice of half the late
-        window at a time, oldest first), the changes written and the mark cleared. A device
-        another instance repaired meanwhile is left alone; one whose step fails keeps the fixes
-        it has not taken yet."""
-        assert self.source is not None and self.metrics is not None  # noqa: S101 (domain on)
-        geofences = self.source.current
-        window = self.config.late_window_us
-        work = _Work()
-        with conn.transaction(), conn.cursor() as cur:
-            recorded = geofences.generation in self._recorded
-            if not recorded:
-                cur.execute(SAVE_GENERATION_SQL, _generation_params(geofences))
-            cur.execute(LOCK_SQL, (json.dumps(devices),))
-            read = self._states(cur, devices, geofences, {})
-            states = {d: held for d, held in read.states.items() if d in read.missed}
-            loaded = self._missed_fixes(cur, sorted(states))
-            slices = {d: _slices(loaded[d], window // 2) for d in states}
-            beyond = self._beyond(states, read.missed)
-            still: dict[str, list[int]] = {}
-            for r in range(max(map(len, slices.values()), default=0)):
-                part = {d: parts[r] for d, parts in slices.items() if r < len(parts) and d not in still}
-                # this slice and the later ones are not in positions' replay (step 3) yet
-                pending = {d: [f.ts_us for later in slices[d][r:] for f in later] for d in part}
-                failed_before = len(work.failed)
-                results = self._advance(cur, {d: states[d] for d in part}, part, geofences, work, pending)
-                self._write_records(cur, results, work)
-                states.update((d, (v, state)) for d, v, state, _ in results)
-                still.update((d, pending[d]) for d in work.failed[failed_before:])
-            self._write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
-            # every device locked but those left for later: a mark without its fixes (written by
-            # sql/005 alone, before 006) has nothing to give back, and goes too
-            rest = [[d, still.get(d, [])] for d in devices if d not in read.deferred]
-            cur.execute(REMARK_SQL, (json.dumps(rest),))
-        if not recorded:
-            self._recorded.add(geofences.generation)
-        self.cache.put_all(work.states)
-        self.cache.drop(work.failed)
-        self._account(work, None)
-        self.metrics.repaired.inc(len(states) - len(still))
-        edited = {
-            d: (gids, read.missed[d][0])
-            for d, (_, state) in states.items()
-            if (gids := sorted((g for g, t in state.anchors.items() if t >= read.missed[d][0]), key=str))
-        }
-        if edited:  # an edit taken after a missed fix: its geofence's records there stay as they are
-            since = min(t for _, t in edited.values())
-            log.warning(
-                "%d devices missed fixes before an edit of geofences %s was taken: their records of"
-                " those geofences since %s stay as computed without them; `tpx timing recompute"
-                " --geofence ID --since %s` rewrites them",
-                len(edited),
-                ", ".join(sorted({str(g) for gids, _ in edited.values() for g in gids})),
-                _iso(since),
-                _iso(since),
-            )
-        if beyond:
-            since = min(beyond.values())
-            log.warning(
-                "%d devices missed fixes older than the late window (TPX_DOMAIN_LATE_WINDOW=%s) behind"
-                " their newest by the time they were repaired, the oldest at %s (%s): those change no"
-                " timing record; `tpx timing recompute --since %s` (per geofence, or --device) writes them",
-                len(beyond),
-                self.settings.domain_late_window,
-                _iso(since),
-                min(beyond, key=beyond.__getitem__),
-                _iso(since),
-            )
-
-    def _beyond(
-        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]]
-    ) -> dict[str, int]:
-        """The devices that drove on for longer than the late window since a fix they missed
-        (:func:`tpx.domain.advance` refuses it, as a late fix), with the oldest such fix."""
-        window = self.config.late_window_us
-        out: dict[str, int] = {}
-        for device_id, (_, state) in states.items():
-            newest = state.newest_us
-            if newest is not None and missed[device_id][0] < newest - window:
-                out[device_id] = missed[device_id][0]
-        return out
-
-    def _missed_fixes(self, cur: psycopg.Cursor[Any], devices: list[str]) -> dict[str, list[Fix]]:
-        """The valid fixes each device missed, from positions, oldest first (one query)."""
-        out: dict[str, list[Fix]] = {d: [] for d in devices}
-        if devices:
-            for device_id, ts_us, lat, lon, speed in cur.execute(MISSED_FIXES_SQL, (devices,)).fetchall():
-                out[device_id].append(Fix(ts_us, lat, lon, True, speed))
-        return out
-
-    def _repair_failed(self, reason: str | None) -> None:
-        """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""
-        now = time.monotonic()
-        if now - self._repair_logged_at >= DEVICE_ERROR_LOG_EVERY_S:  # it fails every pass alike
-            self._repair_logged_at = now
-            if reason is None:
-                log.exception("domain repair failed; tried again every %.0fs", REPAIR_EVERY_S)
-            else:
-                log.warning(
-                    "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
-                )
-        if reason is not None and reason.startswith("ForeignKeyViolation"):  # a geofence deleted
-            self.request_reload()
-
-    def _count_missed(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute(COUNT_MISSED_SQL).fetchone()
-        if row is not None:
-            self.missed = (int(row[0]), row[1])
-
-
-def _iso(us: int) -> str:
-    return (EPOCH + dt.timedelta(microseconds=us)).isoformat()
-
-
-#: Seconds between the repair thread's passes over the devices failed batches missed.
-REPAIR_EVERY_S = 2.0
-#: Devices a repair pass takes in one transaction, at most.
-REPAIR_DEVICES = 500
-#: Missed fixes a repair pass takes in one transaction, at most (a device with more is a pass of
-#: its own): about a second of the writers' device locks held.
-REPAIR_FIXES = 20_000
 #: Generations of other instances' states remembered (cleared when full: each is met again).
 MAX_FOREIGN_GENERATIONS = 256
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 #: A device whose step fails (a bug) is logged with its traceback at most once per this many
 #: seconds per instance (tpx_domain_device_errors_total counts every one).

@@ -1,0 +1,288 @@
+"""The repair: the timing records of the batches whose domain step failed.
+
+When the CMS's table refuses the stage's query or a value (a column dropped in Directus, a
+foreign key), the writer rolls back only the stage's savepoint and the positions commit; the
+stage marks each device, in that same transaction, with the times of the valid fixes it lost
+(``missed_us`` in ``tpx_domain_devices``, :data:`~tpx.domainstage.stage.MARK_SQL`). So does a
+device whose own step failed (a bug), and one left for later because its stored state is under
+a geofence set newer than this instance's.
+
+:class:`Repair` is the thread of every instance that takes those devices back. Every
+:data:`REPAIR_EVERY_S`, a pass at a time, in one transaction per pass, it
+
+1. locks the devices as the writers do (:data:`~tpx.domainstage.stage.LOCK_SQL`) and reads their
+   states (memory where current, else the store), and their marks, under the locks;
+2. loads exactly the fixes each missed, from positions (:data:`MISSED_FIXES_SQL`);
+3. gives them to the stage's step again, as late fixes (:func:`tpx.domain.advance`): a slice of
+   half the late window at a time, oldest first, so that an outage longer than the window
+   refuses none; a replay from positions leaves the fixes not given yet out;
+4. writes the records added and withdrawn, the states, and what is left of each mark
+   (:data:`REMARK_SQL`: nothing, unless a device's step failed again).
+
+Once the table takes records again, the failed batches' records are those a sequential replay
+gives, whichever instance repairs them. Two limits are logged with the recompute that fixes
+them: a device that drove on for longer than the late window past a fix it missed (the fix is
+refused, as a late one is), and a geofence edited, and taken, between the failure and the repair
+(an edit never rewrites a geofence's past).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from tpx.config import mask_url
+from tpx.domain import DeviceState, Fix
+from tpx.domainstage.work import Work
+from tpx.engine.sqlstate import Fault, classify, describe
+from tpx.errors import first_line
+
+if TYPE_CHECKING:
+    from tpx.domainstage.stage import DomainStage
+
+log = logging.getLogger(__name__)
+
+#: Some of the devices waiting for a repair, with how many fixes each (the next pass's pick).
+MISSED_SQL = """
+SELECT device_id, cardinality(missed_us) FROM tpx_domain_devices
+WHERE missed_since IS NOT NULL AND device_id > %s ORDER BY device_id LIMIT %s
+"""
+#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key;
+#: the range from missed_since lets a hypertable skip the chunks before it).
+MISSED_FIXES_SQL = """
+SELECT s.device_id, m.t, p.latitude, p.longitude, p.speed
+FROM tpx_domain_devices AS s
+CROSS JOIN LATERAL unnest(s.missed_us) AS m(t)
+JOIN positions AS p
+  ON p.device_id = s.device_id AND p.ts = to_timestamp(0) + m.t * interval '1 microsecond'
+ AND p.ts >= s.missed_since
+WHERE s.device_id = ANY(%s::text[]) AND p.valid
+ORDER BY s.device_id, m.t
+"""
+#: After a repair, [[device, [fix time still missed, ...]], ...] ([]: none, the mark cleared).
+REMARK_SQL = """
+UPDATE tpx_domain_devices AS s
+SET missed_us = rest.times, missed_since = to_timestamp(0) + rest.times[1] * interval '1 microsecond'
+FROM (
+    SELECT r->>0 AS device_id,
+           NULLIF(ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1), '{}') AS times
+    FROM jsonb_array_elements(%s::jsonb) AS r
+) AS rest
+WHERE s.device_id = rest.device_id
+"""
+#: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
+COUNT_MISSED_SQL = """
+SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS NOT NULL
+"""
+
+#: Seconds between the repair thread's passes over the devices failed batches missed.
+REPAIR_EVERY_S = 2.0
+#: Devices a repair pass takes in one transaction, at most.
+REPAIR_DEVICES = 500
+#: Missed fixes a repair pass takes in one transaction, at most (a device with more is a pass of
+#: its own): about a second of the writers' device locks held.
+REPAIR_FIXES = 20_000
+#: A failing repair is logged at most once per this many seconds.
+REPAIR_LOG_EVERY_S = 30.0
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
+    """Fixes in time order, cut where a slice would span more than ``span_us``: given to
+    :func:`tpx.domain.advance` one slice after the other, none is older than the late window
+    behind the newest of its slice (what a process that had them in time would have done)."""
+    out: list[list[Fix]] = []
+    for fix in sorted(fixes, key=lambda f: f.ts_us):
+        if out and fix.ts_us - out[-1][0].ts_us <= span_us:
+            out[-1].append(fix)
+        else:
+            out.append([fix])
+    return out
+
+
+def _iso(us: int) -> str:
+    return (EPOCH + dt.timedelta(microseconds=us)).isoformat()
+
+
+class Repair:
+    """The repair thread of one :class:`~tpx.domainstage.stage.DomainStage`, and what it counts."""
+
+    def __init__(self, stage: DomainStage) -> None:
+        self.stage = stage
+        #: devices waiting for a repair, and the oldest fix missed (the last count)
+        self.missed: tuple[int, dt.datetime | None] = (0, None)
+        self._logged_at = -REPAIR_LOG_EVERY_S
+
+    def loop(self, stop: threading.Event) -> None:
+        """Every :data:`REPAIR_EVERY_S`: count the marked devices, then repair them a pass at a
+        time. A failure (the table still refuses) is logged and tried again next time."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not stop.wait(REPAIR_EVERY_S):
+                try:
+                    if conn is None or conn.closed:
+                        conn = self.stage.connect(autocommit=True)
+                    self.count(conn)  # first: the count moves while the repair fails
+                    after = ""
+                    while not stop.is_set() and (after := self.run(conn, after)):
+                        pass
+                except psycopg.Error as exc:
+                    if conn is not None and conn.broken:
+                        conn.close()
+                    if conn is None or conn.closed:  # the server is away: the pool says so
+                        log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                    else:  # a refusal, a lock or statement timeout: said, every 30 s at most
+                        self._failed(describe(exc))
+                except Exception:  # a bug: the next pass tries again
+                    self._failed(None)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def run(self, conn: psycopg.Connection[Any], after: str = "") -> str:
+        """One pass (``conn`` in autocommit): the marked devices after ``after``, up to
+        :data:`REPAIR_DEVICES` of them or :data:`REPAIR_FIXES` missed fixes (at least one
+        device), in one transaction; returns the last device of the pass when more may follow,
+        else "". When the server refuses a value (a record naming a geofence deleted since the
+        last reload), each device is tried alone: only those concerned stay marked."""
+        rows = conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()
+        found: list[str] = []
+        fixes = 0
+        for device_id, count in rows:
+            if found and fixes + (count or 0) > REPAIR_FIXES:
+                break
+            found.append(device_id)
+            fixes += count or 0
+        if not found:
+            return ""
+        try:
+            self._devices(conn, found)
+        except psycopg.Error as exc:
+            if len(found) == 1 or conn.closed or classify(exc) is not Fault.ROW:
+                raise
+            for device in found:
+                try:
+                    self._devices(conn, [device])
+                except psycopg.Error as one:
+                    if conn.closed or classify(one) is not Fault.ROW:
+                        raise
+                    self._failed(describe(one))
+        more = len(found) < len(rows) or len(rows) == REPAIR_DEVICES
+        return found[-1] if more else ""
+
+    def count(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(COUNT_MISSED_SQL).fetchone()
+        if row is not None:
+            self.missed = (int(row[0]), row[1])
+
+    def _devices(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
+        """Some marked devices, in a transaction (the module's steps 1 to 4). A device another
+        instance repaired meanwhile is left alone; one whose step fails keeps the fixes it has not
+        taken yet."""
+        stage = self.stage
+        assert stage.source is not None and stage.metrics is not None  # noqa: S101 (domain on)
+        geofences = stage.source.current
+        window = stage.config.late_window_us
+        work = Work()
+        with conn.transaction(), conn.cursor() as cur:
+            recorded = stage.lock(cur, devices, geofences)
+            read = stage.read_devices(cur, devices, geofences, {})
+            states = {d: held for d, held in read.states.items() if d in read.missed}
+            loaded = self._missed_fixes(cur, sorted(states))
+            parts = {d: slices(loaded[d], window // 2) for d in states}
+            beyond = self._beyond(states, read.missed)
+            still: dict[str, list[int]] = {}
+            for r in range(max(map(len, parts.values()), default=0)):
+                part = {d: p[r] for d, p in parts.items() if r < len(p) and d not in still}
+                # this slice and the later ones are not in positions' replay (step 3) yet
+                pending = {d: [f.ts_us for later in parts[d][r:] for f in later] for d in part}
+                failed_before = len(work.failed)
+                results = stage.advance_devices(
+                    cur, {d: states[d] for d in part}, part, geofences, work, pending
+                )
+                stage.write_records(cur, results, work)
+                states.update((d, (v, state)) for d, v, state, _ in results)
+                still.update((d, pending[d]) for d in work.failed[failed_before:])
+            stage.write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
+            # every device locked but those left for later: a mark without its fixes (written by
+            # sql/005 alone, before 006) has nothing to give back, and goes too
+            rest = [[d, still.get(d, [])] for d in devices if d not in read.deferred]
+            cur.execute(REMARK_SQL, (json.dumps(rest),))
+        stage.settle(work, geofences, recorded, work.failed, None)
+        stage.metrics.repaired.inc(len(states) - len(still))
+        self._warn(states, read.missed, beyond)
+
+    def _warn(
+        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]], beyond: dict[str, int]
+    ) -> None:
+        """The two limits (the module's docstring), each with the recompute that fixes it."""
+        edited = {
+            d: (gids, missed[d][0])
+            for d, (_, state) in states.items()
+            if (gids := sorted((g for g, t in state.anchors.items() if t >= missed[d][0]), key=str))
+        }
+        if edited:  # an edit taken after a missed fix: its geofence's records there stay as they are
+            since = min(t for _, t in edited.values())
+            log.warning(
+                "%d devices missed fixes before an edit of geofences %s was taken: their records of"
+                " those geofences since %s stay as computed without them; `tpx timing recompute"
+                " --geofence ID --since %s` rewrites them",
+                len(edited),
+                ", ".join(sorted({str(g) for gids, _ in edited.values() for g in gids})),
+                _iso(since),
+                _iso(since),
+            )
+        if beyond:
+            since = min(beyond.values())
+            log.warning(
+                "%d devices missed fixes older than the late window (TPX_DOMAIN_LATE_WINDOW=%s) behind"
+                " their newest by the time they were repaired, the oldest at %s (%s): those change no"
+                " timing record; `tpx timing recompute --since %s` (per geofence, or --device) writes them",
+                len(beyond),
+                self.stage.settings.domain_late_window,
+                _iso(since),
+                min(beyond, key=beyond.__getitem__),
+                _iso(since),
+            )
+
+    def _beyond(
+        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]]
+    ) -> dict[str, int]:
+        """The devices that drove on for longer than the late window since a fix they missed
+        (:func:`tpx.domain.advance` refuses it, as a late fix), with the oldest such fix."""
+        window = self.stage.config.late_window_us
+        out: dict[str, int] = {}
+        for device_id, (_, state) in states.items():
+            newest = state.newest_us
+            if newest is not None and missed[device_id][0] < newest - window:
+                out[device_id] = missed[device_id][0]
+        return out
+
+    def _missed_fixes(self, cur: psycopg.Cursor[Any], devices: list[str]) -> dict[str, list[Fix]]:
+        """The valid fixes each device missed, from positions, oldest first (one query)."""
+        out: dict[str, list[Fix]] = {d: [] for d in devices}
+        if devices:
+            for device_id, ts_us, lat, lon, speed in cur.execute(MISSED_FIXES_SQL, (devices,)).fetchall():
+                out[device_id].append(Fix(ts_us, lat, lon, True, speed))
+        return out
+
+    def _failed(self, reason: str | None) -> None:
+        """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""
+        now = time.monotonic()
+        if now - self._logged_at >= REPAIR_LOG_EVERY_S:  # it fails every pass alike
+            self._logged_at = now
+            if reason is None:
+                log.exception("domain repair failed; tried again every %.0fs", REPAIR_EVERY_S)
+            else:
+                log.warning(
+                    "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
+                )
+        if reason is not None and reason.startswith("ForeignKeyViolation"):  # a geofence deleted
+            self.stage.request_reload()

@@ -329,6 +329,46 @@ def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_c
 
 
 @pytest.mark.timeout(60)
+def test_a_late_fix_replayed_before_the_repair_leaves_the_missed_fixes_to_it(
+    domain_settings: Settings, rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the depot's fixes fail; the device drives on (from its stored state: no fix in memory);
+    # then a late fix older than that state's fixes comes, and is replayed from positions, which
+    # hold the missed fixes too. Taken into that replay's history, they would be duplicates to
+    # the repair later: the depot's enter and exit never written, those of the long segment kept
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
+    cms_tables(s.database_url, s.db_schema)
+    east = [0, 50, 150, 160, 170, 180, 400, 450]
+
+    def fix_at(t_s: float, x: float) -> Fix:
+        lon, lat = at(x, 0)
+        return Fix(int((T0_MS + t_s * 1000) * 1000), round(lat, 7), round(lon, 7), True, 36.0)
+
+    fixes = [fix_at(i * 5, x) for i, x in enumerate(east)]
+    late = fix_at(2.5, 25)  # between the first two: older than the state's checkpoint
+    stage = DomainStage(s)
+    with engine_running(s, tx_stage=stage) as engine:
+        add_entries(rclient, s.stream, entries("dev-l", fixes[:2]))
+        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
+        _column(s, "DROP COLUMN direction")
+        add_entries(rclient, s.stream, entries("dev-l", fixes[2:6]))
+        wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
+        _column(s, "ADD COLUMN direction integer")
+        add_entries(rclient, s.stream, entries("dev-l", fixes[6:]))
+        wait_for(lambda: drained(rclient, s, 8), what="after the outage")
+        add_entries(rclient, s.stream, entries("dev-l", [late]))
+        wait_for(lambda: drained(rclient, s, 9), what="the late fix")
+        assert engine.metrics.registry.get_sample_value("tpx_domain_replays_total") == 1
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(search_path(s))
+            assert stage.repair.run(conn) == ""
+    got = stored(s.database_url, s.db_schema)
+    assert {tuple(r) for r in got} == expected({"dev-l": [*fixes, late]})
+    assert len(got) == 2
+
+
+@pytest.mark.timeout(60)
 def test_an_outage_longer_than_the_late_window_loses_no_record(
     domain_settings: Settings, rclient: redis.Redis
 ) -> None:

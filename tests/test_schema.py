@@ -314,6 +314,7 @@ def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> 
         ("tpx_domain_devices",),
         ("tpx_domain_generations",),
         ("tpx_domain_recomputes",),
+        ("tpx_domain_missed",),
     }
     assert users == [(1, "a@b")]
 

@@ -271,6 +271,7 @@ def test_migrate_command(settings: Settings) -> None:
         "004_domain_recomputes",
         "005_domain_missed",
         "006_domain_missed_fixes",
+        "007_domain_missed_table",
     ]
     assert report["storage"] in ("table", "hypertable")
 

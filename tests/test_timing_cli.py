@@ -147,10 +147,11 @@ def test_records_newest_first_with_names_and_membership_after_driving_into_a_zon
     assert got["seen"] is True and got["version"] >= 1
     assert got["newest_us"] == devices["dev-pump"][-1].ts_us
     assert got["last_fix"] == _iso(devices["dev-pump"][-1].ts_us)
-    assert got["missed_since"] is None  # nothing missed: no repair waits
+    assert (got["missed_since"], got["missed_fixes"]) == (None, 0)  # nothing missed: no repair waits
     assert set(got) == {"device_id", "seen", "version", "last_fix", "newest_us", "inside", "state_error"} | {
         "records",
         "missed_since",
+        "missed_fixes",
     }
     assert set(records[0]) == {
         "id",
@@ -240,16 +241,17 @@ def test_a_device_waiting_for_the_repair_says_since_when(s: Settings, env: dict[
     migrate(s.database_url, s.db_schema)
     at_us = 1_780_000_000_123_456  # 2026-05-28 20:26:40.123456 UTC
     with sql_conn(s) as conn:
-        conn.execute(MARK_SQL, (json.dumps([["parked", [at_us + 5_000_000, at_us]]]),))
+        conn.execute(MARK_SQL, (json.dumps([["parked", at_us + 5_000_000], ["parked", at_us]]),))
     code, out, err = tpx(env, "timing", "parked")
     assert (code, err) == (0, "")
     assert out.splitlines()[:2] == [
         "parked: not seen by the domain (no stored state)",
-        "timing records missed since 2026-05-28 20:26:40 UTC (a failed batch): waiting for the repair",
+        "2 fixes missed since 2026-05-28 20:26:40 UTC (a batch failed or was left for later): their"
+        " timing records wait for the repair",
     ]
     assert tpx(env, "timing", "recompute", "--device", "parked", "--since", "2026-05-28T00:00:00Z")[0] == 0
     got = json.loads(tpx(env, "timing", "parked", "--json")[1])
-    assert got["missed_since"] == "2026-05-28T20:26:40.123456+00:00"
+    assert (got["missed_since"], got["missed_fixes"]) == ("2026-05-28T20:26:40.123456+00:00", 2)
 
 
 def test_columns_the_table_lacks_read_as_none(s: Settings, env: dict[str, str]) -> None:

@@ -500,9 +500,10 @@ def print_device_timing(report: DeviceTiming, since: dt.datetime | None = None) 
         last = "-" if report.newest_us is None else us_time(report.newest_us) + " UTC"
         console.print(f"{report.device_id}: inside {inside}; last fix {last}; state version {report.version}")
     if report.missed_since is not None:
+        fixes = f"{report.missed_fixes:,} fix" + ("" if report.missed_fixes == 1 else "es")
         console.print(
-            f"timing records missed since {report.missed_since.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
-            " (a failed batch): waiting for the repair"
+            f"{fixes} missed since {report.missed_since.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+            " (a batch failed or was left for later): their timing records wait for the repair"
         )
     window = "" if since is None else f" since {since:%Y-%m-%d %H:%M:%S} UTC"
     if not report.records:

@@ -2,22 +2,24 @@
 
 When the CMS's table refuses the stage's query or a value (a column dropped in Directus, a
 foreign key), the writer rolls back only the stage's savepoint and the positions commit; the
-stage marks each device, in that same transaction, with the times of the valid fixes it lost
-(``missed_us`` in ``tpx_domain_devices``, :data:`~tpx.domainstage.stage.MARK_SQL`). So does a
-device whose own step failed (a bug), and one left for later because its stored state is under
-a geofence set newer than this instance's.
+stage records, in that same transaction, each valid fix each device lost (a row of
+``tpx_domain_missed``; the oldest as ``missed_since`` in ``tpx_domain_devices``:
+:data:`~tpx.domainstage.stage.MARK_SQL`). So does a device whose own step failed (a bug), and one
+left for later because its stored state is under a geofence set newer than this instance's.
 
 :class:`Repair` is the thread of every instance that takes those devices back. Every
 :data:`REPAIR_EVERY_S`, a pass at a time, in one transaction per pass, it
 
 1. locks the devices as the writers do (:data:`~tpx.domainstage.stage.LOCK_SQL`) and reads their
    states (memory where current, else the store), and their marks, under the locks;
-2. loads exactly the fixes each missed, from positions (:data:`MISSED_FIXES_SQL`);
+2. loads the oldest of the fixes each missed, from positions (:data:`MISSED_FIXES_SQL`; at most
+   :data:`REPAIR_FIXES` a device, the rest in the next passes);
 3. gives them to the stage's step again, as late fixes (:func:`tpx.domain.advance`): a slice of
    half the late window at a time, oldest first, so that an outage longer than the window
-   refuses none; a replay from positions leaves the fixes not given yet out;
-4. writes the records added and withdrawn, the states, and what is left of each mark
-   (:data:`REMARK_SQL`: nothing, unless a device's step failed again).
+   refuses none; each slice's rows leave ``tpx_domain_missed`` once it is taken, so that a
+   replay from positions leaves out exactly the fixes not given back yet;
+4. writes the records added and withdrawn and the states, and sets each device's
+   ``missed_since`` to its oldest fix still missed (none: the mark is cleared).
 
 Once the table takes records again, the failed batches' records are those a sequential replay
 gives, whichever instance repairs them. Two limits are logged with the recompute that fixes
@@ -29,7 +31,6 @@ refused, as a late one is), and a geofence edited, and taken, between the failur
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import threading
 import time
@@ -51,31 +52,33 @@ log = logging.getLogger(__name__)
 
 #: Some of the devices waiting for a repair, with how many fixes each (the next pass's pick).
 MISSED_SQL = """
-SELECT device_id, cardinality(missed_us) FROM tpx_domain_devices
-WHERE missed_since IS NOT NULL AND device_id > %s ORDER BY device_id LIMIT %s
-"""
-#: The valid fixes some marked devices missed, oldest first (each a row of positions, by its key;
-#: the range from missed_since lets a hypertable skip the chunks before it).
-MISSED_FIXES_SQL = """
-SELECT s.device_id, m.t, p.latitude, p.longitude, p.speed
+SELECT s.device_id, (SELECT count(*) FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id)
 FROM tpx_domain_devices AS s
-CROSS JOIN LATERAL unnest(s.missed_us) AS m(t)
-JOIN positions AS p
-  ON p.device_id = s.device_id AND p.ts = to_timestamp(0) + m.t * interval '1 microsecond'
- AND p.ts >= s.missed_since
-WHERE s.device_id = ANY(%s::text[]) AND p.valid
-ORDER BY s.device_id, m.t
+WHERE s.missed_since IS NOT NULL AND s.device_id > %s ORDER BY s.device_id LIMIT %s
 """
-#: After a repair, [[device, [fix time still missed, ...]], ...] ([]: none, the mark cleared).
-REMARK_SQL = """
+#: The oldest fixes some devices missed, at most %s each, with their positions row (none: the
+#: row is gone, as past a retention policy), in device and time order.
+MISSED_FIXES_SQL = """
+SELECT d.device_id, (extract(epoch FROM m.ts) * 1000000)::int8, p.valid, p.latitude, p.longitude, p.speed
+FROM unnest(%s::text[]) AS d(device_id)
+CROSS JOIN LATERAL (
+    SELECT ts FROM tpx_domain_missed WHERE tpx_domain_missed.device_id = d.device_id ORDER BY ts LIMIT %s
+) AS m
+LEFT JOIN positions AS p ON p.device_id = d.device_id AND p.ts = m.ts
+ORDER BY 1, 2
+"""
+#: Fixes given back to the stage (or gone from positions): [device, ...], [time in epoch µs, ...].
+TAKEN_SQL = """
+DELETE FROM tpx_domain_missed AS m
+USING unnest(%s::text[], %s::int8[]) AS u(device_id, t)
+WHERE m.device_id = u.device_id AND m.ts = to_timestamp(0) + u.t * interval '1 microsecond'
+"""
+#: Each device's oldest fix still missed, or NULL (the mark cleared); those cleared are returned.
+RESET_SQL = """
 UPDATE tpx_domain_devices AS s
-SET missed_us = rest.times, missed_since = to_timestamp(0) + rest.times[1] * interval '1 microsecond'
-FROM (
-    SELECT r->>0 AS device_id,
-           NULLIF(ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1), '{}') AS times
-    FROM jsonb_array_elements(%s::jsonb) AS r
-) AS rest
-WHERE s.device_id = rest.device_id
+SET missed_since = (SELECT min(m.ts) FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id)
+WHERE s.device_id = ANY(%s::text[])
+RETURNING s.device_id, s.missed_since IS NULL
 """
 #: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
 COUNT_MISSED_SQL = """
@@ -86,8 +89,8 @@ SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS
 REPAIR_EVERY_S = 2.0
 #: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
-#: Missed fixes a repair pass takes in one transaction, at most (a device with more is a pass of
-#: its own): about a second of the writers' device locks held.
+#: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
+#: several passes): about a second of the writers' device locks held.
 REPAIR_FIXES = 20_000
 #: A failing repair is logged at most once per this many seconds.
 REPAIR_LOG_EVERY_S = 30.0
@@ -121,61 +124,72 @@ class Repair:
         self._logged_at = -REPAIR_LOG_EVERY_S
 
     def loop(self, stop: threading.Event) -> None:
-        """Every :data:`REPAIR_EVERY_S`: count the marked devices, then repair them a pass at a
-        time. A failure (the table still refuses) is logged and tried again next time."""
+        """Every :data:`REPAIR_EVERY_S`: the marked devices, a pass at a time, each pass counted
+        first. A pass that fails (the table still refuses, a lock timeout) is logged and the next
+        pass goes on after it; all are tried again next time."""
         conn: psycopg.Connection[Any] | None = None
         try:
             while not stop.wait(REPAIR_EVERY_S):
                 try:
                     if conn is None or conn.closed:
                         conn = self.stage.connect(autocommit=True)
-                    self.count(conn)  # first: the count moves while the repair fails
                     after = ""
-                    while not stop.is_set() and (after := self.run(conn, after)):
-                        pass
-                except psycopg.Error as exc:
-                    if conn is not None and conn.broken:
+                    while not stop.is_set():
+                        self.count(conn)  # before each pass: the count moves while it fails
+                        after, failure = self._pass(conn, after)
+                        if failure is not None:
+                            self._failed(failure)
+                        if not after:
+                            break
+                except psycopg.Error as exc:  # the connection is lost: the pool says so
+                    log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                    if conn is not None:
                         conn.close()
-                    if conn is None or conn.closed:  # the server is away: the pool says so
-                        log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
-                    else:  # a refusal, a lock or statement timeout: said, every 30 s at most
-                        self._failed(describe(exc))
-                except Exception:  # a bug: the next pass tries again
+                except Exception:  # a bug: the next round tries again
                     self._failed(None)
         finally:
             if conn is not None:
                 conn.close()
 
     def run(self, conn: psycopg.Connection[Any], after: str = "") -> str:
-        """One pass (``conn`` in autocommit): the marked devices after ``after``, up to
-        :data:`REPAIR_DEVICES` of them or :data:`REPAIR_FIXES` missed fixes (at least one
-        device), in one transaction; returns the last device of the pass when more may follow,
-        else "". When the server refuses a value (a record naming a geofence deleted since the
-        last reload), each device is tried alone: only those concerned stay marked."""
+        """One pass (``conn`` in autocommit): see :meth:`_pass`; a failure raises."""
+        return self._pass(conn, after, raising=True)[0]
+
+    def _pass(
+        self, conn: psycopg.Connection[Any], after: str, raising: bool = False
+    ) -> tuple[str, str | None]:
+        """The marked devices after ``after``, up to :data:`REPAIR_DEVICES` of them or
+        :data:`REPAIR_FIXES` missed fixes (at least one device), in one transaction: the last
+        device of the pass when more may follow (else ""), and why it failed (None: it did not).
+        When the server refuses a value (a record naming a geofence deleted since the last
+        reload), each device is tried alone: only those concerned stay marked. A lost connection
+        raises."""
         rows = conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()
         found: list[str] = []
         fixes = 0
         for device_id, count in rows:
-            if found and fixes + (count or 0) > REPAIR_FIXES:
+            if found and fixes + count > REPAIR_FIXES:
                 break
             found.append(device_id)
-            fixes += count or 0
+            fixes += count
         if not found:
-            return ""
+            return "", None
+        more = found[-1] if len(found) < len(rows) or len(rows) == REPAIR_DEVICES else ""
         try:
             self._devices(conn, found)
         except psycopg.Error as exc:
-            if len(found) == 1 or conn.closed or classify(exc) is not Fault.ROW:
+            if raising or conn.closed or conn.broken:
                 raise
+            if len(found) == 1 or classify(exc) is not Fault.ROW:
+                return more, describe(exc)
             for device in found:
                 try:
                     self._devices(conn, [device])
                 except psycopg.Error as one:
-                    if conn.closed or classify(one) is not Fault.ROW:
+                    if conn.closed or conn.broken:
                         raise
                     self._failed(describe(one))
-        more = len(found) < len(rows) or len(rows) == REPAIR_DEVICES
-        return found[-1] if more else ""
+        return more, None
 
     def count(self, conn: psycopg.Connection[Any]) -> None:
         row = conn.execute(COUNT_MISSED_SQL).fetchone()
@@ -195,38 +209,38 @@ class Repair:
             recorded = stage.lock(cur, devices, geofences)
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
-            loaded = self._missed_fixes(cur, sorted(states))
+            loaded, gone = self._missed_fixes(cur, sorted(states))
+            if gone:
+                cur.execute(TAKEN_SQL, ([d for d, _ in gone], [t for _, t in gone]))
             parts = {d: slices(loaded[d], window // 2) for d in states}
             beyond = self._beyond(states, read.missed)
-            still: dict[str, list[int]] = {}
+            failed: set[str] = set()
             for r in range(max(map(len, parts.values()), default=0)):
-                part = {d: p[r] for d, p in parts.items() if r < len(p) and d not in still}
-                # this slice and the later ones are not in positions' replay (step 3) yet
-                pending = {d: [f.ts_us for later in parts[d][r:] for f in later] for d in part}
+                part = {d: p[r] for d, p in parts.items() if r < len(p) and d not in failed}
+                now = {d: states[d] for d in part}
                 failed_before = len(work.failed)
-                results = stage.advance_devices(
-                    cur, {d: states[d] for d in part}, part, geofences, work, pending
-                )
+                results = stage.advance_devices(cur, now, part, geofences, work)
                 stage.write_records(cur, results, work)
                 states.update((d, (v, state)) for d, v, state, _ in results)
-                still.update((d, pending[d]) for d in work.failed[failed_before:])
+                failed.update(work.failed[failed_before:])
+                taken = [(d, f.ts_us) for d in part if d not in failed for f in part[d]]
+                cur.execute(TAKEN_SQL, ([d for d, _ in taken], [t for _, t in taken]))
             stage.write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
-            # every device locked but those left for later: a mark without its fixes (written by
-            # sql/005 alone, before 006) has nothing to give back, and goes too
-            rest = [[d, still.get(d, [])] for d in devices if d not in read.deferred]
-            cur.execute(REMARK_SQL, (json.dumps(rest),))
+            # every device locked but those left for later (a mark without a fix, as sql/005
+            # alone wrote it, has nothing to give back and is cleared too)
+            cleared = cur.execute(RESET_SQL, ([d for d in devices if d not in read.deferred],)).fetchall()
         stage.settle(work, geofences, recorded, work.failed, None)
-        stage.metrics.repaired.inc(len(states) - len(still))
+        stage.metrics.repaired.inc(sum(1 for d, done in cleared if done and d in states))
         self._warn(states, read.missed, beyond)
 
     def _warn(
-        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]], beyond: dict[str, int]
+        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, int], beyond: dict[str, int]
     ) -> None:
         """The two limits (the module's docstring), each with the recompute that fixes it."""
         edited = {
-            d: (gids, missed[d][0])
+            d: (gids, missed[d])
             for d, (_, state) in states.items()
-            if (gids := sorted((g for g, t in state.anchors.items() if t >= missed[d][0]), key=str))
+            if (gids := sorted((g for g, t in state.anchors.items() if t >= missed[d]), key=str))
         }
         if edited:  # an edit taken after a missed fix: its geofence's records there stay as they are
             since = min(t for _, t in edited.values())
@@ -252,26 +266,32 @@ class Repair:
                 _iso(since),
             )
 
-    def _beyond(
-        self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, list[int]]
-    ) -> dict[str, int]:
+    def _beyond(self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, int]) -> dict[str, int]:
         """The devices that drove on for longer than the late window since a fix they missed
         (:func:`tpx.domain.advance` refuses it, as a late fix), with the oldest such fix."""
         window = self.stage.config.late_window_us
         out: dict[str, int] = {}
         for device_id, (_, state) in states.items():
             newest = state.newest_us
-            if newest is not None and missed[device_id][0] < newest - window:
-                out[device_id] = missed[device_id][0]
+            if newest is not None and missed[device_id] < newest - window:
+                out[device_id] = missed[device_id]
         return out
 
-    def _missed_fixes(self, cur: psycopg.Cursor[Any], devices: list[str]) -> dict[str, list[Fix]]:
-        """The valid fixes each device missed, from positions, oldest first (one query)."""
+    def _missed_fixes(
+        self, cur: psycopg.Cursor[Any], devices: list[str]
+    ) -> tuple[dict[str, list[Fix]], list[tuple[str, int]]]:
+        """The oldest valid fixes each device missed, from positions, in time order (one query);
+        and the missed fixes no longer in positions, [(device, time), ...]."""
         out: dict[str, list[Fix]] = {d: [] for d in devices}
+        gone: list[tuple[str, int]] = []
         if devices:
-            for device_id, ts_us, lat, lon, speed in cur.execute(MISSED_FIXES_SQL, (devices,)).fetchall():
-                out[device_id].append(Fix(ts_us, lat, lon, True, speed))
-        return out
+            rows = cur.execute(MISSED_FIXES_SQL, (devices, REPAIR_FIXES)).fetchall()
+            for device_id, ts_us, valid, lat, lon, speed in rows:
+                if valid:
+                    out[device_id].append(Fix(ts_us, lat, lon, True, speed))
+                else:
+                    gone.append((device_id, ts_us))
+        return out, gone
 
     def _failed(self, reason: str | None) -> None:
         """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""

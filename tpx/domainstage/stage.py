@@ -23,25 +23,11 @@ first written). For the devices with valid fixes in the batch, in one transactio
 
 When the step cannot run (the CMS's table refuses its query or a value), the writer rolls back
 its savepoint and the positions commit without it; :meth:`DomainStage.failed` then records, in
-the same transaction, the time of each valid fix each device lost (``missed_us`` in
-``tpx_domain_devices``, :data:`MARK_SQL`). A device whose own step failed (a bug) is marked
-alike. The repair thread of every instance (:mod:`tpx.domainstage.repair`) gives each marked
-device those fixes again, from positions, under its lock, as late fixes (the same
-:func:`tpx.domain.advance`, in slices of half the late window, oldest first, so that a long
-outage refuses none), and clears them: once the table takes records again, the failed batches'
-records are written, exactly those a sequential replay gives. (A device that drove on for
-longer than the late window before its repair has its older missed fixes refused, as late
-fixes are, and named in the log for a ``tpx timing recompute``.) A replay of late fixes from
-positions (step 3) leaves a device's missed fixes out, as it leaves out the batch's own.
-
-A crash anywhere leaves both the positions and the timing records, or neither; the redelivered
-entries then find their rows stored and are not passed again. Any number of instances give the
-same records as one process replaying each device's fixes in time order, whatever order they
-arrive in: each device's state is read under its lock, at its latest version.
-
-Per device, an unexpected error (a bug, a value the geometry cannot take) is logged, counted and
-costs that device's records for this batch only; its memory is dropped so that it resumes from
-its stored state.
+the same transaction, each valid fix each device lost (a row of ``tpx_domain_missed``, and the
+oldest as ``missed_since`` in ``tpx_domain_devices``: :data:`MARK_SQL`). A device whose own step
+failed (a bug) is marked alike. The repair thread of every instance (:mod:`tpx.domainstage.repair`)
+gives those fixes to the step again, under each device's lock. A replay of late fixes from
+positions (step 3) leaves the fixes still missed out, as it leaves out the batch's own.
 """
 
 from __future__ import annotations
@@ -103,31 +89,29 @@ SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER 
 ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
 #: Each device's stored version (0: a placeholder, never stored), its state where the version
-#: is not the one in memory, and the fixes a failed batch missed (epoch µs), if one did.
+#: is not the one in memory, and the oldest fix a failed batch missed (epoch µs), if one did.
 READ_SQL = """
 SELECT s.device_id, s.version,
        CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
-       s.missed_us
+       (extract(epoch FROM s.missed_since) * 1000000)::int8
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
-#: Fixes a failed batch missed, [[device, [fix time in epoch µs, ...]], ...], added to those the
-#: device already waits with. In device order, as :data:`LOCK_SQL`; a device never stored gets
-#: a placeholder (version 0), as there.
+#: Fixes a failed batch missed, [[device, fix time in epoch µs], ...]: a row each in
+#: tpx_domain_missed, and each device's oldest in missed_since (written only when it moves back,
+#: but the row locked all the same: in device order, as :data:`LOCK_SQL`; a device never stored
+#: gets a placeholder, version 0, as there).
 MARK_SQL = """
 WITH m AS (
-    SELECT r->>0 AS device_id,
-           ARRAY(SELECT t::int8 FROM jsonb_array_elements_text(r->1) AS t ORDER BY 1) AS times
+    SELECT r->>0 AS device_id, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond' AS ts
     FROM jsonb_array_elements(%s::jsonb) AS r
+), marked AS (
+    INSERT INTO tpx_domain_devices (device_id, version, state, missed_since)
+    SELECT device_id, 0, 'null'::jsonb, min(ts) FROM m GROUP BY device_id ORDER BY device_id COLLATE "C"
+    ON CONFLICT (device_id) DO UPDATE SET missed_since = EXCLUDED.missed_since
+    WHERE tpx_domain_devices.missed_since IS NULL OR EXCLUDED.missed_since < tpx_domain_devices.missed_since
 )
-INSERT INTO tpx_domain_devices (device_id, version, state, missed_us, missed_since)
-SELECT device_id, 0, 'null'::jsonb, times, to_timestamp(0) + times[1] * interval '1 microsecond'
-FROM m ORDER BY device_id COLLATE "C"
-ON CONFLICT (device_id) DO UPDATE SET
-    missed_us = ARRAY(
-        SELECT DISTINCT t FROM unnest(tpx_domain_devices.missed_us || EXCLUDED.missed_us) AS t ORDER BY 1
-    ),
-    missed_since = LEAST(tpx_domain_devices.missed_since, EXCLUDED.missed_since)
+INSERT INTO tpx_domain_missed (device_id, ts) SELECT device_id, ts FROM m ON CONFLICT DO NOTHING
 """
 #: Each device's new version and folded state, as one JSON array of [device, version, state]:
 #: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
@@ -146,6 +130,9 @@ CROSS JOIN LATERAL (
     WHERE positions.device_id = d.device_id AND positions.valid
       AND (d.since_us IS NULL OR positions.ts > to_timestamp(0) + d.since_us * interval '1 microsecond')
       AND (d.until_us IS NULL OR positions.ts <= to_timestamp(0) + d.until_us * interval '1 microsecond')
+      AND NOT EXISTS (  -- a fix a failed batch missed is not in the history yet
+          SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = positions.device_id AND m.ts = positions.ts
+      )
     ORDER BY ts
 ) AS p
 """
@@ -247,8 +234,8 @@ def fix_of(p: Position) -> Fix:
 
 
 def _marks(lost: Mapping[str, Iterable[Fix]]) -> str:
-    """:data:`MARK_SQL`'s parameter: each device with the times of its fixes lost."""
-    return json.dumps([[d, [f.ts_us for f in fixes]] for d, fixes in lost.items()])
+    """:data:`MARK_SQL`'s parameter: each fix lost, as [device, time]."""
+    return json.dumps([[d, f.ts_us] for d, fixes in lost.items() for f in fixes])
 
 
 class StateCache:
@@ -386,8 +373,9 @@ class DomainStage:
         self._recorded: set[str] = set()
         #: the repair of what failed batches missed (its thread starts with the stage's)
         self.repair = Repair(self)
-        #: generations of stored states newer than the set here -> when this instance first met each
-        self._foreign: dict[str, float] = {}
+        #: (generation, adopted at) of stored states newer than the set here -> when this instance
+        #: first met each (a redone edit is adopted again: met again)
+        self._foreign: dict[tuple[str, dt.datetime], float] = {}
 
     # --- lifecycle ---
 
@@ -541,7 +529,7 @@ class DomainStage:
         with conn.cursor() as cur:
             recorded = self.lock(cur, devices, geofences)
             read = self.read_devices(cur, devices, geofences, by_device)
-            results = self.advance_devices(cur, read.states, by_device, geofences, work, read.missed)
+            results = self.advance_devices(cur, read.states, by_device, geofences, work)
             self.write_records(cur, results, work)
             self.write_states(cur, [(d, v + 1, state) for d, v, state, _ in results], work)
             left = work.failed + read.deferred
@@ -591,11 +579,11 @@ class DomainStage:
         versions = [h[0] if h is not None else None for h in held.values()]
         rows = cur.execute(READ_SQL, (json.dumps(list(zip(devices, versions, strict=True))),)).fetchall()
         out: dict[str, tuple[int, DeviceState]] = {}
-        missed: dict[str, list[int]] = {}
+        missed: dict[str, int] = {}
         deferred: list[str] = []
         adopted = self._adoptions(cur, rows, geofences)
         for device_id, version, stored, missed_us in rows:
-            if missed_us:
+            if missed_us is not None:
                 missed[device_id] = missed_us
             if version == 0:  # a placeholder: never stored (cold, below)
                 continue
@@ -615,7 +603,10 @@ class DomainStage:
             out[device_id] = (version, state)
         cold = [d for d in devices if d not in out and d not in deferred]
         if cold:  # resumed from before the oldest fix of the batch, or missed before it
-            times = {d: [f.ts_us for f in by_device.get(d, ())] + missed.get(d, []) for d in cold}
+            times = {
+                d: [f.ts_us for f in by_device.get(d, ())] + ([missed[d]] if d in missed else [])
+                for d in cold
+            }
             oldest = [[d, min(times[d])] for d in cold if times[d]]
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
         return DeviceRead(out, missed, deferred)
@@ -652,11 +643,11 @@ class DomainStage:
         assert source is not None  # noqa: S101 (domain on)
         if source.current is not geofences:  # reloaded since this batch began: the repair takes it
             return True
-        met = self._foreign.get(generation)
+        met = self._foreign.get((generation, theirs))
         if met is None:
             if len(self._foreign) >= MAX_FOREIGN_GENERATIONS:
                 self._foreign.clear()
-            met = self._foreign[generation] = time.monotonic()
+            met = self._foreign[(generation, theirs)] = time.monotonic()
             log.info(
                 "geofences: a device state is under generation %s, not %s here: reloading before"
                 " its devices go on (the repair takes them after)",
@@ -717,10 +708,9 @@ class DomainStage:
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
         work: Work,
-        pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
-        """Each device's fixes through :func:`tpx.domain.advance`; ``pending``: fixes in positions
-        not applied yet (missed by a failed batch), which a replay from positions leaves out."""
+        """Each device's fixes through :func:`tpx.domain.advance` (a late one older than the
+        history in memory replayed from positions first)."""
         results: list[tuple[str, int, DeviceState, Changes]] = []
         needs: dict[str, NeedsHistory] = {}
         for device_id, (version, state) in states.items():
@@ -734,7 +724,7 @@ class DomainStage:
                 continue
             results.append((device_id, version, new, changes))
         if needs:
-            results += self._replay(cur, states, needs, by_device, geofences, work, pending)
+            results += self._replay(cur, states, needs, by_device, geofences, work)
         return results
 
     def _replay(
@@ -745,11 +735,10 @@ class DomainStage:
         by_device: dict[str, list[Fix]],
         geofences: GeofenceSet,
         work: Work,
-        pending: Mapping[str, Iterable[int]],
     ) -> list[tuple[str, int, DeviceState, Changes]]:
         """Late fixes older than the history in memory: replay the positions since the
-        checkpoint before them (one query for all such devices; this batch's rows and the
-        fixes still ``pending`` left out)."""
+        checkpoint before them (one query for all such devices; this batch's rows, and the
+        fixes a failed batch missed that are not given back yet, left out)."""
         devices = sorted(needs)
         rows = cur.execute(
             HISTORY_SQL,
@@ -762,7 +751,7 @@ class DomainStage:
         for device_id in devices:
             version, state = states[device_id]
             batch = by_device[device_id]
-            mine = {f.ts_us for f in batch}.union(pending.get(device_id, ()))
+            mine = {f.ts_us for f in batch}
             try:
                 history = [f for f in loaded[device_id] if f.ts_us not in mine]
                 state = with_history(state, geofences, history, needs[device_id].since_us, self.config)

@@ -15,8 +15,8 @@ class DeviceRead:
 
     #: Each device's (version, state), ready to advance.
     states: dict[str, tuple[int, DeviceState]]
-    #: The devices a failed batch marked: the times of the fixes missed (epoch µs, sorted).
-    missed: dict[str, list[int]]
+    #: The devices a failed batch marked: the oldest fix missed (epoch µs).
+    missed: dict[str, int]
     #: Devices left for the repair: their stored state is under a geofence set this instance
     #: has not loaded yet (another instance reloaded an edit first); advanced with the set here,
     #: they would go back to the old geofence.

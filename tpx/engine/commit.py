@@ -35,6 +35,7 @@ acknowledged without its dead letter, and the next batches keep flowing.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import threading
@@ -238,6 +239,7 @@ class Committer:
         self.plain_paused_until = 0.0
         #: the stage's failures are logged once per STAGE_ERROR_LOG_EVERY_S, with a count between
         self._stage_logged_at = -STAGE_ERROR_LOG_EVERY_S
+        self._unrecorded_logged_at = -STAGE_ERROR_LOG_EVERY_S
         self._stage_unlogged = 0
 
     def commit(self, batch: Batch, abort: threading.Event | None = None) -> CommitOutcome:
@@ -483,12 +485,17 @@ class Committer:
         except psycopg.Error as exc:
             if classify(exc) is Fault.TRANSIENT or conn.closed:
                 raise
-            log.error(
-                "%s stage could not record the %d rows it missed (%s): their work is lost",
-                stage.name,
-                len(rows),
-                describe(exc),
-            )
+            if now - self._unrecorded_logged_at >= STAGE_ERROR_LOG_EVERY_S:  # likely every batch
+                self._unrecorded_logged_at = now
+                log.error(
+                    "%s stage could not record the %d rows it missed, of %d devices, the oldest at %s (%s):"
+                    " their work is lost",
+                    stage.name,
+                    len(rows),
+                    len({p.device_id for p in rows}),
+                    dt.datetime.fromtimestamp(min(p.ts_us for p in rows) / 1e6, dt.UTC).isoformat(),
+                    describe(exc),
+                )
 
     def _copy_plain(
         self,

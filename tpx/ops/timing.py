@@ -34,9 +34,13 @@ DEFAULT_LIMIT = 50
 #: Columns tpx fills where the table has them (read as None where it has not).
 OPTIONAL_COLUMNS = ("speed", "direction", "uncertainty_s")
 
-#: A device's stored state (version 0: a placeholder the stage's lock made, never stored).
-#: The device's stored state (version 0: a placeholder, never stored) and its repair mark.
-DEVICE_SQL = "SELECT version, state, missed_since FROM {}.tpx_domain_devices WHERE device_id = %s"
+#: A device's stored state (version 0: a placeholder the stage's lock made, never stored), its
+#: repair mark and the number of fixes it waits with.
+DEVICE_SQL = """
+SELECT version, state, missed_since,
+       (SELECT count(*) FROM {schema}.tpx_domain_missed AS m WHERE m.device_id = d.device_id)
+FROM {schema}.tpx_domain_devices AS d WHERE device_id = %s
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,8 @@ class DeviceTiming:
     state_error: str = ""
     #: The oldest fix whose timing records a failed batch missed, waiting for the repair thread.
     missed_since: dt.datetime | None = None
+    #: How many fixes wait for the repair.
+    missed_fixes: int = 0
 
     @property
     def last_fix(self) -> dt.datetime | None:
@@ -118,6 +124,7 @@ class DeviceTiming:
             "inside": [{"id": i.id, "name": i.name} for i in self.inside],
             "state_error": self.state_error or None,
             "missed_since": None if self.missed_since is None else self.missed_since.isoformat(),
+            "missed_fixes": self.missed_fixes,
             "records": [r.to_dict() for r in self.records],
         }
 
@@ -153,18 +160,20 @@ def device_timing(
         require_current(conn, settings.db_schema)
         records = tuple(_records(conn, tables, limit, device, since))
         row = conn.execute(
-            sql.SQL(DEVICE_SQL).format(sql.Identifier(settings.db_schema)), (device,)
+            sql.SQL(DEVICE_SQL).format(schema=sql.Identifier(settings.db_schema)), (device,)
         ).fetchone()
         if row is None:
             return DeviceTiming(device, records)
-        version, stored, missed = row
+        version, stored, missed, waiting = row
+        waiting = int(waiting)
         if version == 0:  # the lock's placeholder: never stored
-            return DeviceTiming(device, records, missed_since=missed)
+            return DeviceTiming(device, records, missed_since=missed, missed_fixes=waiting)
         try:
             state = state_from_json(stored, device_id=device)
         except (ValueError, KeyError, TypeError) as exc:  # as the stage: it starts such a device afresh
             error = f"unreadable state: {exc}"
-            return DeviceTiming(device, records, True, int(version), state_error=error, missed_since=missed)
+            marked = {"missed_since": missed, "missed_fixes": waiting}
+            return DeviceTiming(device, records, True, int(version), state_error=error, **marked)
         ids = sorted(state.inside, key=repr)
         names = _names(conn, tables, ids)
     return DeviceTiming(
@@ -175,6 +184,7 @@ def device_timing(
         newest_us=state.newest_us,
         inside=tuple(Inside(gid, names.get(str(gid))) for gid in ids),
         missed_since=missed,
+        missed_fixes=waiting,
     )
 
 

@@ -28,7 +28,7 @@ from tpx.config import Settings
 from tpx.connections import search_path
 from tpx.domain import DeviceState, Event, Fix, GeofenceSet, advance, replay
 from tpx.domain.shapes import Frame
-from tpx.domainstage.stage import LOCK_SQL, DomainStage
+from tpx.domainstage.stage import LOCK_SQL, MARK_SQL, DomainStage
 from tpx.engine.service import Engine, StartupError
 from tpx.schema import migrate
 
@@ -366,6 +366,36 @@ def test_a_late_fix_replayed_before_the_repair_leaves_the_missed_fixes_to_it(
     got = stored(s.database_url, s.db_schema)
     assert {tuple(r) for r in got} == expected({"dev-l": [*fixes, late]})
     assert len(got) == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_missed_fix_gone_from_positions_is_dropped_from_the_mark_and_said(
+    domain_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a retention policy dropped the positions of a fix before its repair ran: nothing to give
+    # back; the mark must not wait for it forever, and the log names the recompute
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    gone_us = (T0_MS + 5000) * 1000
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(search_path(s))
+        conn.execute(MARK_SQL, (json.dumps([["dev-g", gone_us]]),))
+    stage, stop = DomainStage(s), threading.Event()
+    stage.open(CollectorRegistry(), stop)
+    try:
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(search_path(s))
+            assert stage.repair.run(conn) == ""
+            left = conn.execute(
+                "SELECT (SELECT count(*) FROM tpx_domain_missed),"
+                " (SELECT count(*) FROM tpx_domain_devices WHERE missed_since IS NOT NULL)"
+            ).fetchone()
+    finally:
+        stop.set()
+    assert left == (0, 0)
+    warned = [r.getMessage() for r in caplog.records if "no longer in positions" in r.getMessage()]
+    assert warned and warned[0].startswith("1 missed fixes of 1 devices are no longer in positions")
 
 
 @pytest.mark.timeout(60)

@@ -50,21 +50,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Some of the devices waiting for a repair, with how many fixes each (the next pass's pick).
+#: Some of the devices waiting for a repair, with how many fixes each, counted up to %s (the
+#: next pass's pick: a pass takes at most REPAIR_FIXES).
 MISSED_SQL = """
-SELECT s.device_id, (SELECT count(*) FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id)
+SELECT s.device_id, (
+    SELECT count(*) FROM (SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id LIMIT %s) AS c
+)
 FROM tpx_domain_devices AS s
 WHERE s.missed_since IS NOT NULL AND s.device_id > %s ORDER BY s.device_id LIMIT %s
 """
-#: The oldest fixes some devices missed, at most %s each, with their positions row (none: the
-#: row is gone, as past a retention policy), in device and time order.
-MISSED_FIXES_SQL = """
-SELECT d.device_id, (extract(epoch FROM m.ts) * 1000000)::int8, p.valid, p.latitude, p.longitude, p.speed
+#: The oldest fixes some devices missed, at most %s each, as [device, ...], [time in µs, ...].
+MISSED_KEYS_SQL = """
+SELECT d.device_id, (extract(epoch FROM m.ts) * 1000000)::int8
 FROM unnest(%s::text[]) AS d(device_id)
 CROSS JOIN LATERAL (
     SELECT ts FROM tpx_domain_missed WHERE tpx_domain_missed.device_id = d.device_id ORDER BY ts LIMIT %s
 ) AS m
-LEFT JOIN positions AS p ON p.device_id = d.device_id AND p.ts = m.ts
+"""
+#: Those fixes' rows of positions (none: the row is gone, as past a retention policy), by key: the
+#: keys are given, so that the plan is one index lookup each, never a scan of positions.
+MISSED_FIXES_SQL = """
+SELECT u.device_id, u.t, p.valid, p.latitude, p.longitude, p.speed
+FROM unnest(%s::text[], %s::int8[]) AS u(device_id, t)
+LEFT JOIN positions AS p
+  ON p.device_id = u.device_id AND p.ts = to_timestamp(0) + u.t * interval '1 microsecond'
 ORDER BY 1, 2
 """
 #: Fixes given back to the stage (or gone from positions): [device, ...], [time in epoch µs, ...].
@@ -141,10 +150,13 @@ class Repair:
                             self._failed(failure)
                         if not after:
                             break
-                except psycopg.Error as exc:  # the connection is lost: the pool says so
-                    log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
-                    if conn is not None:
-                        conn.close()
+                except psycopg.Error as exc:
+                    if conn is None or conn.closed or conn.broken:  # the server is away: the pool says so
+                        log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
+                        if conn is not None:
+                            conn.close()
+                    else:  # a count or a pick refused, or timed out
+                        self._failed(describe(exc))
                 except Exception:  # a bug: the next round tries again
                     self._failed(None)
         finally:
@@ -164,7 +176,7 @@ class Repair:
         When the server refuses a value (a record naming a geofence deleted since the last
         reload), each device is tried alone: only those concerned stay marked. A lost connection
         raises."""
-        rows = conn.execute(MISSED_SQL, (after, REPAIR_DEVICES)).fetchall()
+        rows = conn.execute(MISSED_SQL, (REPAIR_FIXES + 1, after, REPAIR_DEVICES)).fetchall()
         found: list[str] = []
         fixes = 0
         for device_id, count in rows:
@@ -210,7 +222,7 @@ class Repair:
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
             loaded, gone = self._missed_fixes(cur, sorted(states))
-            if gone:
+            if gone:  # their rows of positions are gone (a retention policy): nothing to give back
                 cur.execute(TAKEN_SQL, ([d for d, _ in gone], [t for _, t in gone]))
             parts = {d: slices(loaded[d], window // 2) for d in states}
             beyond = self._beyond(states, read.missed)
@@ -232,6 +244,15 @@ class Repair:
         stage.settle(work, geofences, recorded, work.failed, None)
         stage.metrics.repaired.inc(sum(1 for d, done in cleared if done and d in states))
         self._warn(states, read.missed, beyond)
+        if gone:
+            log.warning(
+                "%d missed fixes of %d devices are no longer in positions, the oldest at %s: their timing"
+                " records cannot be repaired; `tpx timing recompute --since %s` writes what positions hold",
+                len(gone),
+                len({d for d, _ in gone}),
+                _iso(min(t for _, t in gone)),
+                _iso(min(t for _, t in gone)),
+            )
 
     def _warn(
         self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, int], beyond: dict[str, int]
@@ -284,8 +305,9 @@ class Repair:
         and the missed fixes no longer in positions, [(device, time), ...]."""
         out: dict[str, list[Fix]] = {d: [] for d in devices}
         gone: list[tuple[str, int]] = []
-        if devices:
-            rows = cur.execute(MISSED_FIXES_SQL, (devices, REPAIR_FIXES)).fetchall()
+        keys = cur.execute(MISSED_KEYS_SQL, (devices, REPAIR_FIXES)).fetchall() if devices else []
+        if keys:
+            rows = cur.execute(MISSED_FIXES_SQL, ([d for d, _ in keys], [t for _, t in keys])).fetchall()
             for device_id, ts_us, valid, lat, lon, speed in rows:
                 if valid:
                     out[device_id].append(Fix(ts_us, lat, lon, True, speed))

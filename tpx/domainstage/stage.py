@@ -99,8 +99,9 @@ JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
 #: Fixes a failed batch missed, [[device, fix time in epoch µs], ...]: a row each in
 #: tpx_domain_missed, and each device's oldest in missed_since (written only when it moves back,
-#: but the row locked all the same: in device order, as :data:`LOCK_SQL`; a device never stored
-#: gets a placeholder, version 0, as there).
+#: but the device's row locked all the same, in device order, as :data:`LOCK_SQL`; a device never
+#: stored gets a placeholder, version 0, as there). The fixes' rows are new keys (the positions'
+#: own), so inserting them waits on no one.
 MARK_SQL = """
 WITH m AS (
     SELECT r->>0 AS device_id, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond' AS ts

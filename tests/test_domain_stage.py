@@ -22,7 +22,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from psycopg import sql
 
-from tests.helpers import NOW_MS, add_entries, drained, record, wait_for
+from tests.helpers import NOW_MS, Serve, add_entries, drained, record, wait_for
 from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
 from tpx.connections import search_path
@@ -423,6 +423,56 @@ def test_an_outage_longer_than_the_late_window_loses_no_record(
             what="the outage's records written by the repair",
         )
         assert engine.metrics.registry.get_sample_value("tpx_domain_late_fixes_total") == 0
+
+
+def _marked(s: Settings) -> int:
+    with psycopg.connect(s.database_url) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.tpx_domain_devices WHERE missed_since IS NOT NULL").format(
+                sql.Identifier(s.db_schema)
+            )
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_in_the_middle_of_the_repair_loses_and_doubles_nothing(
+    domain_settings: Settings, serve_env: dict[str, str], rclient: redis.Redis, tmp_path: Path
+) -> None:
+    # 3,000 devices drive through the depot while the timing table lacks a column: every batch
+    # fails and marks its devices. The column comes back; `tpx serve` is killed (SIGKILL) once the
+    # repair has done some of its passes (500 devices each), and started again: every record is
+    # the sequential replay's, each once
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    tracks = {f"dev-{i:04d}": drive(f"dev-{i:04d}", 45, seed=i, wiggle=3.0) for i in range(3000)}  # 0..400 m
+    env = {**serve_env, "TPX_DOMAIN": "on", "TPX_GEOFENCES_RELOAD_S": "0.5"}
+    total = sum(map(len, tracks.values()))
+    serve = Serve(env, tmp_path / "serve-0.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, timeout=30, what="ready")
+        _column(s, "DROP COLUMN direction")
+        add_entries(
+            rclient, s.stream, [e for device, fixes in tracks.items() for e in entries(device, fixes)]
+        )
+        wait_for(lambda: drained(rclient, s, total), timeout=60, what="every position written")
+        assert _marked(s) == len(tracks)
+        _column(s, "ADD COLUMN direction integer")
+        wait_for(lambda: 0 < _marked(s) < len(tracks), timeout=30, every=0.01, what="the repair under way")
+    finally:
+        serve.kill()
+    left = _marked(s)
+    assert 0 < left < len(tracks), "killed after the repair was done"
+    again = Serve(env, tmp_path / "serve-1.log").start()
+    try:
+        wait_for(lambda: _marked(s) == 0, timeout=60, what="the repair finished after the restart")
+    finally:
+        assert again.stop() == 0, again.logs()[-3000:]
+    got = stored(s.database_url, s.db_schema)
+    want = expected(tracks)
+    assert len(got) == len(want) == 2 * len(tracks)  # the depot's enter and exit, each once
+    assert {tuple(r) for r in got} == want
 
 
 @pytest.mark.timeout(60)

@@ -133,6 +133,15 @@ def stored(dsn: str, schema: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def wait_stored(s: Settings, want: set[Any], what: str, timeout: float = 20.0) -> None:
+    """Until the timing records are exactly ``want`` (the repair runs on its own clock)."""
+
+    def now() -> set[tuple[Any, ...]]:
+        return {tuple(r) for r in stored(s.database_url, s.db_schema)}
+
+    wait_for(lambda: now() == want, timeout=timeout, what=what)
+
+
 @pytest.fixture
 def domain_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"domain": "on", "geofences_reload_s": 0.5})
@@ -267,11 +276,7 @@ def test_a_changed_timing_table_costs_positions_nothing_and_its_records_come_lat
         add_entries(rclient, s.stream, entries("dev-2", later[split:]))
         wait_for(lambda: drained(rclient, s, total), what="all written")
         want = expected({"dev-0": before, "dev-1": during, "dev-2": later})
-        wait_for(
-            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
-            timeout=30,
-            what="the failed batches' timing records written",
-        )
+        wait_stored(s, want, "the failed batches' timing records written", timeout=30)
     assert len(stored(s.database_url, s.db_schema)) == len(want)  # each once
     errors = [r.getMessage() for r in caplog.records if "domain stage failed" in r.getMessage()]
     assert errors and 'column "direction" of relation "timing_records" does not exist' in errors[0]
@@ -286,6 +291,38 @@ def _column(s: Settings, change: str) -> None:
         )
 
 
+def east_fix(t_s: float, east_m: float) -> Fix:
+    """A fix ``t_s`` seconds after T0 on the course's road, ``east_m`` metres along it."""
+    lon, lat = at(east_m, 0)
+    return Fix(int((T0_MS + t_s * 1000) * 1000), round(lat, 7), round(lon, 7), True, 36.0)
+
+
+#: Through the depot (100..300 m) at an uneven speed, a fix every 5 s: the third to the sixth
+#: inside it, so that a segment from the second to the seventh crosses it at other times. The
+#: gate is at 500 m.
+UNEVEN = [east_fix(i * 5, x) for i, x in enumerate([0, 50, 150, 160, 170, 180, 400, 450])]
+
+
+def through_outage(s: Settings, rclient: redis.Redis, device: str, fixes: Sequence[Fix]) -> None:
+    """``fixes[:2]`` written, then ``fixes[2:6]`` while the timing table lacks a column (their
+    batches fail and are marked), then ``fixes[6:]`` with the column back; each step waited for."""
+    add_entries(rclient, s.stream, entries(device, fixes[:2]))
+    wait_for(lambda: drained(rclient, s, 2), what="before the outage")
+    _column(s, "DROP COLUMN direction")
+    add_entries(rclient, s.stream, entries(device, fixes[2:6]))
+    wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
+    _column(s, "ADD COLUMN direction integer")
+    add_entries(rclient, s.stream, entries(device, fixes[6:]))
+    wait_for(lambda: drained(rclient, s, len(fixes)), what="after the outage")
+
+
+def repair_pass(s: Settings, stage: DomainStage) -> None:
+    """One pass of ``stage``'s repair, on a connection of the test's, that leaves nothing after."""
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(search_path(s))
+        assert stage.repair.run(conn) == ""
+
+
 @pytest.mark.timeout(60)
 def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_computed_without(
     domain_settings: Settings, rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
@@ -298,33 +335,18 @@ def test_another_instance_repairs_from_the_stored_state_and_withdraws_what_was_c
     monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
     s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
     cms_tables(s.database_url, s.db_schema)
-    east = [0, 50, 150, 160, 170, 180, 400, 450]  # the gate is at 500 m
-    fixes = [
-        Fix((T0_MS + i * 5000) * 1000, round(at(x, 0)[1], 7), round(at(x, 0)[0], 7), True, 36.0)
-        for i, x in enumerate(east)
-    ]
-    before, lost, after = fixes[:2], fixes[2:6], fixes[6:]
     with running(s) as engine:
-        add_entries(rclient, s.stream, entries("dev-s", before))
-        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
-        _column(s, "DROP COLUMN direction")
-        add_entries(rclient, s.stream, entries("dev-s", lost))
-        wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
+        through_outage(s, rclient, "dev-s", UNEVEN)
         assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") >= 1
-        _column(s, "ADD COLUMN direction integer")
-        add_entries(rclient, s.stream, entries("dev-s", after))
-        wait_for(lambda: drained(rclient, s, 8), what="after the outage")
         assert len(stored(s.database_url, s.db_schema)) == 2  # the enter and exit of the long segment
     other, stop = DomainStage(s), threading.Event()
     other.open(CollectorRegistry(), stop)
     try:
-        with psycopg.connect(s.database_url, autocommit=True) as conn:
-            conn.execute(search_path(s))
-            assert other.repair.run(conn) == ""
+        repair_pass(s, other)
     finally:
         stop.set()
     got = stored(s.database_url, s.db_schema)
-    assert {tuple(r) for r in got} == expected({"dev-s": fixes})
+    assert {tuple(r) for r in got} == expected({"dev-s": UNEVEN})
     assert len(got) == 2
 
 
@@ -339,32 +361,16 @@ def test_a_late_fix_replayed_before_the_repair_leaves_the_missed_fixes_to_it(
     monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
     s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
     cms_tables(s.database_url, s.db_schema)
-    east = [0, 50, 150, 160, 170, 180, 400, 450]
-
-    def fix_at(t_s: float, x: float) -> Fix:
-        lon, lat = at(x, 0)
-        return Fix(int((T0_MS + t_s * 1000) * 1000), round(lat, 7), round(lon, 7), True, 36.0)
-
-    fixes = [fix_at(i * 5, x) for i, x in enumerate(east)]
-    late = fix_at(2.5, 25)  # between the first two: older than the state's checkpoint
+    late = east_fix(2.5, 25)  # between the first two: older than the state's checkpoint
     stage = DomainStage(s)
     with engine_running(s, tx_stage=stage) as engine:
-        add_entries(rclient, s.stream, entries("dev-l", fixes[:2]))
-        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
-        _column(s, "DROP COLUMN direction")
-        add_entries(rclient, s.stream, entries("dev-l", fixes[2:6]))
-        wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
-        _column(s, "ADD COLUMN direction integer")
-        add_entries(rclient, s.stream, entries("dev-l", fixes[6:]))
-        wait_for(lambda: drained(rclient, s, 8), what="after the outage")
+        through_outage(s, rclient, "dev-l", UNEVEN)
         add_entries(rclient, s.stream, entries("dev-l", [late]))
         wait_for(lambda: drained(rclient, s, 9), what="the late fix")
         assert engine.metrics.registry.get_sample_value("tpx_domain_replays_total") == 1
-        with psycopg.connect(s.database_url, autocommit=True) as conn:
-            conn.execute(search_path(s))
-            assert stage.repair.run(conn) == ""
+        repair_pass(s, stage)
     got = stored(s.database_url, s.db_schema)
-    assert {tuple(r) for r in got} == expected({"dev-l": [*fixes, late]})
+    assert {tuple(r) for r in got} == expected({"dev-l": [*UNEVEN, late]})
     assert len(got) == 2
 
 
@@ -384,9 +390,9 @@ def test_a_missed_fix_gone_from_positions_is_dropped_from_the_mark_and_said(
     stage, stop = DomainStage(s), threading.Event()
     stage.open(CollectorRegistry(), stop)
     try:
+        repair_pass(s, stage)
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(search_path(s))
-            assert stage.repair.run(conn) == ""
             left = conn.execute(
                 "SELECT (SELECT count(*) FROM tpx_domain_missed),"
                 " (SELECT count(*) FROM tpx_domain_devices WHERE missed_since IS NOT NULL)"
@@ -417,11 +423,7 @@ def test_an_outage_longer_than_the_late_window_loses_no_record(
         assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") >= 1
         _column(s, "ADD COLUMN direction integer")
         want = expected({"dev-o": track})
-        wait_for(
-            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
-            timeout=20,
-            what="the outage's records written by the repair",
-        )
+        wait_stored(s, want, "the outage's records written by the repair")
         assert engine.metrics.registry.get_sample_value("tpx_domain_late_fixes_total") == 0
 
 
@@ -503,11 +505,7 @@ def test_a_device_whose_step_failed_gets_its_records_from_the_repair(
         assert got == expected({"dev-0": devices["dev-0"]})  # dev-0 lost nothing, dev-1 all
         broken.clear()
         want = expected(devices)
-        wait_for(
-            lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
-            timeout=20,
-            what="dev-1's records written by the repair",
-        )
+        wait_stored(s, want, "dev-1's records written by the repair")
         wait_for(
             lambda: engine.metrics.registry.get_sample_value("tpx_domain_missed_devices") == 0,
             timeout=10,
@@ -547,6 +545,12 @@ class Feed:
         add_entries(self.rclient, settings.stream, entries(self.device, fixes))
         wait_for(lambda: drained(self.rclient, settings, self.written), what="the fixes written")
 
+    def hand_over(self, by_a: list[Fix], by_b: list[Fix], rest: list[Fix]) -> None:
+        """``by_a`` to a, then ``by_b`` to b (behind on the edit a took), then ``rest`` to a."""
+        self(self.a, by_a)
+        self(self.b, by_b)
+        self(self.a, rest)
+
     def close(self) -> None:
         self.rclient.delete(self.b.stream)
 
@@ -582,16 +586,9 @@ def test_an_instance_behind_on_an_edit_never_takes_a_device_back_to_the_old_geof
             before = stage_a.geofences()
             set_depot(s, moved[0]["geometry"])
             wait_for(lambda: stage_a.geofences().generation != before.generation, what="a reloaded")
-            feed(feed.a, by_a)
-            feed(feed.b, by_b)
-            feed(feed.a, rest)
-            after = GeofenceSet.from_rows(moved)
-            want = switched("dev-e", track, before, after, len(first))
-            wait_for(
-                lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
-                timeout=20,
-                what="the records of one process that took the edit at the 900 m fix",
-            )
+            feed.hand_over(by_a, by_b, rest)
+            want = switched("dev-e", track, before, GeofenceSet.from_rows(moved), len(first))
+            wait_stored(s, want, "the records of one process that took the edit at the 900 m fix")
             assert b.metrics.count(b.metrics.stage_errors, stage="domain") == 0
     finally:
         feed.close()
@@ -624,15 +621,9 @@ def test_an_instance_behind_on_a_reverted_edit_never_takes_a_device_back_either(
             feed(feed.a, first)  # 0 and 50 m: outside both depots
             set_depot(s, COURSE[0]["geometry"])  # reverted
             wait_for(lambda: stage_a.geofences().generation == original.generation, what="a took the revert")
-            feed(feed.a, by_a)
-            feed(feed.b, by_b)
-            feed(feed.a, rest)
+            feed.hand_over(by_a, by_b, rest)
             want = switched("dev-v", track, edited, original, len(first))
-            wait_for(
-                lambda: {tuple(r) for r in stored(s.database_url, s.db_schema)} == want,
-                timeout=20,
-                what="the records of one process that took the revert at the 100 m fix",
-            )
+            wait_stored(s, want, "the records of one process that took the revert at the 100 m fix")
     finally:
         feed.close()
 
@@ -652,21 +643,9 @@ def test_a_repair_after_an_edit_says_which_records_it_cannot_redo(
     monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
     s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
     cms_tables(s.database_url, s.db_schema)
-    east = [0, 50, 150, 160, 170, 180, 400, 450]
-    fixes = [
-        Fix((T0_MS + i * 5000) * 1000, round(at(x, 0)[1], 7), round(at(x, 0)[0], 7), True, 36.0)
-        for i, x in enumerate(east)
-    ]
     stage = DomainStage(s)
     with engine_running(s, tx_stage=stage):
-        add_entries(rclient, s.stream, entries("dev-m", fixes[:2]))
-        wait_for(lambda: drained(rclient, s, 2), what="before the outage")
-        _column(s, "DROP COLUMN direction")
-        add_entries(rclient, s.stream, entries("dev-m", fixes[2:6]))
-        wait_for(lambda: drained(rclient, s, 6), what="the outage's fixes")
-        _column(s, "ADD COLUMN direction integer")
-        add_entries(rclient, s.stream, entries("dev-m", fixes[6:]))
-        wait_for(lambda: drained(rclient, s, 8), what="after the outage")
+        through_outage(s, rclient, "dev-m", UNEVEN)
         before = stage.geofences().generation
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(
@@ -675,9 +654,7 @@ def test_a_repair_after_an_edit_says_which_records_it_cannot_redo(
                 )
             )
         wait_for(lambda: stage.geofences().generation != before, what="the edit reloaded")
-        with psycopg.connect(s.database_url, autocommit=True) as conn:
-            conn.execute(search_path(s))
-            assert stage.repair.run(conn) == ""
+        repair_pass(s, stage)
     warned = [r.getMessage() for r in caplog.records if "before an edit of geofences" in r.getMessage()]
     assert warned and warned[0].startswith("1 devices missed fixes before an edit of geofences 1 was taken")
     assert "tpx timing recompute --geofence ID --since 20" in warned[0]

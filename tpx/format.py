@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the type only: the dashboard and the CLI hand in what tpx.o
 _MINUTE = 60
 _HOUR = 3600
 _DAY = 86_400
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def ago(seconds: float | None) -> str:
@@ -38,6 +39,12 @@ def ms_time(ms: int) -> str:
 def us_time(us: int) -> str:
     """Epoch microseconds as a UTC time with milliseconds, ``2026-12-01 09:30:00.123``."""
     return dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def us_iso(us: int) -> str:
+    """Epoch microseconds as an ISO 8601 UTC time, exact (what ``--since`` takes back):
+    ``2026-12-01T09:30:00.123456+00:00``."""
+    return (_EPOCH + dt.timedelta(microseconds=us)).isoformat()
 
 
 def local_time(when: dt.datetime) -> str:

@@ -44,6 +44,7 @@ from tpx.domain import DeviceState, Fix
 from tpx.domainstage.work import Work
 from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.errors import first_line
+from tpx.format import us_iso
 
 if TYPE_CHECKING:
     from tpx.domainstage.stage import DomainStage
@@ -103,7 +104,6 @@ REPAIR_DEVICES = 500
 REPAIR_FIXES = 20_000
 #: A failing repair is logged at most once per this many seconds.
 REPAIR_LOG_EVERY_S = 30.0
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
@@ -117,10 +117,6 @@ def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
         else:
             out.append([fix])
     return out
-
-
-def _iso(us: int) -> str:
-    return (EPOCH + dt.timedelta(microseconds=us)).isoformat()
 
 
 class Repair:
@@ -250,8 +246,8 @@ class Repair:
                 " records cannot be repaired; `tpx timing recompute --since %s` writes what positions hold",
                 len(gone),
                 len({d for d, _ in gone}),
-                _iso(min(t for _, t in gone)),
-                _iso(min(t for _, t in gone)),
+                us_iso(min(t for _, t in gone)),
+                us_iso(min(t for _, t in gone)),
             )
 
     def _warn(
@@ -271,8 +267,8 @@ class Repair:
                 " --geofence ID --since %s` rewrites them",
                 len(edited),
                 ", ".join(sorted({str(g) for gids, _ in edited.values() for g in gids})),
-                _iso(since),
-                _iso(since),
+                us_iso(since),
+                us_iso(since),
             )
         if beyond:
             since = min(beyond.values())
@@ -282,9 +278,9 @@ class Repair:
                 " timing record; `tpx timing recompute --since %s` (per geofence, or --device) writes them",
                 len(beyond),
                 self.stage.settings.domain_late_window,
-                _iso(since),
+                us_iso(since),
                 min(beyond, key=beyond.__getitem__),
-                _iso(since),
+                us_iso(since),
             )
 
     def _beyond(self, states: dict[str, tuple[int, DeviceState]], missed: dict[str, int]) -> dict[str, int]:

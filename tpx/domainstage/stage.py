@@ -496,16 +496,14 @@ class DomainStage:
     # --- the transaction step ---
 
     def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Position], reason: str) -> None:
-        by_device: dict[str, list[Fix]] = {}
-        for p in inserted:
-            by_device.setdefault(p.device_id, [])
-            if p.valid:
-                by_device[p.device_id].append(fix_of(p))
-        self.cache.drop(by_device)
+        self.cache.drop({p.device_id for p in inserted})
         self._problem = f"domain stage failing: {reason}"
         if reason.startswith("ForeignKeyViolation"):  # a geofence deleted since the last reload
             self.request_reload()
-        lost = {d: fixes for d, fixes in by_device.items() if fixes}
+        lost: dict[str, list[Fix]] = {}
+        for p in inserted:
+            if p.valid:
+                lost.setdefault(p.device_id, []).append(fix_of(p))
         if lost and self.source is not None:
             conn.execute(MARK_SQL, (_marks(lost),))
 
@@ -604,11 +602,11 @@ class DomainStage:
             out[device_id] = (version, state)
         cold = [d for d in devices if d not in out and d not in deferred]
         if cold:  # resumed from before the oldest fix of the batch, or missed before it
-            times = {
-                d: [f.ts_us for f in by_device.get(d, ())] + ([missed[d]] if d in missed else [])
-                for d in cold
-            }
-            oldest = [[d, min(times[d])] for d in cold if times[d]]
+            oldest = []
+            for d in cold:
+                times = [f.ts_us for f in by_device.get(d, ())] + ([missed[d]] if d in missed else [])
+                if times:
+                    oldest.append([d, min(times)])
             out.update((d, (0, state)) for d, state in self._resume(cur, oldest, geofences).items())
         return DeviceRead(out, missed, deferred)
 

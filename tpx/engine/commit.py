@@ -35,7 +35,6 @@ acknowledged without its dead letter, and the next batches keep flowing.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import threading
@@ -61,6 +60,7 @@ from tpx.engine.stages import AfterCommit, TransactionStage
 from tpx.engine.state import SEED_SQL, DeviceStates
 from tpx.errors import first_line
 from tpx.failpoints import failpoint
+from tpx.format import us_iso
 from tpx.keys import REFUSALS_TTL_S, refusals
 from tpx.records import COPIED, COPY_COLUMNS, Position
 from tpx.streams import entry_ms
@@ -493,7 +493,7 @@ class Committer:
                     stage.name,
                     len(rows),
                     len({p.device_id for p in rows}),
-                    dt.datetime.fromtimestamp(min(p.ts_us for p in rows) / 1e6, dt.UTC).isoformat(),
+                    us_iso(min(p.ts_us for p in rows)),
                     describe(exc),
                 )
 

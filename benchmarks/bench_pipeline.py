@@ -106,14 +106,17 @@ class CpuMeter:
     A backend that exits inside the window is counted through its parent's reaped-children time.
     """
 
-    def __init__(self, client_pid: int | None = None) -> None:
+    def __init__(self, client_pid: int | None = None, others: dict[str, int] | None = None) -> None:
         self.client_pid = client_pid
+        #: more processes of the client's, each counted apart (`tpx domain`)
+        self.others = others or {}
         self.before: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
         client = _cpu_seconds(self.client_pid) if self.client_pid else time.process_time()
         return {
             "client": client,
+            **{name: _cpu_seconds(pid) for name, pid in self.others.items()},
             "postgres": sum(_cpu_seconds(pid) for pid in _server_pids("postgres")),
             "redis": sum(_cpu_seconds(pid) for pid in _server_pids("redis-server")),
         }
@@ -145,9 +148,11 @@ def peak_rss_kb(pid: int) -> int:
 # --- (a) tpx --------------------------------------------------------------------------
 
 
-def start_serve(args: argparse.Namespace, schema: str, key: str) -> subprocess.Popen[bytes]:
-    """A `tpx serve` reading ``key`` into ``schema`` (migrated already), quiet, HTTP off, with
-    the ``--tpx-env`` overrides: the tpx every benchmark measures."""
+def start_serve(
+    args: argparse.Namespace, schema: str, key: str, command: tuple[str, ...] = ("serve", "--no-migrate")
+) -> subprocess.Popen[bytes]:
+    """A `tpx serve` (or another ``command``) reading ``key`` into ``schema`` (migrated already),
+    quiet, HTTP off, with the ``--tpx-env`` overrides: the tpx every benchmark measures."""
     env = {
         **os.environ,
         "TPX_REDIS_URL": args.redis_url,
@@ -160,7 +165,14 @@ def start_serve(args: argparse.Namespace, schema: str, key: str) -> subprocess.P
         "TPX_LOG_LEVEL": "WARNING",
         **dict(kv.split("=", 1) for kv in args.tpx_env),
     }
-    return subprocess.Popen([sys.executable, "-m", "tpx", "serve", "--no-migrate"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "tpx", *command], env=env)  # noqa: S603 (ours)
+
+
+def _wait_settled(settled: Callable[[str], bool], schema: str, extra: subprocess.Popen[bytes] | None) -> None:
+    while not settled(schema):
+        if extra is not None and extra.poll() is not None:
+            raise RuntimeError(f"the companion exited with {extra.returncode}")
+        time.sleep(0.05)
 
 
 def run_tpx(
@@ -168,9 +180,12 @@ def run_tpx(
     entries: list[dict[str, str]],
     expected: int,
     prepare: Callable[[str], None] | None = None,
+    companion: Callable[[str, str], subprocess.Popen[bytes]] | None = None,
+    settled: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """tpx draining ``entries``; ``prepare(schema)`` runs after the migrations (e.g. the CMS's
-    tables for the domain stage)."""
+    tables for the domain stage); ``companion(schema, key)`` starts a process beside serve (`tpx
+    domain`), whose work is done once ``settled(schema)``: its time is ``settled_seconds``."""
     client = redis.Redis.from_url(args.redis_url)
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     key = f"bench:{uuid.uuid4().hex[:8]}:t"
@@ -180,6 +195,8 @@ def run_tpx(
         prepare(schema)
     load_stream(client, staging, entries)
     proc = start_serve(args, schema, key)
+    extra = companion(schema, key) if companion is not None else None
+    settled_s = None
     try:
         # wait until serve has created its group on the (empty) stream, then swap the backlog in
         deadline = time.monotonic() + 30
@@ -191,7 +208,7 @@ def run_tpx(
                 pass
             time.sleep(0.05)
         client.xgroup_create(staging, "processor", id="0")
-        meter = CpuMeter(proc.pid)
+        meter = CpuMeter(proc.pid, {"domain": extra.pid} if extra is not None else None)
         meter.start()
         started = time.perf_counter()
         client.rename(staging, key)
@@ -203,14 +220,19 @@ def run_tpx(
                 raise RuntimeError(f"tpx serve exited with {proc.returncode}")
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        if settled is not None:
+            _wait_settled(settled, schema, extra)
+            settled_s = time.perf_counter() - started
         cpu = meter.stop(len(entries))
         rss = peak_rss_kb(proc.pid)
         rows = count_rows(args.database_url, schema)
         if rows != expected:
             raise RuntimeError(f"tpx wrote {rows} rows, expected {expected}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for process in (proc, extra):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
         client.delete(key, staging, key + ":dlq")
         drop_schema(args.database_url, schema)
     return {
@@ -219,6 +241,7 @@ def run_tpx(
         "records": len(entries),
         "peak_rss_mb": rss / 1024,
         "cpu_us": cpu,
+        "settled_seconds": settled_s,
     }
 
 

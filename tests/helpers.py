@@ -148,19 +148,21 @@ def free_port() -> int:
 
 
 class Serve:
-    """A real `tpx serve` subprocess with its own env; logs go to a file."""
+    """A real `tpx serve` (or ``command``: `tpx domain`) subprocess with its own env; logs go to a
+    file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str, command: str = "serve") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.args = args
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = int(env["TPX_HTTP_ADDR"].rsplit(":", 1)[1]) if "TPX_HTTP_ADDR" in env else None
 
     def start(self) -> Serve:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tpx", "serve", *self.args],
+            [sys.executable, "-m", "tpx", self.command, *self.args],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -128,6 +128,9 @@ def test_compose_file() -> None:
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == ["tpx-1:9108", "tpx-2:9108"]
+    domain = services["tpx-domain"]  # TPX_DOMAIN_DEFER's worker, scraped as a job of its own
+    assert (domain["entrypoint"], domain["profiles"]) == (["tpx", "domain"], ["defer"])
+    assert prometheus["scrape_configs"][1]["static_configs"][0]["targets"] == ["tpx-domain:9108"]
     assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
 
 

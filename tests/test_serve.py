@@ -272,6 +272,7 @@ def test_migrate_command(settings: Settings) -> None:
         "005_domain_missed",
         "006_domain_missed_fixes",
         "007_domain_missed_table",
+        "008_domain_queue",
     ]
     assert report["storage"] in ("table", "hypertable")
 

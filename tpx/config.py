@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     #: ``auto``: on when both tables exist (the start-up log says which); ``on``: a missing table
     #: or column is one line naming it and exit 2; ``off``: tpx writes positions only.
     domain: Literal["auto", "on", "off"] = "auto"
+    #: ``true``: ``tpx serve`` writes no timing record itself; each batch only queues its valid
+    #: fixes (in tpx_domain_missed, in the positions' transaction) and ``tpx domain``, a process
+    #: of its own, writes their timing records, so that the domain never slows the positions.
+    #: ``false``: the writers compute them in the positions' transaction.
+    domain_defer: bool = False
     #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.
     geofences_table: str = "geofences"
     #: The timing records table (schema-qualified allowed); tpx inserts and deletes its own rows.

@@ -2,7 +2,7 @@
 
 Every command turns failures into one line on stderr and a named exit code
 (:mod:`tpx.exitcodes`); a traceback is never the user interface. The commands live by kind:
-:mod:`tpx.cli.serve` (serve, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
+:mod:`tpx.cli.serve` (serve, domain, migrate, config), :mod:`tpx.cli.ops` (status, pending, claim,
 rehydrate, device, top), :mod:`tpx.cli.dlq`,
 :mod:`tpx.cli.groups` (groups, group reset/prune), :mod:`tpx.cli.demo` (demo, simulate),
 :mod:`tpx.cli.timing` (geofences, timing show/recompute); their shared
@@ -47,6 +47,7 @@ def _root(
 
 # the order `tpx --help` lists them in
 app.command()(serve.serve)
+app.command()(serve.domain)
 app.command()(serve.migrate)
 app.command()(serve.config)
 app.command()(ops.top)

@@ -1,4 +1,5 @@
-"""`tpx serve`, `tpx migrate`, `tpx config`: run the engine, prepare its schema, show its settings."""
+"""`tpx serve`, `tpx domain`, `tpx migrate`, `tpx config`: run the engine and its domain worker,
+prepare the schema, show the settings."""
 
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ def serve(cmd: Invocation) -> None:
         logging.shutdown()
         os._exit(code)  # threads may be wedged: do not wait for them
     raise typer.Exit(code)
+
+
+@with_settings(*CONNECTION_OPTIONS, "http_addr", "log_level", "log_format")
+def domain(cmd: Invocation) -> None:
+    """Write the timing records of the fixes `tpx serve` queued (TPX_DOMAIN_DEFER=true), until SIGTERM.
+
+    Example: TPX_DOMAIN_DEFER=true TPX_HTTP_ADDR=0.0.0.0:9109 tpx domain
+    """
+    from tpx import logs
+    from tpx.domainstage.worker import DomainWorker
+    from tpx.signals import StopSignals
+
+    settings = cmd.settings
+    logs.setup(settings.log_level, settings.log_format, settings.consumer)
+    worker = DomainWorker(settings)
+    StopSignals(worker.request_stop, _forced_exit).install()
+    cmd.start(worker.start)
+    raise typer.Exit(worker.run())
 
 
 def _forced_exit() -> None:

@@ -1,14 +1,16 @@
-"""The repair: the timing records of the batches whose domain step failed.
+"""The repair: the timing records of the batches whose domain step failed, or was deferred.
 
 When the CMS's table refuses the stage's query or a value (a column dropped in Directus, a
 foreign key), the writer rolls back only the stage's savepoint and the positions commit; the
 stage records, in that same transaction, each valid fix each device lost (a row of
-``tpx_domain_missed``; the oldest as ``missed_since`` in ``tpx_domain_devices``:
-:data:`~tpx.domainstage.stage.MARK_SQL`). So does a device whose own step failed (a bug), and one
-left for later because its stored state is under a geofence set newer than this instance's.
+``tpx_domain_missed``: :data:`~tpx.domainstage.stage.MARK_SQL`). So does a device whose own step
+failed (a bug), and one left for later because its stored state is under a geofence set newer
+than this instance's. With ``TPX_DOMAIN_DEFER``, every batch does so, and this is all
+``tpx domain`` runs (:mod:`tpx.domainstage.worker`).
 
 :class:`Repair` is the thread of every instance that takes those devices back. Every
-:data:`REPAIR_EVERY_S`, a pass at a time, in one transaction per pass, it
+:data:`REPAIR_EVERY_S` (:data:`WORKER_EVERY_S` in ``tpx domain``), a pass at a time, in one
+transaction per pass, it
 
 1. locks the devices as the writers do (:data:`~tpx.domainstage.stage.LOCK_SQL`) and reads their
    states (memory where current, else the store), and their marks, under the locks;
@@ -18,8 +20,7 @@ left for later because its stored state is under a geofence set newer than this 
    half the late window at a time, oldest first, so that an outage longer than the window
    refuses none; each slice's rows leave ``tpx_domain_missed`` once it is taken, so that a
    replay from positions leaves out exactly the fixes not given back yet;
-4. writes the records added and withdrawn and the states, and sets each device's
-   ``missed_since`` to its oldest fix still missed (none: the mark is cleared).
+4. writes the records added and withdrawn and the states.
 
 Once the table takes records again, the failed batches' records are those a sequential replay
 gives, whichever instance repairs them. Two limits are logged with the recompute that fixes
@@ -51,21 +52,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Some of the devices waiting for a repair, with how many fixes each, counted up to %s (the
-#: next pass's pick: a pass takes at most REPAIR_FIXES).
+#: Some of the devices whose fixes wait in tpx_domain_missed, after %s in key order (a loose scan
+#: of its primary key: one index probe a device, however many fixes each has), with how many
+#: fixes each, counted up to %s (the next pass's pick: a pass takes at most REPAIR_FIXES); at
+#: most %s devices.
 MISSED_SQL = """
-SELECT s.device_id, (
-    SELECT count(*) FROM (SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id LIMIT %s) AS c
+WITH RECURSIVE d(device_id) AS (
+    (SELECT device_id FROM tpx_domain_missed WHERE device_id > %s ORDER BY device_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.device_id FROM tpx_domain_missed AS m WHERE m.device_id > d.device_id
+            ORDER BY m.device_id LIMIT 1)
+    FROM d WHERE d.device_id IS NOT NULL
 )
-FROM tpx_domain_devices AS s
-WHERE s.missed_since IS NOT NULL AND s.device_id > %s ORDER BY s.device_id LIMIT %s
+SELECT d.device_id, (
+    SELECT count(*) FROM (SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = d.device_id LIMIT %s) AS c
+)
+FROM d WHERE d.device_id IS NOT NULL LIMIT %s
 """
-#: The oldest fixes some devices missed, at most %s each, as [device, ...], [time in µs, ...].
+#: The oldest fixes some devices missed, at most %s each: device, time (µs), when it was marked
+#: (epoch ms: the domain lag).
 MISSED_KEYS_SQL = """
-SELECT d.device_id, (extract(epoch FROM m.ts) * 1000000)::int8
+SELECT d.device_id, (extract(epoch FROM m.ts) * 1000000)::int8, (extract(epoch FROM m.marked_at) * 1000)::int8
 FROM unnest(%s::text[]) AS d(device_id)
 CROSS JOIN LATERAL (
-    SELECT ts FROM tpx_domain_missed WHERE tpx_domain_missed.device_id = d.device_id ORDER BY ts LIMIT %s
+    SELECT ts, marked_at FROM tpx_domain_missed
+    WHERE tpx_domain_missed.device_id = d.device_id ORDER BY ts LIMIT %s
 ) AS m
 """
 #: Those fixes' rows of positions (none: the row is gone, as past a retention policy), by key: the
@@ -83,20 +94,22 @@ DELETE FROM tpx_domain_missed AS m
 USING unnest(%s::text[], %s::int8[]) AS u(device_id, t)
 WHERE m.device_id = u.device_id AND m.ts = to_timestamp(0) + u.t * interval '1 microsecond'
 """
-#: Each device's oldest fix still missed, or NULL (the mark cleared); those cleared are returned.
-RESET_SQL = """
-UPDATE tpx_domain_devices AS s
-SET missed_since = (SELECT min(m.ts) FROM tpx_domain_missed AS m WHERE m.device_id = s.device_id)
-WHERE s.device_id = ANY(%s::text[])
-RETURNING s.device_id, s.missed_since IS NULL
+#: Those of some devices that have no fix left to give back (their repair is done).
+CLEARED_SQL = """
+SELECT d FROM unnest(%s::text[]) AS d
+WHERE NOT EXISTS (SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = d)
 """
-#: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``).
-COUNT_MISSED_SQL = """
-SELECT count(*), min(missed_since) FROM tpx_domain_devices WHERE missed_since IS NOT NULL
-"""
+#: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``): a scan of
+#: what waits, so taken at most every COUNT_EVERY_S.
+COUNT_MISSED_SQL = "SELECT count(DISTINCT device_id), min(ts), min(marked_at) FROM tpx_domain_missed"
 
 #: Seconds between the repair thread's passes over the devices failed batches missed.
 REPAIR_EVERY_S = 2.0
+#: ... and in ``tpx domain`` (TPX_DOMAIN_DEFER), where every batch waits there: the domain lag's
+#: floor.
+WORKER_EVERY_S = 0.2
+#: Seconds between two counts of what waits (the count scans tpx_domain_missed).
+COUNT_EVERY_S = 1.0
 #: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
 #: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
@@ -122,25 +135,30 @@ def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
 class Repair:
     """The repair thread of one :class:`~tpx.domainstage.stage.DomainStage`, and what it counts."""
 
-    def __init__(self, stage: DomainStage) -> None:
+    def __init__(self, stage: DomainStage, every_s: float = REPAIR_EVERY_S) -> None:
         self.stage = stage
+        #: seconds between rounds (a round: passes until nothing waits)
+        self.every_s = every_s
         #: devices waiting for a repair, and the oldest fix missed (the last count)
         self.missed: tuple[int, dt.datetime | None] = (0, None)
+        #: when the oldest of what waits was marked (the last count), if anything waits
+        self.marked_at: dt.datetime | None = None
         self._logged_at = -REPAIR_LOG_EVERY_S
+        self._counted_at = -COUNT_EVERY_S
 
     def loop(self, stop: threading.Event) -> None:
-        """Every :data:`REPAIR_EVERY_S`: the marked devices, a pass at a time, each pass counted
+        """Every :attr:`every_s`: the marked devices, a pass at a time, each pass counted
         first. A pass that fails (the table still refuses, a lock timeout) is logged and the next
         pass goes on after it; all are tried again next time."""
         conn: psycopg.Connection[Any] | None = None
         try:
-            while not stop.wait(REPAIR_EVERY_S):
+            while not stop.wait(self.every_s):
                 try:
                     if conn is None or conn.closed:
                         conn = self.stage.connect(autocommit=True)
                     after = ""
                     while not stop.is_set():
-                        self.count(conn)  # before each pass: the count moves while it fails
+                        self.count(conn)  # before passes: the count moves while they fail
                         after, failure = self._pass(conn, after)
                         if failure is not None:
                             self._failed(failure)
@@ -172,7 +190,7 @@ class Repair:
         When the server refuses a value (a record naming a geofence deleted since the last
         reload), each device is tried alone: only those concerned stay marked. A lost connection
         raises."""
-        rows = conn.execute(MISSED_SQL, (REPAIR_FIXES + 1, after, REPAIR_DEVICES)).fetchall()
+        rows = conn.execute(MISSED_SQL, (after, REPAIR_FIXES + 1, REPAIR_DEVICES)).fetchall()
         found: list[str] = []
         fixes = 0
         for device_id, count in rows:
@@ -199,10 +217,19 @@ class Repair:
                     self._failed(describe(one))
         return more, None
 
-    def count(self, conn: psycopg.Connection[Any]) -> None:
+    def count(self, conn: psycopg.Connection[Any], *, now: bool = False) -> None:
+        """Count what waits (at most every :data:`COUNT_EVERY_S` unless ``now``)."""
+        if not now and time.monotonic() - self._counted_at < COUNT_EVERY_S:
+            return
+        self._counted_at = time.monotonic()
         row = conn.execute(COUNT_MISSED_SQL).fetchone()
         if row is not None:
-            self.missed = (int(row[0]), row[1])
+            self.missed, self.marked_at = (int(row[0]), row[1]), row[2]
+
+    def waiting_s(self) -> float:
+        """Seconds the oldest fix that waits has waited (at the last count; 0: none waits)."""
+        at = self.marked_at
+        return 0.0 if at is None else max(0.0, time.time() - at.timestamp())
 
     def _devices(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
         """Some marked devices, in a transaction (the module's steps 1 to 4). A device another
@@ -217,7 +244,7 @@ class Repair:
             recorded = stage.lock(cur, devices, geofences)
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
-            loaded, gone = self._missed_fixes(cur, sorted(states))
+            loaded, gone, work.oldest_entry_ms = self._missed_fixes(cur, sorted(states))
             if gone:  # their rows of positions are gone (a retention policy): nothing to give back
                 cur.execute(TAKEN_SQL, ([d for d, _ in gone], [t for _, t in gone]))
             parts = {d: slices(loaded[d], window // 2) for d in states}
@@ -234,12 +261,11 @@ class Repair:
                 taken = [(d, f.ts_us) for d in part if d not in failed for f in part[d]]
                 cur.execute(TAKEN_SQL, ([d for d, _ in taken], [t for _, t in taken]))
             stage.write_states(cur, [(d, v + 1, state) for d, (v, state) in states.items()], work)
-            # every device locked but those left for later (a mark without a fix, as sql/005
-            # alone wrote it, has nothing to give back and is cleared too)
-            cleared = cur.execute(RESET_SQL, ([d for d in devices if d not in read.deferred],)).fetchall()
+            cleared = cur.execute(CLEARED_SQL, (sorted(states),)).fetchall()
         stage.settle(work, geofences, recorded, work.failed, None)
-        stage.metrics.repaired.inc(sum(1 for d, done in cleared if done and d in states))
-        self._warn(states, read.missed, beyond)
+        stage.metrics.repaired.inc(len(cleared))
+        if not stage.worker:  # in `tpx domain`, a late fix or an edit is what it is in a writer
+            self._warn(states, read.missed, beyond)
         if gone:
             log.warning(
                 "%d missed fixes of %d devices are no longer in positions, the oldest at %s: their timing"
@@ -296,20 +322,22 @@ class Repair:
 
     def _missed_fixes(
         self, cur: psycopg.Cursor[Any], devices: list[str]
-    ) -> tuple[dict[str, list[Fix]], list[tuple[str, int]]]:
+    ) -> tuple[dict[str, list[Fix]], list[tuple[str, int]], int | None]:
         """The oldest valid fixes each device missed, from positions, in time order (one query);
-        and the missed fixes no longer in positions, [(device, time), ...]."""
+        the missed fixes no longer in positions, [(device, time), ...]; and when the oldest of
+        them was marked (epoch ms), if any."""
         out: dict[str, list[Fix]] = {d: [] for d in devices}
         gone: list[tuple[str, int]] = []
         keys = cur.execute(MISSED_KEYS_SQL, (devices, REPAIR_FIXES)).fetchall() if devices else []
+        marked = min((ms for *_, ms in keys), default=None)
         if keys:
-            rows = cur.execute(MISSED_FIXES_SQL, ([d for d, _ in keys], [t for _, t in keys])).fetchall()
+            rows = cur.execute(MISSED_FIXES_SQL, ([d for d, *_ in keys], [t for _, t, _ in keys])).fetchall()
             for device_id, ts_us, valid, lat, lon, speed in rows:
                 if valid:
                     out[device_id].append(Fix(ts_us, lat, lon, True, speed))
                 else:
                     gone.append((device_id, ts_us))
-        return out, gone
+        return out, gone, marked
 
     def _failed(self, reason: str | None) -> None:
         """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""
@@ -317,10 +345,10 @@ class Repair:
         if now - self._logged_at >= REPAIR_LOG_EVERY_S:  # it fails every pass alike
             self._logged_at = now
             if reason is None:
-                log.exception("domain repair failed; tried again every %.0fs", REPAIR_EVERY_S)
+                log.exception("domain repair failed; tried again every %.1fs", self.every_s)
             else:
                 log.warning(
-                    "domain repair failed (%s); tried again every %.0fs", mask_url(reason), REPAIR_EVERY_S
+                    "domain repair failed (%s); tried again every %.1fs", mask_url(reason), self.every_s
                 )
         if reason is not None and reason.startswith("ForeignKeyViolation"):  # a geofence deleted
             self.stage.request_reload()

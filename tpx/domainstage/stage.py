@@ -23,11 +23,15 @@ first written). For the devices with valid fixes in the batch, in one transactio
 
 When the step cannot run (the CMS's table refuses its query or a value), the writer rolls back
 its savepoint and the positions commit without it; :meth:`DomainStage.failed` then records, in
-the same transaction, each valid fix each device lost (a row of ``tpx_domain_missed``, and the
-oldest as ``missed_since`` in ``tpx_domain_devices``: :data:`MARK_SQL`). A device whose own step
-failed (a bug) is marked alike. The repair thread of every instance (:mod:`tpx.domainstage.repair`)
-gives those fixes to the step again, under each device's lock. A replay of late fixes from
-positions (step 3) leaves the fixes still missed out, as it leaves out the batch's own.
+the same transaction, each valid fix each device lost (a row of ``tpx_domain_missed``:
+:data:`MARK_SQL`). A device whose own step failed (a bug) is marked alike. The repair thread of
+every instance (:mod:`tpx.domainstage.repair`) gives those fixes to the step again, under each
+device's lock. A replay of late fixes from positions (step 3) leaves the fixes still missed out,
+as it leaves out the batch's own.
+
+With ``TPX_DOMAIN_DEFER`` (:attr:`DomainStage.queues`), a writer's batch does none of the steps
+above: it marks each valid fix so, and ``tpx domain`` (:mod:`tpx.domainstage.worker`), whose
+repair thread runs every 0.2 s, computes and writes them: the positions never wait for the domain.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from tpx.domain import (
 from tpx.domain.geofences import GeofenceId
 from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
-from tpx.domainstage.repair import Repair
+from tpx.domainstage.repair import REPAIR_EVERY_S, WORKER_EVERY_S, Repair
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
 from tpx.domainstage.work import DeviceRead, Work
 from tpx.engine.sqlstate import describe
@@ -89,30 +93,25 @@ SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER 
 ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
 #: Each device's stored version (0: a placeholder, never stored), its state where the version
-#: is not the one in memory, and the oldest fix a failed batch missed (epoch µs), if one did.
+#: is not the one in memory, and the oldest of its fixes that wait in tpx_domain_missed (epoch
+#: µs; one index probe a device), if one does.
 READ_SQL = """
 SELECT s.device_id, s.version,
        CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
-       (extract(epoch FROM s.missed_since) * 1000000)::int8
+       (SELECT (extract(epoch FROM m.ts) * 1000000)::int8 FROM tpx_domain_missed AS m
+        WHERE m.device_id = s.device_id ORDER BY m.ts LIMIT 1)
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
-#: Fixes a failed batch missed, [[device, fix time in epoch µs], ...]: a row each in
-#: tpx_domain_missed, and each device's oldest in missed_since (written only when it moves back,
-#: but the device's row locked all the same, in device order, as :data:`LOCK_SQL`; a device never
-#: stored gets a placeholder, version 0, as there). The fixes' rows are new keys (the positions'
-#: own), so inserting them waits on no one.
+#: Fixes whose timing records wait, [[device, fix time in epoch µs], ...]: a failed batch's (and,
+#: with TPX_DOMAIN_DEFER, every batch's), a row each in tpx_domain_missed. The keys are the
+#: positions' own, new: inserting them waits on no one (no device's row is touched, so a writer
+#: never waits for the repair's device locks).
 MARK_SQL = """
-WITH m AS (
-    SELECT r->>0 AS device_id, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond' AS ts
-    FROM jsonb_array_elements(%s::jsonb) AS r
-), marked AS (
-    INSERT INTO tpx_domain_devices (device_id, version, state, missed_since)
-    SELECT device_id, 0, 'null'::jsonb, min(ts) FROM m GROUP BY device_id ORDER BY device_id COLLATE "C"
-    ON CONFLICT (device_id) DO UPDATE SET missed_since = EXCLUDED.missed_since
-    WHERE tpx_domain_devices.missed_since IS NULL OR EXCLUDED.missed_since < tpx_domain_devices.missed_since
-)
-INSERT INTO tpx_domain_missed (device_id, ts) SELECT device_id, ts FROM m ON CONFLICT DO NOTHING
+INSERT INTO tpx_domain_missed (device_id, ts)
+SELECT r->>0, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond'
+FROM jsonb_array_elements(%s::jsonb) AS r
+ON CONFLICT DO NOTHING
 """
 #: Each device's new version and folded state, as one JSON array of [device, version, state]:
 #: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
@@ -315,9 +314,14 @@ class DomainMetrics:
         )
         Gauge(
             "tpx_domain_missed_devices",
-            "Devices whose timing records a failed batch missed, waiting for the repair (all instances)",
+            "Devices whose timing records wait for the repair or `tpx domain` (all instances)",
             registry=registry,
         ).set_function(lambda: float(stage.repair.missed[0]))
+        Gauge(
+            "tpx_domain_waiting_seconds",
+            "Age of the oldest fix whose timing records wait for the repair or `tpx domain` (0: none)",
+            registry=registry,
+        ).set_function(stage.repair.waiting_s)
         self.seconds = Histogram(
             "tpx_domain_seconds",
             "Time the domain stage adds to a batch's transaction",
@@ -351,8 +355,12 @@ class DomainStage:
 
     name = "domain"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: bool = False) -> None:
         self.settings = settings
+        #: ``tpx domain``: no engine, the repair thread takes every queued batch
+        self.worker = worker
+        #: ``tpx serve`` with TPX_DOMAIN_DEFER: each batch only queues its fixes for the worker
+        self.queues = settings.domain_defer and not worker
         self.config = TimingConfig(
             max_speed_kmh=settings.max_speed_kmh,
             late_window_us=int(parse_duration(settings.domain_late_window) * US_PER_S),
@@ -373,7 +381,7 @@ class DomainStage:
         #: generations known to be in tpx_domain_generations (a writer records one before use)
         self._recorded: set[str] = set()
         #: the repair of what failed batches missed (its thread starts with the stage's)
-        self.repair = Repair(self)
+        self.repair = Repair(self, WORKER_EVERY_S if worker else REPAIR_EVERY_S)
         #: (generation, adopted at) of stored states newer than the set here -> when this instance
         #: first met each (a redone edit is adopted again: met again)
         self._foreign: dict[tuple[str, dt.datetime], float] = {}
@@ -417,6 +425,8 @@ class DomainStage:
         self._upsert, self._delete = timing_statements(tables)
         self._resume_sql = resume_statement(tables)
         self.metrics = DomainMetrics(registry, self)
+        if self.queues:  # the worker reloads, computes and writes; a batch here only queues
+            return f"{line}; {len(geofences)} geofences, deferred: `tpx domain` writes the timing records"
         self._remember_generation(geofences)
         reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
         repairer = threading.Thread(
@@ -511,6 +521,11 @@ class DomainStage:
         self, conn: psycopg.Connection[Any], inserted: Sequence[Position]
     ) -> AfterCommit | None:
         if self.source is None:
+            return None
+        if self.queues:
+            queued = [[p.device_id, p.ts_us] for p in inserted if p.valid]
+            if queued:
+                conn.execute(MARK_SQL, (json.dumps(queued),))
             return None
         started = time.monotonic()
         by_device: dict[str, list[Fix]] = {}

@@ -89,11 +89,9 @@ SELECT id, geofence::text, event, (extract(epoch FROM ts) * 1000)::int8 FROM {ti
 WHERE device_id = %(device)s AND geofence::text = ANY(%(scope)s::text[])
   AND ts >= %(since)s AND (%(until)s::timestamptz IS NULL OR ts <= %(until)s)
 """
-#: The lock's placeholder row (version 0: never stored), left only by a device no writer stored;
-#: one that a failed batch marked for the repair (``missed_since``) stays for it.
-UNPLACE_SQL = (
-    "DELETE FROM {}.tpx_domain_devices WHERE device_id = %s AND version = 0 AND missed_since IS NULL"
-)
+#: The lock's placeholder row (version 0: never stored), left only by a device no writer stored
+#: (the repair makes its own when it takes the fixes of such a device that wait).
+UNPLACE_SQL = "DELETE FROM {}.tpx_domain_devices WHERE device_id = %s AND version = 0"
 BUMP_SQL = (
     "UPDATE {}.tpx_domain_devices SET version = version + 1, updated_at = now()"
     " WHERE device_id = %s AND version > 0"

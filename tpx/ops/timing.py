@@ -34,12 +34,15 @@ DEFAULT_LIMIT = 50
 #: Columns tpx fills where the table has them (read as None where it has not).
 OPTIONAL_COLUMNS = ("speed", "direction", "uncertainty_s")
 
-#: A device's stored state (version 0: a placeholder the stage's lock made, never stored), its
-#: repair mark and the number of fixes it waits with.
+#: A device's stored state (version 0: a placeholder the stage's lock made, never stored; none:
+#: no row), the oldest of its fixes whose timing records wait (a failed batch's, or a deferred
+#: one's) and how many wait: always one row.
 DEVICE_SQL = """
-SELECT version, state, missed_since,
-       (SELECT count(*) FROM {schema}.tpx_domain_missed AS m WHERE m.device_id = d.device_id)
-FROM {schema}.tpx_domain_devices AS d WHERE device_id = %s
+SELECT d.version, d.state, m.since, m.waiting
+FROM (
+    SELECT min(ts) AS since, count(*) AS waiting FROM {schema}.tpx_domain_missed WHERE device_id = %(d)s
+) AS m
+LEFT JOIN {schema}.tpx_domain_devices AS d ON d.device_id = %(d)s
 """
 
 
@@ -160,13 +163,12 @@ def device_timing(
         require_current(conn, settings.db_schema)
         records = tuple(_records(conn, tables, limit, device, since))
         row = conn.execute(
-            sql.SQL(DEVICE_SQL).format(schema=sql.Identifier(settings.db_schema)), (device,)
+            sql.SQL(DEVICE_SQL).format(schema=sql.Identifier(settings.db_schema)), {"d": device}
         ).fetchone()
-        if row is None:
-            return DeviceTiming(device, records)
+        assert row is not None  # noqa: S101 (an aggregate: one row)
         version, stored, missed, waiting = row
         waiting = int(waiting)
-        if version == 0:  # the lock's placeholder: never stored
+        if version is None or version == 0:  # no row, or the lock's placeholder: never stored
             return DeviceTiming(device, records, missed_since=missed, missed_fixes=waiting)
         try:
             state = state_from_json(stored, device_id=device)

@@ -1,0 +1,10 @@
+-- tpx_domain_missed becomes the one record of the fixes whose timing records are still to be
+-- written (issue 16): a failed batch's, and with TPX_DOMAIN_DEFER every batch's, which
+-- `tpx domain` takes from here. Writers only insert new keys into it (never a device's row, so
+-- they never wait for the repair's device locks); the repair reads what waits from it and
+-- deletes each fix it gives back. marked_at (the batch's transaction time) gives the domain
+-- lag of a deferred fix. tpx_domain_devices.missed_since (sql/005), which said the same per
+-- device and had to be kept in step under the device's lock, goes.
+ALTER TABLE tpx_domain_missed ADD COLUMN IF NOT EXISTS marked_at timestamptz NOT NULL DEFAULT now();
+DROP INDEX IF EXISTS tpx_domain_devices_missed;
+ALTER TABLE tpx_domain_devices DROP COLUMN IF EXISTS missed_since;

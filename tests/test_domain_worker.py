@@ -1,0 +1,214 @@
+"""`tpx domain` and TPX_DOMAIN_DEFER: the writers only queue each batch's fixes, a process of its
+own writes their timing records; exact, each once, whatever is killed when."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from tests.helpers import Serve, add_entries, drained, free_port, wait_for
+from tests.test_domain_stage import (
+    _marked,
+    cms_tables,
+    domain_settings,  # noqa: F401 (a fixture)
+    drive,
+    entries,
+    expected,
+    running,
+    stored,
+    wait_stored,
+)
+from tpx.config import Settings
+from tpx.domainstage.worker import DomainWorker
+from tpx.schema import migrate
+
+
+@contextlib.contextmanager
+def worker_running(settings: Settings) -> Iterator[DomainWorker]:
+    """`tpx domain`'s worker in this process (its main loop in a thread)."""
+    worker = DomainWorker(settings)
+    worker.start()
+    codes: list[int] = []
+    main = threading.Thread(target=lambda: codes.append(worker.run()), name="test-domain-worker")
+    main.start()
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        main.join(15)
+    assert codes == [0]
+
+
+@pytest.fixture
+def deferred(domain_settings: Settings) -> Settings:  # noqa: F811 (the fixture above)
+    return domain_settings.model_copy(update={"domain_defer": True})
+
+
+@pytest.mark.timeout(90)
+def test_a_deferred_newest_first_backlog_is_the_sequential_replay(
+    deferred: Settings, rclient: redis.Redis
+) -> None:
+    # serve writes the positions and queues their fixes, nothing else; the worker, started only
+    # after, writes exactly what a sequential replay gives (the backlog arrived newest first)
+    s = deferred
+    cms_tables(s.database_url, s.db_schema)
+    tracks = {f"dev-{i}": drive(f"dev-{i}", 120, seed=i, wiggle=3.0) for i in range(4)}
+    for device, fixes in tracks.items():
+        add_entries(rclient, s.stream, entries(device, fixes[::-1]))
+    total = sum(map(len, tracks.values()))
+    with running(s):
+        wait_for(lambda: drained(rclient, s, total), what="every position written")
+        assert stored(s.database_url, s.db_schema) == []  # serve wrote no timing record
+        assert _marked(s) == len(tracks)
+        with worker_running(s) as worker:
+            wait_stored(s, expected(tracks), "the worker's records")
+            wait_for(lambda: _marked(s) == 0, what="the queue taken")
+            lag = worker.registry.get_sample_value("tpx_domain_lag_seconds_count")
+            assert lag is not None and lag >= 1
+    got = stored(s.database_url, s.db_schema)
+    assert len(got) == len(expected(tracks)) == 4 * 5  # each once
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_of_serve_and_of_tpx_domain_loses_and_doubles_no_record(
+    domain_settings: Settings,  # noqa: F811 (the fixture above)
+    serve_env: dict[str, str],
+    rclient: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    # 3,000 devices drive through the depot; `tpx serve` (TPX_DOMAIN_DEFER) is killed while it
+    # writes, `tpx domain` once some of its passes (500 devices each) have committed; both start
+    # again: every record is the sequential replay's, each once, and nothing is left queued
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    tracks = {f"dev-{i:04d}": drive(f"dev-{i:04d}", 45, seed=i, wiggle=3.0) for i in range(3000)}
+    total = sum(map(len, tracks.values()))
+    env = {**serve_env, "TPX_DOMAIN": "on", "TPX_DOMAIN_DEFER": "true", "TPX_GEOFENCES_RELOAD_S": "0.5"}
+    slow = {**env, "TPX_BATCH_SIZE": "100", "TPX_READ_COUNT": "100", "TPX_WRITERS": "1"}  # to be caught
+    serve = Serve(slow, tmp_path / "serve-0.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, timeout=30, what="serve ready")
+        add_entries(rclient, s.stream, [e for d, fixes in tracks.items() for e in entries(d, fixes)])
+        wait_for(lambda: 0 < _positions(s) < total, timeout=30, every=0.01, what="serve under way")
+    finally:
+        serve.kill()
+    assert _positions(s) < total, "killed after serve was done"
+    serve = Serve(env, tmp_path / "serve-1.log").start()
+    try:
+        wait_for(lambda: drained(rclient, s, total), timeout=60, what="every position written")
+        assert stored(s.database_url, s.db_schema) == []
+        assert _marked(s) == len(tracks)
+        worker_env = {**env, "TPX_HTTP_ADDR": f"127.0.0.1:{free_port()}"}
+        worker = Serve(worker_env, tmp_path / "domain-0.log", command="domain").start()
+        try:
+            wait_for(lambda: worker.get("/readyz")[0] == 200, timeout=30, what="tpx domain ready")
+            wait_for(lambda: 0 < _marked(s) < len(tracks), timeout=60, every=0.01, what="worker under way")
+        finally:
+            worker.kill()
+        left = _marked(s)
+        assert 0 < left < len(tracks), "killed after the worker was done"
+        worker = Serve(worker_env, tmp_path / "domain-1.log", command="domain").start()
+        try:
+            wait_for(lambda: _marked(s) == 0, timeout=60, what="the queue taken after the restart")
+            metrics = worker.get("/metrics")[1]
+            assert "tpx_domain_lag_seconds_count" in metrics
+        finally:
+            assert worker.stop() == 0, worker.logs()[-3000:]
+    finally:
+        assert serve.stop() == 0, serve.logs()[-3000:]
+    got = stored(s.database_url, s.db_schema)
+    want = expected(tracks)
+    assert len(got) == len(want) == 2 * len(tracks)  # the depot's enter and exit, each once
+    assert {tuple(r) for r in got} == want
+
+
+def _positions(s: Settings) -> int:
+    with psycopg.connect(s.database_url) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(s.db_schema))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _domain(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tpx", "domain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_tpx_domain_with_nothing_to_do_says_why_in_one_line(
+    settings: Settings, serve_env: dict[str, str]
+) -> None:
+    import os
+
+    env = {**os.environ, **serve_env, "TPX_HTTP_ADDR": "off"}
+    done = _domain(env)  # the schema not migrated yet: the worker never migrates
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"tpx: schema {settings.db_schema} is at version 0, this tpx needs 8: run `tpx migrate`"
+        " (tpx domain never migrates)"
+    ]
+    migrate(settings.database_url, settings.db_schema)
+    done = _domain(env)  # TPX_DOMAIN=auto and no CMS tables
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(": tpx domain has nothing to do"), done.stderr
+    done = _domain({**env, "TPX_DOMAIN": "off"})
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+        2,
+        "tpx: TPX_DOMAIN=off: tpx domain has nothing to do",
+    )
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_tpx_geofences_reload_reaches_tpx_domain(deferred: Settings) -> None:
+    s = deferred.model_copy(update={"geofences_reload_s": 3600.0})  # never by the clock here
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    env = {
+        "TPX_REDIS_URL": s.redis_url,
+        "TPX_DATABASE_URL": s.database_url,
+        "TPX_DB_SCHEMA": s.db_schema,
+        "TPX_STREAM": s.stream,
+        "COLUMNS": "200",
+    }
+    with worker_running(s) as worker:
+        before = worker.stage.geofences().generation
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("UPDATE {}.geofences SET exit_margin_m = 25 WHERE id = 1").format(
+                    sql.Identifier(s.db_schema)
+                )
+            )
+        wait_for(lambda: _confirmed(env) == ["test-consumer:domain"], timeout=20, what="the worker answers")
+        wait_for(lambda: worker.stage.geofences().generation != before, timeout=10, what="the edit reloaded")
+
+
+def _confirmed(env: dict[str, str]) -> list[str]:
+    """Who confirmed a `tpx geofences --reload` (the worker subscribes in its own thread: it may
+    not listen yet at the first ask)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tpx.cli.app import app
+
+    result = CliRunner().invoke(app, ["geofences", "--reload", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    return list(json.loads(result.stdout)["reload"]["confirmed"])

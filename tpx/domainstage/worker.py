@@ -1,0 +1,136 @@
+"""`tpx domain`: the timing records of the batches `tpx serve` queued (``TPX_DOMAIN_DEFER``).
+
+With ``TPX_DOMAIN_DEFER=true`` the writers of ``tpx serve`` do not compute the domain: each batch
+inserts its valid fixes' keys into ``tpx_domain_missed``, in the positions' own transaction, and
+that is all (no device lock, no state: the positions never wait for the domain). This process,
+with its own interpreter (the domain's CPU never competes with the writers' for one GIL), runs
+what a failed batch's fixes get in every instance: the repair (:mod:`tpx.domainstage.repair`),
+every :data:`~tpx.domainstage.repair.WORKER_EVERY_S`, under each device's lock, each pass one
+transaction that writes the records, the states and deletes the fixes it took. So a kill -9 of
+either process at any moment loses and doubles nothing, and the records are those a sequential
+replay gives, as in the writers.
+
+The worker reloads the geofences as the writers do (``TPX_GEOFENCES_RELOAD_S``, and at once on
+``tpx geofences --reload``: it listens on the stream's control channel as ``CONSUMER:domain``; a
+Redis away costs it only that, with a WARNING) and serves
+``/metrics``, ``/healthz`` and ``/readyz`` on ``TPX_HTTP_ADDR`` (give it its own port next to a
+``tpx serve``). It never migrates: ``tpx serve`` (or ``tpx migrate``) does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry
+
+from tpx import __version__, exitcodes
+from tpx.config import Settings
+from tpx.connections import pg_connect, redis_client
+from tpx.domainstage.stage import DomainStage
+from tpx.engine.heartbeat import Control
+from tpx.engine.http import HealthServer
+from tpx.engine.service import StartupError
+from tpx.engine.stages import StageStartError
+from tpx.engine.state import DeviceStates
+from tpx.schema import current_version, latest_version
+
+log = logging.getLogger(__name__)
+
+#: Seconds between the main thread's looks at its threads.
+WATCH_INTERVAL_S = 1.0
+#: Seconds the stop waits for a repair pass to end (one transaction: it rolls back if cut).
+STOP_JOIN_S = 10.0
+
+
+class DomainWorker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stage = DomainStage(settings, worker=True)
+        self.registry = CollectorRegistry()
+        self.stop = threading.Event()
+        self.http: HealthServer | None = None
+        self.control: Control | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        if s.domain == "off":
+            raise StartupError("TPX_DOMAIN=off: tpx domain has nothing to do", exitcodes.USAGE)
+        self._check_schema()
+        try:
+            line = self.stage.open(self.registry, self.stop)
+        except StageStartError as exc:
+            raise StartupError(str(exc), exitcodes.USAGE if exc.usage else exitcodes.UNAVAILABLE) from None
+        if self.stage.tables is None:  # TPX_DOMAIN=auto without the CMS's tables
+            raise StartupError(f"{line}: tpx domain has nothing to do", exitcodes.USAGE)
+        listener = s.model_copy(update={"consumer": f"{s.consumer}:domain"})  # as the answers name it
+        self.control = Control(
+            listener, redis_client(listener), DeviceStates(1), self.stop, self.stage.request_reload
+        )
+        self.control.start()
+        bind = s.http_bind
+        if bind is not None:
+            try:
+                self.http = HealthServer(bind, self.registry, self.alive, self.ready)
+            except OSError as exc:
+                self.stop.set()
+                raise StartupError(
+                    f"cannot listen on {s.http_addr} (TPX_HTTP_ADDR): {exc.strerror}", exitcodes.USAGE
+                ) from None
+            self.http.start()
+            log.info("metrics and health on http://%s", self.http.address)
+        log.info("%s", line)
+        log.info("tpx %s domain worker: writing the timing records of the fixes queued for it", __version__)
+
+    def _check_schema(self) -> None:
+        s = self.settings
+        try:
+            with pg_connect(s.database_url, "tpx-check") as conn:
+                version = current_version(conn, s.db_schema)
+        except psycopg.OperationalError as exc:
+            code, message = exitcodes.postgres_connect_failure(exc, s.database_url)
+            raise StartupError(message, code) from None
+        if version is None or version < latest_version():
+            raise StartupError(
+                f"schema {s.db_schema} is at version {version or 0}, this tpx needs {latest_version()}:"
+                " run `tpx migrate` (tpx domain never migrates)"
+            )
+
+    def alive(self) -> tuple[bool, dict[str, Any]]:
+        dead = [t.name for t in self._threads() if not t.is_alive()]
+        return not dead, {"dead_threads": dead}
+
+    def _threads(self) -> list[threading.Thread]:
+        return [*self.stage.threads(), *([self.control] if self.control is not None else [])]
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        ok, detail = self.alive()
+        if not ok:
+            return False, {"problems": ["threads dead: " + ", ".join(detail["dead_threads"])]}
+        note = self.stage.health()
+        return True, {"problems": [], **({"notes": [note]} if note is not None else {})}
+
+    def request_stop(self) -> None:
+        """Ask for a stop (from the signal thread: it only sets a flag)."""
+        self.stop.set()
+
+    def run(self) -> int:
+        """Until a stop is asked for, or a thread died (a bug: exit :data:`~tpx.exitcodes.CRASH`)."""
+        code = exitcodes.OK
+        while not self.stop.wait(WATCH_INTERVAL_S):
+            ok, detail = self.alive()
+            if not ok:
+                log.critical("domain worker thread died: %s; exiting", ", ".join(detail["dead_threads"]))
+                code = exitcodes.CRASH
+                break
+        self.stop.set()
+        threads = [*self._threads(), *([self.http.stop()] if self.http is not None else [])]
+        for thread in threads:
+            thread.join(STOP_JOIN_S)
+        left = [t.name for t in threads if t.is_alive()]
+        if left:
+            log.warning("left behind at exit, still blocked: %s", ", ".join(left))
+        log.info("stopped")
+        return code

@@ -12,6 +12,9 @@ commit in the same transaction as their positions; ``ingested_at`` is that trans
 the domain's own lag (issue 16: p99 ≤ 2 s at 5,000 rec/s) is read from tpx's
 ``tpx_domain_lag_seconds`` histogram (a batch's oldest record, from its XADD to the COMMIT of its
 timing records), scraped from ``/metrics`` before the stop; the timing records written are counted.
+With ``--defer`` too, serve only queues (TPX_DOMAIN_DEFER) and a `tpx domain` beside it writes
+the timing records: the lag is its histogram (a fix from its batch's transaction to the COMMIT of
+its records).
 
 ``--backlog N`` first loads N entries and starts tpx on them, then publishes at the rate while the
 backlog drains: the percentiles are those of the live records only (their device ids differ).
@@ -33,6 +36,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -46,6 +50,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_domain_pipeline import queued
 from benchmarks.bench_pipeline import CpuMeter, drop_schema, load_stream, start_serve
 from tpx.fleet import Fleet
 from tpx.schema import migrate
@@ -98,16 +103,11 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
     schema = f"lat_{uuid.uuid4().hex[:8]}"
     key = f"bench:{uuid.uuid4().hex[:8]}:t"
     migrate(args.database_url, schema)
-    live = live_entries(args.devices, int(rate * args.duration), seed=rate)
-    if args.domain:
-        from benchmarks.bench_domain import city
-        from benchmarks.bench_domain_pipeline import cms_tables, entries_for
-
-        cms_tables(args.database_url, schema, city(args.domain, random.Random(1)))
-        rounds = -(-int(rate * args.duration) // args.devices)
-        live = entries_for(args.devices, rounds, seed=rate, start_s=time.time())[: int(rate * args.duration)]
-        for entry in live:
-            entry["device_id"] = "L" + entry["device_id"]
+    live = (
+        _domain_entries(args, schema, rate)
+        if args.domain
+        else live_entries(args.devices, int(rate * args.duration), seed=rate)
+    )
     if args.backlog:
         fleet = Fleet(devices=args.devices, seed=7, start_ms=int(time.time() * 1000))
         load_stream(client, key, list(fleet.entries(args.backlog)))
@@ -118,6 +118,9 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
     if port is not None:
         serve_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
     proc = start_serve(serve_args, schema, key)
+    worker = None
+    if args.defer:  # serve only queues; `tpx domain` writes the timing records and has the lag
+        worker, port = _start_worker(args, schema, key)
     domain_lag: dict[str, Any] = {}
     try:
         deadline = time.monotonic() + 30
@@ -129,11 +132,7 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
         meter.start()
         achieved = publish(client, key, live, rate)
         cpu = meter.stop(len(live))
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while not _drained(client, key):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("tpx did not write every record")
-            time.sleep(0.05)
+        _wait_done(client, key, proc, worker, args.database_url, schema)
         with psycopg.connect(args.database_url) as conn:
             row = conn.execute(sql.SQL(PERCENTILES_SQL).format(sql.Identifier(schema))).fetchone()
             timing = 0
@@ -145,8 +144,10 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
         if port is not None:
             domain_lag = domain_lag_p99(port)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for process in (proc, worker):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
         client.delete(key, key + ":dlq")
         drop_schema(args.database_url, schema)
     assert row is not None
@@ -165,6 +166,47 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
         **domain_lag,
         "cpu_us": cpu,
     }
+
+
+def _domain_entries(args: argparse.Namespace, schema: str, rate: int) -> list[dict[str, str]]:
+    """The CMS's tables with ``args.domain`` geofences, and the fleet driving through them."""
+    from benchmarks.bench_domain import city
+    from benchmarks.bench_domain_pipeline import cms_tables, entries_for
+
+    cms_tables(args.database_url, schema, city(args.domain, random.Random(1)))
+    rounds = -(-int(rate * args.duration) // args.devices)
+    live = entries_for(args.devices, rounds, seed=rate, start_s=time.time())[: int(rate * args.duration)]
+    for entry in live:
+        entry["device_id"] = "L" + entry["device_id"]
+    return live
+
+
+def _start_worker(args: argparse.Namespace, schema: str, key: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A `tpx domain` beside serve, and its metrics port."""
+    port = _free_port()
+    worker_args = copy.copy(args)
+    worker_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
+    return start_serve(worker_args, schema, key, ("domain",)), port
+
+
+def _wait_done(
+    client: redis.Redis,
+    key: str,
+    proc: subprocess.Popen[bytes],
+    worker: subprocess.Popen[bytes] | None,
+    dsn: str,
+    schema: str,
+) -> None:
+    """Until serve wrote every record, and the worker (if any) took every fix it queued."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while not _drained(client, key):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("tpx did not write every record")
+        time.sleep(0.05)
+    while worker is not None and queued(dsn, schema):
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError("tpx domain did not take every fix")
+        time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -224,10 +266,17 @@ def main() -> None:
         default=os.environ.get("TPX_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
     )
     parser.add_argument("--domain", type=int, default=0, help="geofences for the domain stage (0: off)")
+    parser.add_argument(
+        "--defer",
+        action="store_true",
+        help="with --domain: TPX_DOMAIN_DEFER, and a `tpx domain` beside serve",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.domain:
         args.tpx_env.append("TPX_DOMAIN=on")
+        if args.defer:
+            args.tpx_env.append("TPX_DOMAIN_DEFER=true")
     results = [run(args, rate) for rate in args.rate or [1000, 5000, 20000]]
     if args.json:
         print(json.dumps(results, indent=2))

@@ -4,6 +4,7 @@ own writes their timing records; exact, each once, whatever is killed when."""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from tests.test_domain_stage import (
     wait_stored,
 )
 from tpx.config import Settings
+from tpx.domainstage.stage import MARK_SQL
 from tpx.domainstage.worker import DomainWorker
 from tpx.schema import migrate
 
@@ -203,8 +205,6 @@ def test_tpx_geofences_reload_reaches_tpx_domain(deferred: Settings) -> None:
 def _confirmed(env: dict[str, str]) -> list[str]:
     """Who confirmed a `tpx geofences --reload` (the worker subscribes in its own thread: it may
     not listen yet at the first ask)."""
-    import json
-
     from typer.testing import CliRunner
 
     from tpx.cli.app import app
@@ -212,3 +212,31 @@ def _confirmed(env: dict[str, str]) -> list[str]:
     result = CliRunner().invoke(app, ["geofences", "--reload", "--json"], env=env)
     assert result.exit_code == 0, result.output
     return list(json.loads(result.stdout)["reload"]["confirmed"])
+
+
+@pytest.mark.timeout(60)
+def test_a_fix_queued_twice_is_queued_once_and_costs_the_batch_nothing(
+    deferred: Settings, rclient: redis.Redis
+) -> None:
+    # a fix still queued when its positions row went (a retention policy) and came again: the
+    # queue's COPY meets its key (UniqueViolation), the stage's savepoint rolls back and the
+    # batch is marked the way that skips a key already there; the positions all commit
+    s = deferred.model_copy(update={"batch_size": 10, "read_count": 10})
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    fixes = drive("dev-q", 30)
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(s.db_schema)))
+        conn.execute(MARK_SQL, (json.dumps([["dev-q", fixes[2].ts_us]]),))
+    add_entries(rclient, s.stream, entries("dev-q", fixes))
+    with running(s) as engine:
+        wait_for(lambda: drained(rclient, s, len(fixes)), what="every position written")
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") == 1
+    assert _positions(s) == len(fixes)
+    with psycopg.connect(s.database_url) as conn:
+        keys = conn.execute(
+            sql.SQL(
+                "SELECT (extract(epoch FROM ts) * 1000000)::int8 FROM {}.tpx_domain_missed ORDER BY ts"
+            ).format(sql.Identifier(s.db_schema))
+        ).fetchall()
+    assert [k for (k,) in keys] == [f.ts_us for f in fixes]

@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     #: of its own, writes their timing records, so that the domain never slows the positions.
     #: ``false``: the writers compute them in the positions' transaction.
     domain_defer: bool = False
+    #: ``tpx domain`` lowers its own CPU priority by this much (``nice``) at start, so that on a
+    #: host it shares with ``tpx serve`` (or PostgreSQL) the positions go first and the timing
+    #: records take the CPU left; 0: the same priority as serve.
+    domain_nice: int = Field(default=10, ge=0, le=19)
     #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.
     geofences_table: str = "geofences"
     #: The timing records table (schema-qualified allowed); tpx inserts and deletes its own rows.

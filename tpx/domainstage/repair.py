@@ -135,10 +135,8 @@ def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
 class Repair:
     """The repair thread of one :class:`~tpx.domainstage.stage.DomainStage`, and what it counts."""
 
-    def __init__(self, stage: DomainStage, every_s: float = REPAIR_EVERY_S) -> None:
+    def __init__(self, stage: DomainStage) -> None:
         self.stage = stage
-        #: seconds between rounds (a round: passes until nothing waits)
-        self.every_s = every_s
         #: devices waiting for a repair, and the oldest fix missed (the last count)
         self.missed: tuple[int, dt.datetime | None] = (0, None)
         #: when the oldest of what waits was marked (the last count), if anything waits
@@ -147,12 +145,12 @@ class Repair:
         self._counted_at = -COUNT_EVERY_S
 
     def loop(self, stop: threading.Event) -> None:
-        """Every :attr:`every_s`: the marked devices, a pass at a time, each pass counted
+        """Every :meth:`every_s`: the marked devices, a pass at a time, each pass counted
         first. A pass that fails (the table still refuses, a lock timeout) is logged and the next
         pass goes on after it; all are tried again next time."""
         conn: psycopg.Connection[Any] | None = None
         try:
-            while not stop.wait(self.every_s):
+            while not stop.wait(self.every_s()):
                 try:
                     if conn is None or conn.closed:
                         conn = self.stage.connect(autocommit=True)
@@ -176,6 +174,10 @@ class Repair:
         finally:
             if conn is not None:
                 conn.close()
+
+    def every_s(self) -> float:
+        """Seconds between rounds (a round: passes until nothing waits)."""
+        return WORKER_EVERY_S if self.stage.worker else REPAIR_EVERY_S
 
     def run(self, conn: psycopg.Connection[Any], after: str = "") -> str:
         """One pass (``conn`` in autocommit): see :meth:`_pass`; a failure raises."""
@@ -345,10 +347,10 @@ class Repair:
         if now - self._logged_at >= REPAIR_LOG_EVERY_S:  # it fails every pass alike
             self._logged_at = now
             if reason is None:
-                log.exception("domain repair failed; tried again every %.1fs", self.every_s)
+                log.exception("domain repair failed; tried again every %.1fs", self.every_s())
             else:
                 log.warning(
-                    "domain repair failed (%s); tried again every %.1fs", mask_url(reason), self.every_s
+                    "domain repair failed (%s); tried again every %.1fs", mask_url(reason), self.every_s()
                 )
         if reason is not None and reason.startswith("ForeignKeyViolation"):  # a geofence deleted
             self.stage.request_reload()

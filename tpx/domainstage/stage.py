@@ -68,13 +68,13 @@ from tpx.domain import (
 from tpx.domain.geofences import GeofenceId
 from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
-from tpx.domainstage.repair import REPAIR_EVERY_S, WORKER_EVERY_S, Repair
+from tpx.domainstage.repair import Repair
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
 from tpx.domainstage.work import DeviceRead, Work
 from tpx.engine.sqlstate import describe
 from tpx.engine.stages import AfterCommit, StageStartError
 from tpx.errors import first_line
-from tpx.records import Position
+from tpx.records import COPY_COLUMNS, Position
 from tpx.streams import entry_ms
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ SELECT r->>0, to_timestamp(0) + (r->>1)::int8 * interval '1 microsecond'
 FROM jsonb_array_elements(%s::jsonb) AS r
 ON CONFLICT DO NOTHING
 """
+#: A deferred batch's valid fixes, queued for ``tpx domain``: a binary COPY of each one's key as
+#: the positions' own (a Position's first two fields: device_id, ts), the cheapest insert there is
+#: (measured: MARK_SQL's JSON cost the writers more than half their throughput). ``WHERE
+#: random() >= 0``: row by row, as the positions' own COPY (tpx.engine.commit.COPY_SQL).
+QUEUE_COPY_SQL = "COPY tpx_domain_missed (device_id, ts) FROM STDIN (FORMAT BINARY) WHERE random() >= 0"
+QUEUE_COPY_TYPES = [copy_type for _, copy_type, _ in COPY_COLUMNS[:2]]
 #: Each device's new version and folded state, as one JSON array of [device, version, state]:
 #: one C-level json.dumps for the batch instead of psycopg dumping three arrays item by item.
 WRITE_STATE_SQL = """
@@ -227,6 +233,19 @@ def timing_params(events: Sequence[Event]) -> dict[str, list[Any]]:
         "direction": [e.direction for e in events],
         "uncertainty_s": [e.uncertainty_s for e in events],
     }
+
+
+def queue(conn: psycopg.Connection[Any], positions: Iterable[Position]) -> None:
+    """TPX_DOMAIN_DEFER: the valid fixes' keys into tpx_domain_missed (:data:`QUEUE_COPY_SQL`). A
+    key there already (its positions row was dropped and written again before the worker took
+    it) fails the stage: :meth:`DomainStage.failed` marks the batch with :data:`MARK_SQL`, which
+    skips it (no savepoint of its own for that: two round trips a batch, for a case that rare)."""
+    with conn.cursor() as cur, cur.copy(QUEUE_COPY_SQL) as copy:
+        copy.set_types(QUEUE_COPY_TYPES)
+        write_row = copy.write_row
+        for p in positions:
+            if p.valid:
+                write_row(p[:2])
 
 
 def fix_of(p: Position) -> Fix:
@@ -381,7 +400,7 @@ class DomainStage:
         #: generations known to be in tpx_domain_generations (a writer records one before use)
         self._recorded: set[str] = set()
         #: the repair of what failed batches missed (its thread starts with the stage's)
-        self.repair = Repair(self, WORKER_EVERY_S if worker else REPAIR_EVERY_S)
+        self.repair = Repair(self)
         #: (generation, adopted at) of stored states newer than the set here -> when this instance
         #: first met each (a redone edit is adopted again: met again)
         self._foreign: dict[tuple[str, dt.datetime], float] = {}
@@ -421,12 +440,15 @@ class DomainStage:
             raise StageStartError(
                 f"the domain cannot read {self.settings.geofences_table}: {mask_url(describe(exc))}"
             ) from None
-        self.tables, self.source = tables, source
+        self.tables = tables
+        if self.queues:  # the worker reloads, computes, writes and has the metrics; a batch here
+            # only queues. The set is not kept: 1,000 geofences' objects in this process cost
+            # the writers a quarter of their throughput (measured: the collector's passes)
+            return f"{line}; {len(geofences)} geofences, deferred: `tpx domain` writes the timing records"
+        self.source = source
         self._upsert, self._delete = timing_statements(tables)
         self._resume_sql = resume_statement(tables)
         self.metrics = DomainMetrics(registry, self)
-        if self.queues:  # the worker reloads, computes and writes; a batch here only queues
-            return f"{line}; {len(geofences)} geofences, deferred: `tpx domain` writes the timing records"
         self._remember_generation(geofences)
         reloader = threading.Thread(target=self._reload_loop, args=(stop,), name="tpx-geofences", daemon=True)
         repairer = threading.Thread(
@@ -514,18 +536,17 @@ class DomainStage:
         for p in inserted:
             if p.valid:
                 lost.setdefault(p.device_id, []).append(fix_of(p))
-        if lost and self.source is not None:
+        if lost and self.tables is not None:
             conn.execute(MARK_SQL, (_marks(lost),))
 
     def in_transaction(
         self, conn: psycopg.Connection[Any], inserted: Sequence[Position]
     ) -> AfterCommit | None:
-        if self.source is None:
-            return None
         if self.queues:
-            queued = [[p.device_id, p.ts_us] for p in inserted if p.valid]
-            if queued:
-                conn.execute(MARK_SQL, (json.dumps(queued),))
+            if self.tables is not None:
+                queue(conn, inserted)
+            return None
+        if self.source is None:
             return None
         started = time.monotonic()
         by_device: dict[str, list[Fix]] = {}

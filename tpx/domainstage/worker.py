@@ -20,6 +20,7 @@ Redis away costs it only that, with a WARNING) and serves
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -59,6 +60,8 @@ class DomainWorker:
         if s.domain == "off":
             raise StartupError("TPX_DOMAIN=off: tpx domain has nothing to do", exitcodes.USAGE)
         self._check_schema()
+        if s.domain_nice:
+            os.nice(s.domain_nice)  # the positions first (TPX_DOMAIN_NICE)
         try:
             line = self.stage.open(self.registry, self.stop)
         except StageStartError as exc:

@@ -292,7 +292,8 @@ def main() -> None:
         )
         if "domain_lag_p99_le_s" in r:
             print(
-                f"         domain lag (XADD -> timing records committed), {r['domain_batches']} batches:"
+                f"         domain lag ({'queued' if args.defer else 'XADD'} -> timing records committed),"
+                f" {r['domain_batches']} {'passes' if args.defer else 'batches'}:"
                 f" p99 <= {r['domain_lag_p99_le_s']:g} s, {r['domain_lag_within_2s']:.2%} within 2 s"
             )
 

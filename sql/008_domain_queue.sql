@@ -4,7 +4,7 @@
 -- they never wait for the repair's device locks); the repair reads what waits from it and
 -- deletes each fix it gives back. marked_at (the batch's transaction time) gives the domain
 -- lag of a deferred fix. tpx_domain_devices.missed_since (sql/005), which said the same per
--- device and had to be kept in step under the device's lock, goes.
+-- device under the device's lock, is no longer read or written; it stays (with its index) for
+-- the instances of the release before, which read it during a rolling deploy, and goes in a
+-- later migration.
 ALTER TABLE tpx_domain_missed ADD COLUMN IF NOT EXISTS marked_at timestamptz NOT NULL DEFAULT now();
-DROP INDEX IF EXISTS tpx_domain_devices_missed;
-ALTER TABLE tpx_domain_devices DROP COLUMN IF EXISTS missed_since;

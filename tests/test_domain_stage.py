@@ -359,7 +359,8 @@ def test_a_late_fix_replayed_before_the_repair_leaves_the_missed_fixes_to_it(
     # hold the missed fixes too. Taken into that replay's history, they would be duplicates to
     # the repair later: the depot's enter and exit never written, those of the long segment kept
     monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the repair below
-    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2})
+    # one writer: two writers can commit the last two fixes newest first, a replay of their own
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
     cms_tables(s.database_url, s.db_schema)
     late = east_fix(2.5, 25)  # between the first two: older than the state's checkpoint
     stage = DomainStage(s)

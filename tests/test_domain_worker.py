@@ -18,6 +18,7 @@ from psycopg import sql
 
 from tests.helpers import Serve, add_entries, drained, free_port, wait_for
 from tests.test_domain_stage import (
+    _column,
     _marked,
     cms_tables,
     domain_settings,  # noqa: F401 (a fixture)
@@ -30,7 +31,7 @@ from tests.test_domain_stage import (
 )
 from tpx.config import Settings
 from tpx.domainstage.stage import MARK_SQL
-from tpx.domainstage.worker import DomainWorker
+from tpx.domainstage.worker import Backlog, DomainWorker
 from tpx.schema import migrate
 
 
@@ -52,7 +53,8 @@ def worker_running(settings: Settings) -> Iterator[DomainWorker]:
 
 @pytest.fixture
 def deferred(domain_settings: Settings) -> Settings:  # noqa: F811 (the fixture above)
-    return domain_settings.model_copy(update={"domain_defer": True})
+    # no nice in the tests' own process: it is the worker's, and a nice never comes back
+    return domain_settings.model_copy(update={"domain_defer": True, "domain_nice": 0})
 
 
 @pytest.mark.timeout(90)
@@ -108,7 +110,7 @@ def test_kill_9_of_serve_and_of_tpx_domain_loses_and_doubles_no_record(
     try:
         wait_for(lambda: drained(rclient, s, total), timeout=60, what="every position written")
         assert stored(s.database_url, s.db_schema) == []
-        assert _marked(s) == len(tracks)
+        assert _queued(s) == _positions(s) == total  # every fix queued once, the killed batches' too
         worker_env = {**env, "TPX_HTTP_ADDR": f"127.0.0.1:{free_port()}"}
         worker = Serve(worker_env, tmp_path / "domain-0.log", command="domain").start()
         try:
@@ -131,6 +133,15 @@ def test_kill_9_of_serve_and_of_tpx_domain_loses_and_doubles_no_record(
     want = expected(tracks)
     assert len(got) == len(want) == 2 * len(tracks)  # the depot's enter and exit, each once
     assert {tuple(r) for r in got} == want
+
+
+def _queued(s: Settings) -> int:
+    with psycopg.connect(s.database_url) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.tpx_domain_missed").format(sql.Identifier(s.db_schema))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _positions(s: Settings) -> int:
@@ -240,3 +251,37 @@ def test_a_fix_queued_twice_is_queued_once_and_costs_the_batch_nothing(
             ).format(sql.Identifier(s.db_schema))
         ).fetchall()
     assert [k for (k,) in keys] == [f.ts_us for f in fixes]
+
+
+@pytest.mark.timeout(30)
+def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rclient: redis.Redis) -> None:
+    # the group's lag above a batch: a pass of 1 s is followed by 3 s of waiting (a quarter of the
+    # time to the domain); once serve has read everything, none
+    s = settings.model_copy(update={"batch_size": 10})
+    add_entries(rclient, s.stream, entries("dev-b", drive("dev-b", 250)))  # 50 entries
+    rclient.xgroup_create(s.stream, s.group, id="0")
+    assert Backlog(s, rclient).pause(1.0) == pytest.approx(3.0)
+    rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
+    assert Backlog(s, rclient).pause(1.0) == 0.0  # 5 left: under a batch
+    assert Backlog(s.model_copy(update={"group": "nobody"}), rclient).pause(1.0) == 0.0
+
+
+@pytest.mark.timeout(60)
+def test_tpx_domain_says_while_the_cms_refuses_its_records(deferred: Settings, rclient: redis.Redis) -> None:
+    # a column dropped in the timing table after the worker started: every pass fails, /readyz
+    # notes why; the column back, the records come and the note goes
+    s = deferred
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    tracks = {"dev-r": drive("dev-r", 120)}
+    with worker_running(s) as worker:
+        _column(s, "DROP COLUMN direction")
+        add_entries(rclient, s.stream, entries("dev-r", tracks["dev-r"]))
+        with running(s):
+            wait_for(lambda: drained(rclient, s, len(tracks["dev-r"])), what="every position written")
+        wait_for(lambda: "domain repair failing: UndefinedColumn" in str(worker.ready()[1]), what="the note")
+        assert worker.ready()[0]  # the positions flow: ready, with the note
+        assert _marked(s) == 1
+        _column(s, "ADD COLUMN direction integer")
+        wait_stored(s, expected(tracks), "the records once the table takes them")
+        wait_for(lambda: "notes" not in worker.ready()[1], what="the note gone")

@@ -129,9 +129,9 @@ class Settings(BaseSettings):
     #: of its own, writes their timing records, so that the domain never slows the positions.
     #: ``false``: the writers compute them in the positions' transaction.
     domain_defer: bool = False
-    #: ``tpx domain`` lowers its own CPU priority by this much (``nice``) at start, so that on a
-    #: host it shares with ``tpx serve`` (or PostgreSQL) the positions go first and the timing
-    #: records take the CPU left; 0: the same priority as serve.
+    #: ``tpx domain`` lowers its own CPU priority by this much (``nice``) at start and, while
+    #: serve has a backlog, takes a quarter of its time, so that on a host it shares with ``tpx
+    #: serve`` (or PostgreSQL) the positions go first; 0: neither (a host of its own).
     domain_nice: int = Field(default=10, ge=0, le=19)
     #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.
     geofences_table: str = "geofences"

@@ -35,7 +35,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -109,7 +109,7 @@ REPAIR_EVERY_S = 2.0
 #: floor.
 WORKER_EVERY_S = 0.2
 #: Seconds between two counts of what waits (the count scans tpx_domain_missed).
-COUNT_EVERY_S = 1.0
+COUNT_EVERY_S = 5.0
 #: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
 #: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
@@ -143,6 +143,10 @@ class Repair:
         self.marked_at: dt.datetime | None = None
         self._logged_at = -REPAIR_LOG_EVERY_S
         self._counted_at = -COUNT_EVERY_S
+        #: why the last pass failed, until one succeeds (``/readyz`` notes it)
+        self.problem: str | None = None
+        #: seconds to wait after a pass that took so many (None: never wait)
+        self.pause: Callable[[float], float] | None = None
 
     def loop(self, stop: threading.Event) -> None:
         """Every :meth:`every_s`: the marked devices, a pass at a time, each pass counted
@@ -154,14 +158,7 @@ class Repair:
                 try:
                     if conn is None or conn.closed:
                         conn = self.stage.connect(autocommit=True)
-                    after = ""
-                    while not stop.is_set():
-                        self.count(conn)  # before passes: the count moves while they fail
-                        after, failure = self._pass(conn, after)
-                        if failure is not None:
-                            self._failed(failure)
-                        if not after:
-                            break
+                    self._round(conn, stop)
                 except psycopg.Error as exc:
                     if conn is None or conn.closed or conn.broken:  # the server is away: the pool says so
                         log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
@@ -174,6 +171,22 @@ class Repair:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _round(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
+        """Passes until nothing waits (or a stop), each counted first; a failed pass is logged."""
+        after = ""
+        while not stop.is_set():
+            self.count(conn)  # before passes: the count moves while they fail
+            started = time.monotonic()
+            after, failure = self._pass(conn, after)
+            if failure is not None:
+                self._failed(failure)
+            else:
+                self.problem = None
+            if self.pause is not None:  # `tpx domain`: the positions first
+                stop.wait(self.pause(time.monotonic() - started))
+            if not after:
+                break
 
     def every_s(self) -> float:
         """Seconds between rounds (a round: passes until nothing waits)."""
@@ -246,7 +259,9 @@ class Repair:
             recorded = stage.lock(cur, devices, geofences)
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
-            loaded, gone, work.oldest_entry_ms = self._missed_fixes(cur, sorted(states))
+            loaded, gone, marked_ms = self._missed_fixes(cur, sorted(states))
+            if stage.worker:  # a deferred fix's lag (a failed batch's repair is no lag of the stage)
+                work.oldest_entry_ms = marked_ms
             if gone:  # their rows of positions are gone (a retention policy): nothing to give back
                 cur.execute(TAKEN_SQL, ([d for d, _ in gone], [t for _, t in gone]))
             parts = {d: slices(loaded[d], window // 2) for d in states}
@@ -343,6 +358,8 @@ class Repair:
 
     def _failed(self, reason: str | None) -> None:
         """A repair pass failed: ``reason`` (a database error), or None for a bug (its traceback)."""
+        why = mask_url(reason) if reason is not None else "a bug (see the log)"
+        self.problem = f"domain repair failing: {why}"
         now = time.monotonic()
         if now - self._logged_at >= REPAIR_LOG_EVERY_S:  # it fails every pass alike
             self._logged_at = now

@@ -441,6 +441,12 @@ class DomainStage:
                 f"the domain cannot read {self.settings.geofences_table}: {mask_url(describe(exc))}"
             ) from None
         self.tables = tables
+        deferred = Gauge(
+            "tpx_domain_deferred",
+            "1: serve only queues the fixes, `tpx domain` takes them",
+            registry=registry,
+        )
+        deferred.set(1 if self.queues else 0)
         if self.queues:  # the worker reloads, computes, writes and has the metrics; a batch here
             # only queues. The set is not kept: 1,000 geofences' objects in this process cost
             # the writers a quarter of their throughput (measured: the collector's passes)
@@ -465,6 +471,8 @@ class DomainStage:
     def health(self) -> str | None:
         if self._problem is not None:
             return self._problem
+        if self.repair.problem is not None:
+            return self.repair.problem
         waiting, oldest = self.repair.missed
         if waiting and oldest is not None:
             when = oldest.astimezone(dt.UTC).isoformat(timespec="seconds")
@@ -545,7 +553,7 @@ class DomainStage:
         if self.queues:
             if self.tables is not None:
                 queue(conn, inserted)
-            return None
+            return self._cleared if self._problem is not None else None
         if self.source is None:
             return None
         started = time.monotonic()
@@ -577,6 +585,10 @@ class DomainStage:
             self._problem = None
 
         return after_commit
+
+    def _cleared(self) -> None:
+        """After a queued batch's COMMIT: the stage works again."""
+        self._problem = None
 
     # --- the steps of a transaction (a writer's batch, a repair's pass) ---
 

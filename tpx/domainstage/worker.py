@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import psycopg
+import redis
 from prometheus_client import CollectorRegistry
 
 from tpx import __version__, exitcodes
@@ -40,10 +42,61 @@ from tpx.schema import current_version, latest_version
 
 log = logging.getLogger(__name__)
 
+#: While serve has a backlog, the share of its time `tpx domain` spends on passes (the rest it
+#: waits), so that the positions go first: the operating system's priority (TPX_DOMAIN_NICE)
+#: reaches this process, not the PostgreSQL backend doing most of its work.
+BUSY_SHARE = 0.25
+#: Seconds between two looks at serve's backlog (the group's lag, XINFO GROUPS).
+BACKLOG_CHECK_S = 0.5
+
 #: Seconds between the main thread's looks at its threads.
 WATCH_INTERVAL_S = 1.0
-#: Seconds the stop waits for a repair pass to end (one transaction: it rolls back if cut).
-STOP_JOIN_S = 10.0
+#: Seconds the stop waits for its threads, all together (a repair pass is one transaction: cut,
+#: it rolls back).
+STOP_JOIN_S = 8.0
+#: Seconds a look at serve's backlog may take (the repair thread waits for it).
+BACKLOG_TIMEOUT_S = 0.5
+
+
+def backlog_client(settings: Settings) -> redis.Redis:
+    """A Redis client of its own for :class:`Backlog`, with short timeouts: a Redis away costs a
+    pass :data:`BACKLOG_TIMEOUT_S` at most."""
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=BACKLOG_TIMEOUT_S, socket_connect_timeout=BACKLOG_TIMEOUT_S
+    )
+
+
+class Backlog:
+    """Whether serve has a backlog: its group's lag on the stream above a batch (Redis 7's
+    ``lag``; unknown, or Redis away, counts as none), looked at every :data:`BACKLOG_CHECK_S`."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self._checked_at = -BACKLOG_CHECK_S
+        self._busy = False
+
+    def busy(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= BACKLOG_CHECK_S:
+            self._checked_at = now
+            self._busy = self._lag() > self.settings.batch_size
+        return self._busy
+
+    def _lag(self) -> int:
+        try:
+            groups = self.client.xinfo_groups(self.settings.stream)
+        except redis.RedisError:  # no stream yet, or Redis away: no backlog known
+            return 0
+        for group in groups:
+            if group.get("name") in (self.settings.group, self.settings.group.encode()):
+                return int(group.get("lag") or 0)
+        return 0
+
+    def pause(self, spent_s: float) -> float:
+        """Seconds to wait after a pass that took ``spent_s``: while serve has a backlog, enough to
+        keep to :data:`BUSY_SHARE` of the time."""
+        return spent_s * (1 - BUSY_SHARE) / BUSY_SHARE if self.busy() else 0.0
 
 
 class DomainWorker:
@@ -69,14 +122,15 @@ class DomainWorker:
         if self.stage.tables is None:  # TPX_DOMAIN=auto without the CMS's tables
             raise StartupError(f"{line}: tpx domain has nothing to do", exitcodes.USAGE)
         listener = s.model_copy(update={"consumer": f"{s.consumer}:domain"})  # as the answers name it
-        self.control = Control(
-            listener, redis_client(listener), DeviceStates(1), self.stop, self.stage.request_reload
-        )
+        client = redis_client(listener)
+        self.control = Control(listener, client, DeviceStates(1), self.stop, self.stage.request_reload)
+        if s.domain_nice:  # second to serve (0: as serve, e.g. on a host of its own)
+            self.stage.repair.pause = Backlog(s, backlog_client(s)).pause
         self.control.start()
         bind = s.http_bind
         if bind is not None:
             try:
-                self.http = HealthServer(bind, self.registry, self.alive, self.ready)
+                self.http = HealthServer(bind, self.registry, self.alive, self.ready, access=s.http_access())
             except OSError as exc:
                 self.stop.set()
                 raise StartupError(
@@ -130,8 +184,9 @@ class DomainWorker:
                 break
         self.stop.set()
         threads = [*self._threads(), *([self.http.stop()] if self.http is not None else [])]
+        deadline = time.monotonic() + STOP_JOIN_S  # one for all: inside Docker's 10 s
         for thread in threads:
-            thread.join(STOP_JOIN_S)
+            thread.join(max(0.0, deadline - time.monotonic()))
         left = [t.name for t in threads if t.is_alive()]
         if left:
             log.warning("left behind at exit, still blocked: %s", ", ".join(left))

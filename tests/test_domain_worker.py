@@ -135,22 +135,21 @@ def test_kill_9_of_serve_and_of_tpx_domain_loses_and_doubles_no_record(
     assert {tuple(r) for r in got} == want
 
 
-def _queued(s: Settings) -> int:
+def _rows(s: Settings, table: str) -> int:
     with psycopg.connect(s.database_url) as conn:
         row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}.tpx_domain_missed").format(sql.Identifier(s.db_schema))
+            sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(s.db_schema), sql.Identifier(table))
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _queued(s: Settings) -> int:
+    return _rows(s, "tpx_domain_missed")
 
 
 def _positions(s: Settings) -> int:
-    with psycopg.connect(s.database_url) as conn:
-        row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}.positions").format(sql.Identifier(s.db_schema))
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return _rows(s, "positions")
 
 
 def _domain(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

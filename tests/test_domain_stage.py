@@ -795,8 +795,8 @@ class _RefusesBatchesOfMany:
     def health(self) -> str | None:
         return None
 
-    def request_reload(self) -> None:
-        pass
+    def request_reload(self) -> bool:
+        return False
 
     def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Any], reason: str) -> None:
         pass

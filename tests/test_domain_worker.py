@@ -200,7 +200,7 @@ def test_tpx_geofences_reload_reaches_tpx_domain(deferred: Settings) -> None:
         "TPX_STREAM": s.stream,
         "COLUMNS": "200",
     }
-    with worker_running(s) as worker:
+    with worker_running(s) as worker, running(s):  # a serve that only queues holds no geofences
         before = worker.stage.geofences().generation
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(
@@ -208,20 +208,21 @@ def test_tpx_geofences_reload_reaches_tpx_domain(deferred: Settings) -> None:
                     sql.Identifier(s.db_schema)
                 )
             )
-        wait_for(lambda: _confirmed(env) == ["test-consumer:domain"], timeout=20, what="the worker answers")
+        wait_for(lambda: len(_replies(env)) == 2, timeout=20, what="both answer")
+        assert _replies(env) == {"test-consumer": False, "test-consumer:domain": True}  # who reloads
         wait_for(lambda: worker.stage.geofences().generation != before, timeout=10, what="the edit reloaded")
 
 
-def _confirmed(env: dict[str, str]) -> list[str]:
-    """Who confirmed a `tpx geofences --reload` (the worker subscribes in its own thread: it may
-    not listen yet at the first ask)."""
+def _replies(env: dict[str, str]) -> dict[str, bool]:
+    """Who answered a `tpx geofences --reload`, and whether each reloads (the worker subscribes in
+    its own thread: it may not listen yet at the first ask)."""
     from typer.testing import CliRunner
 
     from tpx.cli.app import app
 
     result = CliRunner().invoke(app, ["geofences", "--reload", "--json"], env=env)
     assert result.exit_code == 0, result.output
-    return list(json.loads(result.stdout)["reload"]["confirmed"])
+    return {r["consumer"]: r["reloaded"] for r in json.loads(result.stdout)["reload"]["replies"]}
 
 
 @pytest.mark.timeout(60)

@@ -330,7 +330,10 @@ def print_reload(result: ControlResult) -> None:
     if reloading:
         console.print(f"geofences reloading now in {', '.join(reloading)}")
     if without:
-        console.print(f"no domain stage in {', '.join(without)} (TPX_DOMAIN off or its tables missing)")
+        console.print(
+            f"no geofences held in {', '.join(without)} (TPX_DOMAIN off, its tables missing, or"
+            " TPX_DOMAIN_DEFER: tpx domain holds them)"
+        )
     if not result.replies:
         console.print("no instance answered: nothing to reload")
     if result.silent:

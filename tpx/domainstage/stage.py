@@ -483,9 +483,12 @@ class DomainStage:
         assert self.source is not None  # noqa: S101 (open() returned with the domain on)
         return self.source.current
 
-    def request_reload(self) -> None:
-        if self.source is not None:
-            self.source.request_reload()
+    def request_reload(self) -> bool:
+        """A reload at once; False where this stage holds no geofences (a serve that only queues)."""
+        if self.source is None:
+            return False
+        self.source.request_reload()
+        return True
 
     def _reload_loop(self, stop: threading.Event) -> None:
         source = self.source

@@ -110,7 +110,7 @@ class Control(threading.Thread):
         client: redis.Redis,
         states: DeviceStates,
         stop: threading.Event,
-        reload: Callable[[], None] | None = None,
+        reload: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(name="tpx-control", daemon=True)
         self.settings = settings
@@ -139,10 +139,10 @@ class Control(threading.Thread):
             case "devices":
                 answer["states"] = [s.to_dict() for s in self.states.snapshot(limit=request.limit)]
             case "reload":
-                if self.reload is not None:
-                    self.reload()
+                reloaded = self.reload() if self.reload is not None else False
+                if reloaded:
                     log.info("geofence reload requested")
-                answer["reloaded"] = self.reload is not None
+                answer["reloaded"] = reloaded
             case "ping":
                 pass
             case unknown:

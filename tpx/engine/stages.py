@@ -91,8 +91,9 @@ class TransactionStage(Protocol):
         """Why the stage cannot do its work now, in one line (None: fine); shown by /readyz
         but never making the instance unready (positions still flow)."""
 
-    def request_reload(self) -> None:
-        """Reload what the stage reads from elsewhere (the geofences) at once (a control message)."""
+    def request_reload(self) -> bool:
+        """Reload what the stage reads from elsewhere (the geofences) at once (a control message);
+        whether it holds anything to reload."""
 
     def failed(self, conn: psycopg.Connection[Any], inserted: Sequence[Position], reason: str) -> None:
         """The savepoint was rolled back: forget what was assumed about these devices, and

@@ -264,6 +264,10 @@ def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rcli
     rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
     assert Backlog(s, rclient).pause(1.0) == 0.0  # 5 left: under a batch
     assert Backlog(s.model_copy(update={"group": "nobody"}), rclient).pause(1.0) == 0.0
+    # a stale counter (as an AOF reload leaves Redis 7.0's): at the stream's end, lag 50 reported
+    rclient.execute_command("XGROUP", "SETID", s.stream, s.group, "$", "ENTRIESREAD", "0")  # type: ignore[no-untyped-call]
+    assert rclient.xinfo_groups(s.stream)[0]["lag"] == 50
+    assert Backlog(s, rclient).pause(1.0) == 0.0
 
 
 @pytest.mark.timeout(60)

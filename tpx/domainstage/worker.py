@@ -39,6 +39,7 @@ from tpx.engine.service import StartupError
 from tpx.engine.stages import StageStartError
 from tpx.engine.state import DeviceStates
 from tpx.schema import current_version, latest_version
+from tpx.streams import group_lag
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def backlog_client(settings: Settings) -> redis.Redis:
 
 
 class Backlog:
-    """Whether serve has a backlog: its group's lag on the stream above a batch (Redis 7's
-    ``lag``; unknown, or Redis away, counts as none), looked at every :data:`BACKLOG_CHECK_S`."""
+    """Whether serve has a backlog: its group's lag on the stream above a batch (unknown, or
+    Redis away, counts as none), looked at every :data:`BACKLOG_CHECK_S`."""
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
@@ -84,14 +85,20 @@ class Backlog:
         return self._busy
 
     def _lag(self) -> int:
+        """The group's lag as the metrics read it (:func:`tpx.streams.group_lag`: a stale Redis
+        7.0 counter does not count); 0 when Redis cannot tell."""
+        s = self.settings
         try:
-            groups = self.client.xinfo_groups(self.settings.stream)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xinfo_groups(s.stream)
+            pipe.xlen(s.stream)
+            pipe.xinfo_stream(s.stream)
+            groups, length, info = pipe.execute()
         except redis.RedisError:  # no stream yet, or Redis away: no backlog known
             return 0
-        for group in groups:
-            if group.get("name") in (self.settings.group, self.settings.group.encode()):
-                return int(group.get("lag") or 0)
-        return 0
+        group = next((g for g in groups if g.get("name") in (s.group, s.group.encode())), None)
+        lag = None if group is None else group_lag(group, info["last-generated-id"], length)
+        return lag or 0
 
     def pause(self, spent_s: float) -> float:
         """Seconds to wait after a pass that took ``spent_s``: while serve has a backlog, enough to

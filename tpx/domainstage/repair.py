@@ -232,9 +232,9 @@ class Repair:
                     self._failed(describe(one))
         return more, None
 
-    def count(self, conn: psycopg.Connection[Any], *, now: bool = False) -> None:
-        """Count what waits (at most every :data:`COUNT_EVERY_S` unless ``now``)."""
-        if not now and time.monotonic() - self._counted_at < COUNT_EVERY_S:
+    def count(self, conn: psycopg.Connection[Any]) -> None:
+        """Count what waits (at most every :data:`COUNT_EVERY_S`)."""
+        if time.monotonic() - self._counted_at < COUNT_EVERY_S:
             return
         self._counted_at = time.monotonic()
         row = conn.execute(COUNT_MISSED_SQL).fetchone()

@@ -60,10 +60,13 @@ def entries_for(devices: int, rounds: int, seed: int, start_s: float | None = No
 
 
 def queued(dsn: str, schema: str) -> int:
-    """Fixes whose timing records wait for `tpx domain`."""
+    """Fixes whose timing records wait for `tpx domain` (a deferred batch not moved yet: 1)."""
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}.tpx_domain_missed").format(sql.Identifier(schema))
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {0}.tpx_domain_missed)"
+                " + (SELECT count(*) FROM {0}.tpx_domain_queue)"
+            ).format(sql.Identifier(schema))
         ).fetchone()
     return int(row[0]) if row is not None else 0
 

@@ -426,11 +426,15 @@ def test_an_outage_longer_than_the_late_window_loses_no_record(
 
 
 def _marked(s: Settings) -> int:
+    """Devices with fixes whose records wait: marked (tpx_domain_missed) or queued by a deferred
+    batch (tpx_domain_queue, lines "device ts_us")."""
     with psycopg.connect(s.database_url) as conn:
         row = conn.execute(
-            sql.SQL("SELECT count(DISTINCT device_id) FROM {}.tpx_domain_missed").format(
-                sql.Identifier(s.db_schema)
-            )
+            sql.SQL(
+                "SELECT count(DISTINCT d) FROM (SELECT device_id FROM {0}.tpx_domain_missed"
+                " UNION ALL SELECT split_part(k, ' ', 1)"
+                " FROM {0}.tpx_domain_queue, string_to_table(fixes, E'\\n') AS k) AS w(d)"
+            ).format(sql.Identifier(s.db_schema))
         ).fetchone()
     assert row is not None
     return int(row[0])

@@ -18,19 +18,23 @@ from psycopg import sql
 
 from tests.helpers import Serve, add_entries, drained, free_port, wait_for
 from tests.test_domain_stage import (
+    UNEVEN,
     _column,
     _marked,
     cms_tables,
     domain_settings,  # noqa: F401 (a fixture)
     drive,
+    east_fix,
     entries,
     expected,
+    repair_pass,
     running,
     stored,
     wait_stored,
 )
+from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
-from tpx.domainstage.stage import MARK_SQL
+from tpx.domainstage.stage import MARK_SQL, DomainStage
 from tpx.domainstage.worker import Backlog, DomainWorker
 from tpx.schema import migrate
 
@@ -145,7 +149,16 @@ def _rows(s: Settings, table: str) -> int:
 
 
 def _queued(s: Settings) -> int:
-    return _rows(s, "tpx_domain_missed")
+    """Fixes whose records wait: a row each in tpx_domain_missed, a line each in tpx_domain_queue."""
+    with psycopg.connect(s.database_url) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {0}.tpx_domain_missed)"
+                " + (SELECT count(*) FROM {0}.tpx_domain_queue, string_to_table(fixes, E'\\n'))"
+            ).format(sql.Identifier(s.db_schema))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _positions(s: Settings) -> int:
@@ -173,7 +186,7 @@ def test_tpx_domain_with_nothing_to_do_says_why_in_one_line(
     done = _domain(env)  # the schema not migrated yet: the worker never migrates
     assert done.returncode == 3, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"tpx: schema {settings.db_schema} is at version 0, this tpx needs 8: run `tpx migrate`"
+        f"tpx: schema {settings.db_schema} is at version 0, this tpx needs 9: run `tpx migrate`"
         " (tpx domain never migrates)"
     ]
     migrate(settings.database_url, settings.db_schema)
@@ -226,12 +239,12 @@ def _replies(env: dict[str, str]) -> dict[str, bool]:
 
 
 @pytest.mark.timeout(60)
-def test_a_fix_queued_twice_is_queued_once_and_costs_the_batch_nothing(
+def test_a_fix_queued_twice_costs_the_batch_nothing_and_gets_its_records_once(
     deferred: Settings, rclient: redis.Redis
 ) -> None:
-    # a fix still queued when its positions row went (a retention policy) and came again: the
-    # queue's COPY meets its key (UniqueViolation), the stage's savepoint rolls back and the
-    # batch is marked the way that skips a key already there; the positions all commit
+    # a fix still waiting when its positions row went (a retention policy) and came again: its
+    # batch queues it a second time, which fails nothing (the positions and the queue commit);
+    # the worker moves its key once and writes the sequential replay's records, each once
     s = deferred.model_copy(update={"batch_size": 10, "read_count": 10})
     cms_tables(s.database_url, s.db_schema)
     migrate(s.database_url, s.db_schema)
@@ -242,25 +255,61 @@ def test_a_fix_queued_twice_is_queued_once_and_costs_the_batch_nothing(
     add_entries(rclient, s.stream, entries("dev-q", fixes))
     with running(s) as engine:
         wait_for(lambda: drained(rclient, s, len(fixes)), what="every position written")
-        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") == 1
+        assert engine.metrics.count(engine.metrics.stage_errors, stage="domain") == 0
     assert _positions(s) == len(fixes)
-    with psycopg.connect(s.database_url) as conn:
-        keys = conn.execute(
-            sql.SQL(
-                "SELECT (extract(epoch FROM ts) * 1000000)::int8 FROM {}.tpx_domain_missed ORDER BY ts"
-            ).format(sql.Identifier(s.db_schema))
-        ).fetchall()
-    assert [k for (k,) in keys] == [f.ts_us for f in fixes]
+    assert _queued(s) == len(fixes) + 1
+    with worker_running(s):
+        wait_for(lambda: _queued(s) == 0, what="the queue taken")
+    got = stored(s.database_url, s.db_schema)
+    assert {tuple(r) for r in got} == expected({"dev-q": fixes})
+    assert len(got) == 1  # the depot's enter, once
+
+
+@pytest.mark.timeout(90)
+def test_a_late_fix_replayed_while_a_deferred_batch_waits_leaves_its_fixes_to_the_worker(
+    domain_settings: Settings,  # noqa: F811 (the fixture above)
+    rclient: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a switch to TPX_DOMAIN_DEFER under way: the depot's fixes come through a deferring instance
+    # (queued, one row a batch), the rest through one that computes the domain; a late fix older
+    # than all comes to the latter, which replays positions, the queued fixes' rows among them.
+    # Taken into that history, they would be duplicates to the repair later: the depot's enter
+    # and exit never written, those of the long segment from before it to after it kept
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the pass below
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
+    deferring = s.model_copy(update={"domain_defer": True, "domain_nice": 0})
+    cms_tables(s.database_url, s.db_schema)
+    late = east_fix(2.5, 25)  # between the first two
+    with running(s):
+        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[:2]))
+        wait_for(lambda: drained(rclient, s, 2), what="the first fixes")
+    with running(deferring):
+        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[2:6]))
+        wait_for(lambda: drained(rclient, s, 6), what="the depot's fixes queued")
+    stage = DomainStage(s)
+    with engine_running(s, tx_stage=stage) as engine:
+        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[6:]))
+        wait_for(lambda: drained(rclient, s, 8), what="after the depot")
+        add_entries(rclient, s.stream, entries("dev-l", [late]))
+        wait_for(lambda: drained(rclient, s, 9), what="the late fix")
+        assert engine.metrics.registry.get_sample_value("tpx_domain_replays_total") == 1
+        assert _queued(s) == 4  # still in their batches' rows
+        repair_pass(s, stage)
+    got = stored(s.database_url, s.db_schema)
+    assert {tuple(r) for r in got} == expected({"dev-l": [*UNEVEN, late]})
+    assert len(got) == 2
+    assert _queued(s) == 0
 
 
 @pytest.mark.timeout(30)
 def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rclient: redis.Redis) -> None:
-    # the group's lag above a batch: a pass of 1 s is followed by 3 s of waiting (a quarter of the
+    # the group's lag above a batch: a pass of 1 s is followed by 9 s of waiting (a tenth of the
     # time to the domain); once serve has read everything, none
     s = settings.model_copy(update={"batch_size": 10})
     add_entries(rclient, s.stream, entries("dev-b", drive("dev-b", 250)))  # 50 entries
     rclient.xgroup_create(s.stream, s.group, id="0")
-    assert Backlog(s, rclient).pause(1.0) == pytest.approx(3.0)
+    assert Backlog(s, rclient).pause(1.0) == pytest.approx(9.0)
     rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
     assert Backlog(s, rclient).pause(1.0) == 0.0  # 5 left: under a batch
     assert Backlog(s.model_copy(update={"group": "nobody"}), rclient).pause(1.0) == 0.0

@@ -40,7 +40,7 @@ from tpx.cli import app
 from tpx.config import Settings
 from tpx.connections import search_path
 from tpx.domain import Fix, GeofenceSet, replay
-from tpx.domainstage.stage import LOCK_SQL, MARK_SQL, DomainStage
+from tpx.domainstage.stage import LOCK_SQL, MARK_SQL, QUEUE_SQL, DomainStage
 from tpx.ops import recompute as ops
 from tpx.ops.timing import device_timing, latest_records
 from tpx.schema import latest_version, migrate
@@ -235,23 +235,28 @@ def test_a_device_the_domain_never_saw(s: Settings, env: dict[str, str]) -> None
 
 
 def test_a_device_waiting_for_the_repair_says_since_when(s: Settings, env: dict[str, str]) -> None:
-    # a batch whose domain step failed marked the device (the stage's own statement); it was
-    # never stored, so only its placeholder holds the mark; a recompute leaves the mark alone
+    # a batch whose domain step failed marked the device (the stage's own statement), and a
+    # deferred batch, not taken yet, queued it beside a device whose id starts with the same
+    # letters; it was never stored, so only its placeholder holds the mark; a recompute leaves
+    # the marks alone
     cms_tables(s.database_url, s.db_schema)
     migrate(s.database_url, s.db_schema)
     at_us = 1_780_000_000_123_456  # 2026-05-28 20:26:40.123456 UTC
     with sql_conn(s) as conn:
         conn.execute(MARK_SQL, (json.dumps([["parked", at_us + 5_000_000], ["parked", at_us]]),))
+        conn.execute(QUEUE_SQL, (f"parked-2 {at_us - 9_000_000}\nparked {at_us + 9_000_000}",))
     code, out, err = tpx(env, "timing", "parked")
     assert (code, err) == (0, "")
     assert out.splitlines()[:2] == [
         "parked: not seen by the domain (no stored state)",
-        "2 fixes waiting since 2026-05-28 20:26:40 UTC (a batch failed, or left them for later or for"
+        "3 fixes waiting since 2026-05-28 20:26:40 UTC (a batch failed, or left them for later or for"
         " tpx domain): their timing records wait for the repair",
     ]
     assert tpx(env, "timing", "recompute", "--device", "parked", "--since", "2026-05-28T00:00:00Z")[0] == 0
     got = json.loads(tpx(env, "timing", "parked", "--json")[1])
-    assert (got["missed_since"], got["missed_fixes"]) == ("2026-05-28T20:26:40.123456+00:00", 2)
+    assert (got["missed_since"], got["missed_fixes"]) == ("2026-05-28T20:26:40.123456+00:00", 3)
+    got = json.loads(tpx(env, "timing", "parked-2", "--json")[1])
+    assert (got["missed_since"], got["missed_fixes"]) == ("2026-05-28T20:26:31.123456+00:00", 1)
 
 
 def test_columns_the_table_lacks_read_as_none(s: Settings, env: dict[str, str]) -> None:

@@ -125,12 +125,13 @@ class Settings(BaseSettings):
     #: or column is one line naming it and exit 2; ``off``: tpx writes positions only.
     domain: Literal["auto", "on", "off"] = "auto"
     #: ``true``: ``tpx serve`` writes no timing record itself; each batch only queues its valid
-    #: fixes (in tpx_domain_missed, in the positions' transaction) and ``tpx domain``, a process
-    #: of its own, writes their timing records, so that the domain never slows the positions.
+    #: fixes (a row of tpx_domain_queue a batch, in the positions' transaction) and ``tpx
+    #: domain``, a process of its own, writes their timing records, so that the domain never
+    #: slows the positions.
     #: ``false``: the writers compute them in the positions' transaction.
     domain_defer: bool = False
     #: ``tpx domain`` lowers its own CPU priority by this much (``nice``) at start and, while
-    #: serve has a backlog, takes a quarter of its time, so that on a host it shares with ``tpx
+    #: serve has a backlog, takes a tenth of its time, so that on a host it shares with ``tpx
     #: serve`` (or PostgreSQL) the positions go first; 0: neither (a host of its own).
     domain_nice: int = Field(default=10, ge=0, le=19)
     #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.

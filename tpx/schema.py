@@ -3,7 +3,7 @@
 The runner owns these tables in its schema: ``positions``,
 ``tpx_schema_migrations`` (what it applied, when, with which checksum) and the domain
 stage's bookkeeping (``tpx_domain_devices``, ``tpx_domain_generations``,
-``tpx_domain_recomputes``, ``tpx_domain_missed``). It never
+``tpx_domain_recomputes``, ``tpx_domain_missed``, ``tpx_domain_queue``). It never
 touches any other table (the CMS's geofences and timing records included). The
 files run in one transaction that first takes a transaction-level advisory lock,
 so two instances starting at once apply each migration exactly once: the second

@@ -100,8 +100,31 @@ SELECT d FROM unnest(%s::text[]) AS d
 WHERE NOT EXISTS (SELECT 1 FROM tpx_domain_missed AS m WHERE m.device_id = d)
 """
 #: How many devices wait for a repair, and since when (``tpx_domain_missed_devices``): a scan of
-#: what waits, so taken at most every COUNT_EVERY_S.
-COUNT_MISSED_SQL = "SELECT count(DISTINCT device_id), min(ts), min(marked_at) FROM tpx_domain_missed"
+#: what waits, so taken at most every COUNT_EVERY_S. The oldest mark counts the deferred batches
+#: not moved yet too (their devices are counted once moved: a pass's first step).
+COUNT_MISSED_SQL = """
+SELECT count(DISTINCT device_id), min(ts),
+       least(min(marked_at), (SELECT min(marked_at) FROM tpx_domain_queue))
+FROM tpx_domain_missed
+"""
+#: The oldest %s deferred batches (TPX_DOMAIN_DEFER: a row of tpx_domain_queue each) moved into
+#: tpx_domain_missed, a key a row with its batch's mark, in one transaction; a key there already
+#: (a fix queued twice: its positions row dropped and written again before it was taken) once.
+#: ``SKIP LOCKED``: two instances moving at once take different batches.
+UNQUEUE_SQL = """
+WITH b AS (
+    DELETE FROM tpx_domain_queue
+    WHERE id IN (SELECT id FROM tpx_domain_queue ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+    RETURNING marked_at, fixes
+), moved AS (
+    INSERT INTO tpx_domain_missed (device_id, ts, marked_at)
+    SELECT split_part(k, ' ', 1), to_timestamp(0) + split_part(k, ' ', 2)::int8 * interval '1 microsecond',
+           b.marked_at
+    FROM b CROSS JOIN LATERAL string_to_table(b.fixes, E'\\n') AS k
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM b
+"""
 
 #: Seconds between the repair thread's passes over the devices failed batches missed.
 REPAIR_EVERY_S = 2.0
@@ -110,6 +133,9 @@ REPAIR_EVERY_S = 2.0
 WORKER_EVERY_S = 0.2
 #: Seconds between two counts of what waits (the count scans tpx_domain_missed).
 COUNT_EVERY_S = 5.0
+#: Deferred batches moved into tpx_domain_missed in one transaction, at most (a round moves all
+#: there are, these many at a time).
+UNQUEUE_BATCHES = 100
 #: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
 #: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
@@ -204,7 +230,10 @@ class Repair:
         device of the pass when more may follow (else ""), and why it failed (None: it did not).
         When the server refuses a value (a record naming a geofence deleted since the last
         reload), each device is tried alone: only those concerned stay marked. A lost connection
-        raises."""
+        raises. The first pass of a round moves the deferred batches into tpx_domain_missed
+        first (:meth:`unqueue`)."""
+        if not after:
+            self.unqueue(conn)
         rows = conn.execute(MISSED_SQL, (after, REPAIR_FIXES + 1, REPAIR_DEVICES)).fetchall()
         found: list[str] = []
         fixes = 0
@@ -231,6 +260,17 @@ class Repair:
                         raise
                     self._failed(describe(one))
         return more, None
+
+    def unqueue(self, conn: psycopg.Connection[Any]) -> int:
+        """Every deferred batch there is into tpx_domain_missed (:data:`UNQUEUE_SQL`, up to
+        :data:`UNQUEUE_BATCHES` a transaction: ``conn`` is in autocommit): how many."""
+        moved = 0
+        while True:
+            row = conn.execute(UNQUEUE_SQL, (UNQUEUE_BATCHES,)).fetchone()
+            n = int(row[0]) if row is not None else 0
+            moved += n
+            if n < UNQUEUE_BATCHES:
+                return moved
 
     def count(self, conn: psycopg.Connection[Any]) -> None:
         """Count what waits (at most every :data:`COUNT_EVERY_S`)."""

@@ -230,10 +230,10 @@ class Repair:
         device of the pass when more may follow (else ""), and why it failed (None: it did not).
         When the server refuses a value (a record naming a geofence deleted since the last
         reload), each device is tried alone: only those concerned stay marked. A lost connection
-        raises. The first pass of a round moves the deferred batches into tpx_domain_missed
-        first (:meth:`unqueue`)."""
-        if not after:
-            self.unqueue(conn)
+        raises. Each pass first moves the deferred batches there are into tpx_domain_missed
+        (:meth:`unqueue`), so that a round takes what came while it ran, as the devices after
+        ``after`` it picks."""
+        self.unqueue(conn)
         rows = conn.execute(MISSED_SQL, (after, REPAIR_FIXES + 1, REPAIR_DEVICES)).fetchall()
         found: list[str] = []
         fixes = 0

@@ -302,6 +302,36 @@ def test_a_late_fix_replayed_while_a_deferred_batch_waits_leaves_its_fixes_to_th
     assert _queued(s) == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_device_first_seen_by_a_computing_instance_resumes_from_before_what_waits_in_the_queue(
+    domain_settings: Settings,  # noqa: F811 (the fixture above)
+    rclient: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the depot's fixes come through a deferring instance (queued: no device state stored), the
+    # rest through one that computes the domain and has never seen the device: it resumes from
+    # positions, from before the oldest fix that waits. Resumed from the newest fix before its
+    # own, a queued one, the device would be inside the depot without its enter, and the repair
+    # would find the queued fixes behind its state (duplicates): the enter never written
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the pass below
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
+    deferring = s.model_copy(update={"domain_defer": True, "domain_nice": 0})
+    cms_tables(s.database_url, s.db_schema)
+    with running(deferring):
+        add_entries(rclient, s.stream, entries("dev-c", UNEVEN[:6]))
+        wait_for(lambda: drained(rclient, s, 6), what="the first fixes queued")
+    stage = DomainStage(s)
+    with engine_running(s, tx_stage=stage):
+        add_entries(rclient, s.stream, entries("dev-c", UNEVEN[6:]))
+        wait_for(lambda: drained(rclient, s, 8), what="after the depot")
+        assert _queued(s) == 6
+        repair_pass(s, stage)
+    got = stored(s.database_url, s.db_schema)
+    assert {tuple(r) for r in got} == expected({"dev-c": UNEVEN})
+    assert len(got) == 2
+    assert _queued(s) == 0
+
+
 @pytest.mark.timeout(30)
 def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rclient: redis.Redis) -> None:
     # the group's lag above a batch: a pass of 1 s is followed by 9 s of waiting (a tenth of the

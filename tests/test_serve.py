@@ -273,6 +273,7 @@ def test_migrate_command(settings: Settings) -> None:
         "006_domain_missed_fixes",
         "007_domain_missed_table",
         "008_domain_queue",
+        "009_domain_queue_batches",
     ]
     assert report["storage"] in ("table", "hypertable")
 

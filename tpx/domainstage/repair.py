@@ -5,8 +5,9 @@ foreign key), the writer rolls back only the stage's savepoint and the positions
 stage records, in that same transaction, each valid fix each device lost (a row of
 ``tpx_domain_missed``: :data:`~tpx.domainstage.stage.MARK_SQL`). So does a device whose own step
 failed (a bug), and one left for later because its stored state is under a geofence set newer
-than this instance's. With ``TPX_DOMAIN_DEFER``, every batch does so, and this is all
-``tpx domain`` runs (:mod:`tpx.domainstage.worker`).
+than this instance's. With ``TPX_DOMAIN_DEFER``, every batch queues its fixes (a row of
+``tpx_domain_queue``), which each pass first moves there (:meth:`Repair.unqueue`), and this is
+all ``tpx domain`` runs (:mod:`tpx.domainstage.worker`).
 
 :class:`Repair` is the thread of every instance that takes those devices back. Every
 :data:`REPAIR_EVERY_S` (:data:`WORKER_EVERY_S` in ``tpx domain``), a pass at a time, in one
@@ -133,9 +134,9 @@ REPAIR_EVERY_S = 2.0
 WORKER_EVERY_S = 0.2
 #: Seconds between two counts of what waits (the count scans tpx_domain_missed).
 COUNT_EVERY_S = 5.0
-#: Deferred batches moved into tpx_domain_missed in one transaction, at most (a round moves all
-#: there are, these many at a time).
-UNQUEUE_BATCHES = 100
+#: Fixes of deferred batches moved into tpx_domain_missed in one transaction, about (whole
+#: batches: TPX_BATCH_SIZE fixes at most each, one batch at least; a pass moves all there are).
+UNQUEUE_FIXES = 100_000
 #: Devices a repair pass takes in one transaction, at most.
 REPAIR_DEVICES = 500
 #: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
@@ -263,13 +264,14 @@ class Repair:
 
     def unqueue(self, conn: psycopg.Connection[Any]) -> int:
         """Every deferred batch there is into tpx_domain_missed (:data:`UNQUEUE_SQL`, up to
-        :data:`UNQUEUE_BATCHES` a transaction: ``conn`` is in autocommit): how many."""
+        :data:`UNQUEUE_FIXES` a transaction: ``conn`` is in autocommit): how many batches."""
+        batches = max(1, UNQUEUE_FIXES // self.stage.settings.batch_size)
         moved = 0
         while True:
-            row = conn.execute(UNQUEUE_SQL, (UNQUEUE_BATCHES,)).fetchone()
+            row = conn.execute(UNQUEUE_SQL, (batches,)).fetchone()
             n = int(row[0]) if row is not None else 0
             moved += n
-            if n < UNQUEUE_BATCHES:
+            if n < batches:
                 return moved
 
     def count(self, conn: psycopg.Connection[Any]) -> None:

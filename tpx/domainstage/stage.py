@@ -95,18 +95,28 @@ SELECT d, 0, 'null'::jsonb FROM jsonb_array_elements_text(%s::jsonb) AS d ORDER 
 ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 """
 #: Each device's stored version (0: a placeholder, never stored), its state where the version
-#: is not the one in memory, and the oldest of its fixes that wait in tpx_domain_missed (epoch
-#: µs; one index probe a device), if one does.
+#: is not the one in memory, and the oldest of its fixes whose records wait (epoch µs), if one
+#: does: in tpx_domain_missed (one index probe a device) or still in a deferred batch's row of
+#: tpx_domain_queue (the queue is read whole: the repair empties it every pass). A cold device
+#: resumes from before it, never from a fix not taken yet (as HISTORY_SQL, one snapshot).
 READ_SQL = """
+WITH queued AS MATERIALIZED (
+    SELECT split_part(k, ' ', 1) AS device_id, min(split_part(k, ' ', 2)::int8) AS t
+    FROM tpx_domain_queue AS q CROSS JOIN LATERAL string_to_table(q.fixes, E'\\n') AS k
+    GROUP BY 1
+)
 SELECT s.device_id, s.version,
        CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
-       (SELECT (extract(epoch FROM m.ts) * 1000000)::int8 FROM tpx_domain_missed AS m
-        WHERE m.device_id = s.device_id ORDER BY m.ts LIMIT 1)
+       least(
+           (SELECT (extract(epoch FROM m.ts) * 1000000)::int8 FROM tpx_domain_missed AS m
+            WHERE m.device_id = s.device_id ORDER BY m.ts LIMIT 1),
+           (SELECT queued.t FROM queued WHERE queued.device_id = s.device_id)
+       )
 FROM jsonb_array_elements(%s::jsonb) AS d(r)
 JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
 """
-#: Fixes whose timing records wait, [[device, fix time in epoch µs], ...]: a failed batch's (and,
-#: with TPX_DOMAIN_DEFER, every batch's), a row each in tpx_domain_missed. The keys are the
+#: Fixes whose timing records wait, [[device, fix time in epoch µs], ...]: a failed batch's, a row
+#: each in tpx_domain_missed (a TPX_DOMAIN_DEFER batch's come there from tpx_domain_queue). The keys are the
 #: positions' own, new: inserting them waits on no one (no device's row is touched, so a writer
 #: never waits for the repair's device locks).
 MARK_SQL = """

@@ -34,6 +34,7 @@ from tests.test_domain_stage import (
 )
 from tests.test_pipeline import running as engine_running
 from tpx.config import Settings
+from tpx.domain import Fix
 from tpx.domainstage.stage import MARK_SQL, DomainStage
 from tpx.domainstage.worker import Backlog, DomainWorker
 from tpx.schema import migrate
@@ -265,34 +266,45 @@ def test_a_fix_queued_twice_costs_the_batch_nothing_and_gets_its_records_once(
     assert len(got) == 1  # the depot's enter, once
 
 
+@pytest.fixture
+def switching(
+    domain_settings: Settings,  # noqa: F811 (the fixture above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Settings, Settings]:
+    """A switch to TPX_DOMAIN_DEFER under way: the settings of an instance that computes the domain
+    and of one that defers, two fixes a batch, one writer (two can commit a device's last two
+    fixes newest first, a replay of their own), the CMS's tables, no repair but the test's."""
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)
+    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
+    cms_tables(s.database_url, s.db_schema)
+    return s, s.model_copy(update={"domain_defer": True, "domain_nice": 0})
+
+
+def _send(rclient: redis.Redis, s: Settings, device: str, fixes: list[Fix], total: int, what: str) -> None:
+    """``fixes`` into the stream, and wait until ``total`` entries are written."""
+    add_entries(rclient, s.stream, entries(device, fixes))
+    wait_for(lambda: drained(rclient, s, total), what=what)
+
+
 @pytest.mark.timeout(90)
 def test_a_late_fix_replayed_while_a_deferred_batch_waits_leaves_its_fixes_to_the_worker(
-    domain_settings: Settings,  # noqa: F811 (the fixture above)
-    rclient: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
+    switching: tuple[Settings, Settings], rclient: redis.Redis
 ) -> None:
-    # a switch to TPX_DOMAIN_DEFER under way: the depot's fixes come through a deferring instance
-    # (queued, one row a batch), the rest through one that computes the domain; a late fix older
-    # than all comes to the latter, which replays positions, the queued fixes' rows among them.
-    # Taken into that history, they would be duplicates to the repair later: the depot's enter
-    # and exit never written, those of the long segment from before it to after it kept
-    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the pass below
-    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
-    deferring = s.model_copy(update={"domain_defer": True, "domain_nice": 0})
-    cms_tables(s.database_url, s.db_schema)
+    # the depot's fixes come through a deferring instance (queued, one row a batch), the rest
+    # through one that computes the domain; a late fix older than all comes to the latter, which
+    # replays positions, the queued fixes' rows among them. Taken into that history, they would
+    # be duplicates to the repair later: the depot's enter and exit never written, those of the
+    # long segment from before it to after it kept
+    s, deferring = switching
     late = east_fix(2.5, 25)  # between the first two
     with running(s):
-        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[:2]))
-        wait_for(lambda: drained(rclient, s, 2), what="the first fixes")
+        _send(rclient, s, "dev-l", UNEVEN[:2], 2, "the first fixes")
     with running(deferring):
-        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[2:6]))
-        wait_for(lambda: drained(rclient, s, 6), what="the depot's fixes queued")
+        _send(rclient, s, "dev-l", UNEVEN[2:6], 6, "the depot's fixes queued")
     stage = DomainStage(s)
     with engine_running(s, tx_stage=stage) as engine:
-        add_entries(rclient, s.stream, entries("dev-l", UNEVEN[6:]))
-        wait_for(lambda: drained(rclient, s, 8), what="after the depot")
-        add_entries(rclient, s.stream, entries("dev-l", [late]))
-        wait_for(lambda: drained(rclient, s, 9), what="the late fix")
+        _send(rclient, s, "dev-l", UNEVEN[6:], 8, "after the depot")
+        _send(rclient, s, "dev-l", [late], 9, "the late fix")
         assert engine.metrics.registry.get_sample_value("tpx_domain_replays_total") == 1
         assert _queued(s) == 4  # still in their batches' rows
         repair_pass(s, stage)
@@ -304,26 +316,19 @@ def test_a_late_fix_replayed_while_a_deferred_batch_waits_leaves_its_fixes_to_th
 
 @pytest.mark.timeout(90)
 def test_a_device_first_seen_by_a_computing_instance_resumes_from_before_what_waits_in_the_queue(
-    domain_settings: Settings,  # noqa: F811 (the fixture above)
-    rclient: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
+    switching: tuple[Settings, Settings], rclient: redis.Redis
 ) -> None:
     # the depot's fixes come through a deferring instance (queued: no device state stored), the
     # rest through one that computes the domain and has never seen the device: it resumes from
     # positions, from before the oldest fix that waits. Resumed from the newest fix before its
     # own, a queued one, the device would be inside the depot without its enter, and the repair
     # would find the queued fixes behind its state (duplicates): the enter never written
-    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the pass below
-    s = domain_settings.model_copy(update={"batch_size": 2, "read_count": 2, "writers": 1})
-    deferring = s.model_copy(update={"domain_defer": True, "domain_nice": 0})
-    cms_tables(s.database_url, s.db_schema)
+    s, deferring = switching
     with running(deferring):
-        add_entries(rclient, s.stream, entries("dev-c", UNEVEN[:6]))
-        wait_for(lambda: drained(rclient, s, 6), what="the first fixes queued")
+        _send(rclient, s, "dev-c", UNEVEN[:6], 6, "the first fixes queued")
     stage = DomainStage(s)
     with engine_running(s, tx_stage=stage):
-        add_entries(rclient, s.stream, entries("dev-c", UNEVEN[6:]))
-        wait_for(lambda: drained(rclient, s, 8), what="after the depot")
+        _send(rclient, s, "dev-c", UNEVEN[6:], 8, "after the depot")
         assert _queued(s) == 6
         repair_pass(s, stage)
     got = stored(s.database_url, s.db_schema)

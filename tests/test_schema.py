@@ -316,6 +316,7 @@ def test_migrate_never_touches_other_tables(pg_server_url: str, schema: str) -> 
         ("tpx_domain_recomputes",),
         ("tpx_domain_missed",),
         ("tpx_domain_queue",),
+        ("tpx_domain_queued",),
     }
     assert users == [(1, "a@b")]
 

@@ -274,6 +274,7 @@ def test_migrate_command(settings: Settings) -> None:
         "007_domain_missed_table",
         "008_domain_queue",
         "009_domain_queue_batches",
+        "010_domain_queued_view",
     ]
     assert report["storage"] in ("table", "hypertable")
 

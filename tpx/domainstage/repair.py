@@ -185,7 +185,7 @@ class Repair:
                 try:
                     if conn is None or conn.closed:
                         conn = self.stage.connect(autocommit=True)
-                    self._round(conn, stop)
+                    self.drain(conn, stop)
                 except psycopg.Error as exc:
                     if conn is None or conn.closed or conn.broken:  # the server is away: the pool says so
                         log.debug("domain repair postponed: %s", mask_url(first_line(exc)))
@@ -199,7 +199,7 @@ class Repair:
             if conn is not None:
                 conn.close()
 
-    def _round(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
+    def drain(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
         """Passes until nothing waits (or a stop), each counted first; a failed pass is logged."""
         after = ""
         while not stop.is_set():

@@ -97,23 +97,24 @@ ON CONFLICT (device_id) DO UPDATE SET version = EXCLUDED.version WHERE false
 #: Each device's stored version (0: a placeholder, never stored), its state where the version
 #: is not the one in memory, and the oldest of its fixes whose records wait (epoch µs), if one
 #: does: in tpx_domain_missed (one index probe a device) or still in a deferred batch's row of
-#: tpx_domain_queue (the queue is read whole: the repair empties it every pass). A cold device
-#: resumes from before it, never from a fix not taken yet (as HISTORY_SQL, one snapshot).
+#: tpx_domain_queue (the queue is read whole, the batch's devices kept: the repair empties it
+#: every pass). A cold device resumes from before it, never from a fix not taken yet (as
+#: HISTORY_SQL, one snapshot).
 READ_SQL = """
-WITH queued AS MATERIALIZED (
-    SELECT split_part(k, ' ', 1) AS device_id, min(split_part(k, ' ', 2)::int8) AS t
-    FROM tpx_domain_queue AS q CROSS JOIN LATERAL string_to_table(q.fixes, E'\\n') AS k
-    GROUP BY 1
+WITH d AS MATERIALIZED (
+    SELECT r->>0 AS device_id, (r->>1)::int8 AS version FROM jsonb_array_elements(%s::jsonb) AS r
+), queued AS MATERIALIZED (
+    SELECT device_id, min(ts_us) AS t FROM tpx_domain_queued
+    WHERE device_id IN (SELECT device_id FROM d) GROUP BY 1
 )
 SELECT s.device_id, s.version,
-       CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM (d.r->>1)::int8 THEN s.state END,
+       CASE WHEN s.version <> 0 AND s.version IS DISTINCT FROM d.version THEN s.state END,
        least(
            (SELECT (extract(epoch FROM m.ts) * 1000000)::int8 FROM tpx_domain_missed AS m
             WHERE m.device_id = s.device_id ORDER BY m.ts LIMIT 1),
            (SELECT queued.t FROM queued WHERE queued.device_id = s.device_id)
        )
-FROM jsonb_array_elements(%s::jsonb) AS d(r)
-JOIN tpx_domain_devices AS s ON s.device_id = d.r->>0
+FROM d JOIN tpx_domain_devices AS s ON s.device_id = d.device_id
 """
 #: Fixes whose timing records wait, [[device, fix time in epoch µs], ...]: a failed batch's, a row
 #: each in tpx_domain_missed (a TPX_DOMAIN_DEFER batch's come there from tpx_domain_queue). The keys are the
@@ -146,9 +147,7 @@ SET version = EXCLUDED.version, state = EXCLUDED.state, updated_at = now()
 #: of the two, or taken (the move is one transaction, the queue row commits with the positions).
 HISTORY_SQL = """
 WITH queued AS MATERIALIZED (
-    SELECT split_part(k, ' ', 1) AS device_id, split_part(k, ' ', 2)::int8 AS t
-    FROM tpx_domain_queue AS q CROSS JOIN LATERAL string_to_table(q.fixes, E'\\n') AS k
-    WHERE split_part(k, ' ', 1) = ANY(%(devices)s::text[])
+    SELECT device_id, ts_us AS t FROM tpx_domain_queued WHERE device_id = ANY(%(devices)s::text[])
 )
 SELECT d.device_id, p.t, p.latitude, p.longitude, p.speed
 FROM unnest(%(devices)s::text[], %(since)s::int8[], %(until)s::int8[]) AS d(device_id, since_us, until_us)

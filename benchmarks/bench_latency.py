@@ -35,7 +35,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_domain_pipeline import queued
-from benchmarks.bench_pipeline import CpuMeter, drop_schema, load_stream, start_serve
+from benchmarks.bench_pipeline import CpuMeter, drop_schema, free_port, load_stream, start_serve
 from tpx.fleet import Fleet
 from tpx.schema import migrate
 
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
         load_stream(client, key, list(fleet.entries(args.backlog)))
     # the domain's own lag histogram, scraped before the stop (with --backlog, the backlog's
     # batches are in it too: read it without one)
-    port = _free_port() if args.domain else None
+    port = free_port() if args.domain else None
     serve_args = copy.copy(args)
     if port is not None:
         serve_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
@@ -183,7 +182,7 @@ def _domain_entries(args: argparse.Namespace, schema: str, rate: int) -> list[di
 
 def _start_worker(args: argparse.Namespace, schema: str, key: str) -> tuple[subprocess.Popen[bytes], int]:
     """A `tpx domain` beside serve, and its metrics port."""
-    port = _free_port()
+    port = free_port()
     worker_args = copy.copy(args)
     worker_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
     return start_serve(worker_args, schema, key, ("domain",)), port
@@ -207,12 +206,6 @@ def _wait_done(
         if time.monotonic() > deadline or worker.poll() is not None:
             raise RuntimeError("tpx domain did not take every fix")
         time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def domain_lag_p99(port: int) -> dict[str, Any]:

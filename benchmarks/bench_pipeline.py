@@ -32,9 +32,11 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -149,10 +151,15 @@ def peak_rss_kb(pid: int) -> int:
 
 
 def start_serve(
-    args: argparse.Namespace, schema: str, key: str, command: tuple[str, ...] = ("serve", "--no-migrate")
+    args: argparse.Namespace,
+    schema: str,
+    key: str,
+    command: tuple[str, ...] = ("serve", "--no-migrate"),
+    port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """A `tpx serve` (or another ``command``) reading ``key`` into ``schema`` (migrated already),
-    quiet, HTTP off, with the ``--tpx-env`` overrides: the tpx every benchmark measures."""
+    quiet, HTTP off (or on 127.0.0.1:``port``), with the ``--tpx-env`` overrides: the tpx every
+    benchmark measures."""
     env = {
         **os.environ,
         "TPX_REDIS_URL": args.redis_url,
@@ -160,12 +167,35 @@ def start_serve(
         "TPX_DB_SCHEMA": schema,
         "TPX_STREAM": key,
         "TPX_CONSUMER": "bench",
-        "TPX_HTTP_ADDR": "off",
+        "TPX_HTTP_ADDR": "off" if port is None else f"127.0.0.1:{port}",
         "TPX_LOG_FORMAT": "json",
         "TPX_LOG_LEVEL": "WARNING",
         **dict(kv.split("=", 1) for kv in args.tpx_env),
     }
     return subprocess.Popen([sys.executable, "-m", "tpx", *command], env=env)  # noqa: S603 (ours)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_up(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Until the process answers ``/healthz`` on ``port``: tpx serves it once every thread runs
+    (the geofences loaded, the pool open), so that a measure never counts the start-up."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:  # not listening yet (a refused connection, a reset, a timeout)
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start in 60 s")
 
 
 def _wait_settled(settled: Callable[[str], bool], schema: str, extra: subprocess.Popen[bytes] | None) -> None:
@@ -180,12 +210,13 @@ def run_tpx(
     entries: list[dict[str, str]],
     expected: int,
     prepare: Callable[[str], None] | None = None,
-    companion: Callable[[str, str], subprocess.Popen[bytes]] | None = None,
+    companion: Callable[[str, str, int], subprocess.Popen[bytes]] | None = None,
     settled: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """tpx draining ``entries``; ``prepare(schema)`` runs after the migrations (e.g. the CMS's
-    tables for the domain stage); ``companion(schema, key)`` starts a process beside serve (`tpx
-    domain`), whose work is done once ``settled(schema)``: its time is ``settled_seconds``."""
+    tables for the domain stage); ``companion(schema, key, port)`` starts a process beside serve
+    (`tpx domain`, HTTP on ``port``), whose work is done once ``settled(schema)``: its time is
+    ``settled_seconds``. The clock starts once both are up (their start-up is not throughput)."""
     client = redis.Redis.from_url(args.redis_url)
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     key = f"bench:{uuid.uuid4().hex[:8]}:t"
@@ -194,10 +225,16 @@ def run_tpx(
     if prepare is not None:
         prepare(schema)
     load_stream(client, staging, entries)
-    proc = start_serve(args, schema, key)
-    extra = companion(schema, key) if companion is not None else None
+    ports = free_port(), free_port()
+    spawned = time.perf_counter()
+    proc = start_serve(args, schema, key, port=ports[0])
+    extra = companion(schema, key, ports[1]) if companion is not None else None
     settled_s = None
     try:
+        wait_up(ports[0], proc, "tpx serve")
+        startup_s = time.perf_counter() - spawned
+        if extra is not None:
+            wait_up(ports[1], extra, "the companion")
         # wait until serve has created its group on the (empty) stream, then swap the backlog in
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -242,6 +279,7 @@ def run_tpx(
         "peak_rss_mb": rss / 1024,
         "cpu_us": cpu,
         "settled_seconds": settled_s,
+        "startup_seconds": startup_s,
     }
 
 

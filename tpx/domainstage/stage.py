@@ -444,6 +444,13 @@ class DomainStage:
                 tables, line = decide(conn, self.settings)
                 if tables is None:
                     return line
+                if self.queues:  # the worker loads the geofences, computes, writes and has the metrics;
+                    # a batch here only queues. Loading 1,000 geofences took serve's start-up from
+                    # ~0.7 s to ~1.4 s (bench_domain_pipeline), and kept, their objects cost the
+                    # writers a quarter of their throughput (the collector's passes)
+                    self.tables = tables
+                    self._export_mode(registry)
+                    return f"{line}; deferred: `tpx domain` loads the geofences and writes the timing records"
                 source = GeofenceSource(self.connect, tables, self.settings.geofences_reload_s)
                 geofences = source.load(time.monotonic())
         except TablesMissing as exc:
@@ -457,16 +464,7 @@ class DomainStage:
                 f"the domain cannot read {self.settings.geofences_table}: {mask_url(describe(exc))}"
             ) from None
         self.tables = tables
-        deferred = Gauge(
-            "tpx_domain_deferred",
-            "1: serve only queues the fixes, `tpx domain` takes them",
-            registry=registry,
-        )
-        deferred.set(1 if self.queues else 0)
-        if self.queues:  # the worker reloads, computes, writes and has the metrics; a batch here
-            # only queues. The set is not kept: 1,000 geofences' objects in this process cost
-            # the writers a quarter of their throughput (measured: the collector's passes)
-            return f"{line}; {len(geofences)} geofences, deferred: `tpx domain` writes the timing records"
+        self._export_mode(registry)
         self.source = source
         self._upsert, self._delete = timing_statements(tables)
         self._resume_sql = resume_statement(tables)
@@ -480,6 +478,14 @@ class DomainStage:
             thread.start()
         self._threads = [reloader, repairer]
         return f"{line}; {len(geofences)} geofences loaded, {len(geofences.invalid)} invalid"
+
+    def _export_mode(self, registry: CollectorRegistry) -> None:
+        deferred = Gauge(
+            "tpx_domain_deferred",
+            "1: serve only queues the fixes, `tpx domain` takes them",
+            registry=registry,
+        )
+        deferred.set(1 if self.queues else 0)
 
     def threads(self) -> Sequence[threading.Thread]:
         return self._threads

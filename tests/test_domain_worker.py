@@ -361,18 +361,17 @@ def test_a_batch_queued_while_a_repair_round_runs_is_taken_in_that_round(
     assert sum(len(fixes.split()) // 2 for (fixes,) in later) == len(UNEVEN)
     passes: list[float] = []
 
-    def queue_later(spent: float) -> float:  # after each pass: dev-z's batches come after the first
+    def queue_later(spent: float, stop: threading.Event) -> None:  # after each pass: dev-z's after the first
         passes.append(spent)
         if len(passes) == 1:
             with psycopg.connect(s.database_url, autocommit=True) as conn:
                 conn.execute(search_path(s))
                 for (fixes,) in later:
                     conn.execute(QUEUE_SQL, (fixes,))
-        return 0.0
 
     stage, stop = DomainStage(s), threading.Event()
     stage.open(CollectorRegistry(), stop)
-    stage.repair.pause = queue_later
+    stage.repair.give_way = queue_later
     try:
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(search_path(s))
@@ -389,12 +388,21 @@ def test_a_batch_queued_while_a_repair_round_runs_is_taken_in_that_round(
 @pytest.mark.timeout(30)
 def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rclient: redis.Redis) -> None:
     # the group's lag above a batch: a pass of 1 s is followed by 9 s of waiting (a tenth of the
-    # time to the domain); once serve has read everything, none
+    # time to the domain), cut short once serve has caught up; once serve has read everything, none
     s = settings.model_copy(update={"batch_size": 10})
     add_entries(rclient, s.stream, entries("dev-b", drive("dev-b", 250)))  # 50 entries
     rclient.xgroup_create(s.stream, s.group, id="0")
     assert Backlog(s, rclient).pause(1.0) == pytest.approx(9.0)
-    rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
+    waiting, stop = Backlog(s, rclient), threading.Event()
+    waiter = threading.Thread(target=waiting.give_way, args=(10.0, stop), name="test-give-way", daemon=True)
+    waiter.start()  # 90 s to wait while the backlog lasts
+    try:
+        wait_for(waiting.busy, what="the backlog seen")
+        rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
+        waiter.join(5)  # serve caught up: the wait ends at its next look, not 90 s later
+        assert not waiter.is_alive()
+    finally:
+        stop.set()
     assert Backlog(s, rclient).pause(1.0) == 0.0  # 5 left: under a batch
     assert Backlog(s.model_copy(update={"group": "nobody"}), rclient).pause(1.0) == 0.0
     # a stale counter (as an AOF reload leaves Redis 7.0's): at the stream's end, lag 50 reported

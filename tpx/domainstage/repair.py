@@ -172,8 +172,8 @@ class Repair:
         self._counted_at = -COUNT_EVERY_S
         #: why the last pass failed, until one succeeds (``/readyz`` notes it)
         self.problem: str | None = None
-        #: seconds to wait after a pass that took so many (None: never wait)
-        self.pause: Callable[[float], float] | None = None
+        #: what to wait for after a pass that took so many seconds (None: nothing)
+        self.give_way: Callable[[float, threading.Event], None] | None = None
 
     def loop(self, stop: threading.Event) -> None:
         """Every :meth:`every_s`: the marked devices, a pass at a time, each pass counted
@@ -210,8 +210,8 @@ class Repair:
                 self._failed(failure)
             else:
                 self.problem = None
-            if self.pause is not None:  # `tpx domain`: the positions first
-                stop.wait(self.pause(time.monotonic() - started))
+            if self.give_way is not None:  # `tpx domain`: the positions first
+                self.give_way(time.monotonic() - started, stop)
             if not after:
                 break
 

@@ -26,20 +26,18 @@ import threading
 import time
 from typing import Any
 
-import psycopg
 import redis
 from prometheus_client import CollectorRegistry
 
 from tpx import __version__, exitcodes
 from tpx.config import Settings
-from tpx.connections import pg_connect, redis_client
+from tpx.connections import redis_client
 from tpx.domainstage.stage import DomainStage
 from tpx.engine.heartbeat import Control
 from tpx.engine.http import HealthServer
-from tpx.engine.service import StartupError
+from tpx.engine.service import StartupError, require_current_schema
 from tpx.engine.stages import StageStartError
 from tpx.engine.state import DeviceStates
-from tpx.schema import current_version, latest_version
 from tpx.streams import group_lag
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,15 @@ class Backlog:
         keep to :data:`BUSY_SHARE` of the time."""
         return spent_s * (1 - BUSY_SHARE) / BUSY_SHARE if self.busy() else 0.0
 
+    def give_way(self, spent_s: float, stop: threading.Event) -> None:
+        """Wait :meth:`pause` after a pass, or less: the wait ends once serve has caught up
+        (looked at every :data:`BACKLOG_CHECK_S`), or at the stop."""
+        until = time.monotonic() + self.pause(spent_s)
+        while self.busy():
+            left = until - time.monotonic()
+            if left <= 0 or stop.wait(min(left, BACKLOG_CHECK_S)):
+                return
+
 
 class DomainWorker:
     def __init__(self, settings: Settings) -> None:
@@ -123,7 +130,7 @@ class DomainWorker:
         s = self.settings
         if s.domain == "off":
             raise StartupError("TPX_DOMAIN=off: tpx domain has nothing to do", exitcodes.USAGE)
-        self._check_schema()
+        require_current_schema(s, "tpx domain never migrates")
         if s.domain_nice:
             os.nice(s.domain_nice)  # the positions first (TPX_DOMAIN_NICE)
         try:
@@ -136,7 +143,7 @@ class DomainWorker:
         client = redis_client(listener)
         self.control = Control(listener, client, DeviceStates(1), self.stop, self.stage.request_reload)
         if s.domain_nice:  # second to serve (0: as serve, e.g. on a host of its own)
-            self.stage.repair.pause = Backlog(s, backlog_client(s)).pause
+            self.stage.repair.give_way = Backlog(s, backlog_client(s)).give_way
         self.control.start()
         bind = s.http_bind
         if bind is not None:
@@ -151,20 +158,6 @@ class DomainWorker:
             log.info("metrics and health on http://%s", self.http.address)
         log.info("%s", line)
         log.info("tpx %s domain worker: writing the timing records of the fixes queued for it", __version__)
-
-    def _check_schema(self) -> None:
-        s = self.settings
-        try:
-            with pg_connect(s.database_url, "tpx-check") as conn:
-                version = current_version(conn, s.db_schema)
-        except psycopg.OperationalError as exc:
-            code, message = exitcodes.postgres_connect_failure(exc, s.database_url)
-            raise StartupError(message, code) from None
-        if version is None or version < latest_version():
-            raise StartupError(
-                f"schema {s.db_schema} is at version {version or 0}, this tpx needs {latest_version()}:"
-                " run `tpx migrate` (tpx domain never migrates)"
-            )
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         dead = [t.name for t in self._threads() if not t.is_alive()]

@@ -92,6 +92,22 @@ class StartupError(Exception):
         self.code = code
 
 
+def require_current_schema(settings: Settings, advice: str) -> None:
+    """Raise :class:`StartupError` unless the schema is at this tpx's version (``advice``: the
+    other way out, after "run `tpx migrate`")."""
+    try:
+        with pg_connect(settings.database_url, "tpx-check") as conn:
+            version = current_version(conn, settings.db_schema)
+    except psycopg.OperationalError as exc:
+        code, message = exitcodes.postgres_connect_failure(exc, settings.database_url)
+        raise StartupError(message, code) from None
+    if version is None or version < latest_version():
+        raise StartupError(
+            f"schema {settings.db_schema} is at version {version or 0}, this tpx needs {latest_version()}:"
+            f" run `tpx migrate` ({advice})"
+        )
+
+
 class Engine:
     def __init__(
         self,
@@ -173,16 +189,10 @@ class Engine:
     def _prepare_schema(self) -> None:
         """Migrate (or, with --no-migrate, check the schema is current)."""
         s = self.settings
+        if not s.migrate_on_start:
+            require_current_schema(s, "or drop --no-migrate")
+            return
         try:
-            if not s.migrate_on_start:
-                with pg_connect(s.database_url, "tpx-check") as conn:
-                    version = current_version(conn, s.db_schema)
-                if version is None or version < latest_version():
-                    raise StartupError(
-                        f"schema {s.db_schema} is at version {version or 0}, this tpx needs "
-                        f"{latest_version()}: run `tpx migrate` (or drop --no-migrate)"
-                    )
-                return
             report = migrate_for(s)  # the same entry point as `tpx migrate`; it logs the report
         except psycopg.OperationalError as exc:
             raise StartupError(f"cannot reach PostgreSQL: {first_line(exc)}") from None

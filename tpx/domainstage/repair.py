@@ -43,7 +43,7 @@ import psycopg
 
 from tpx.config import mask_url
 from tpx.domain import DeviceState, Fix
-from tpx.domainstage.work import Work
+from tpx.domainstage.work import Role, Work
 from tpx.engine.sqlstate import Fault, classify, describe
 from tpx.errors import first_line
 from tpx.format import us_iso
@@ -217,7 +217,7 @@ class Repair:
 
     def every_s(self) -> float:
         """Seconds between rounds (a round: passes until nothing waits)."""
-        return WORKER_EVERY_S if self.stage.worker else REPAIR_EVERY_S
+        return WORKER_EVERY_S if self.stage.role is Role.WORKER else REPAIR_EVERY_S
 
     def run(self, conn: psycopg.Connection[Any], after: str = "") -> str:
         """One pass (``conn`` in autocommit): see :meth:`_pass`; a failure raises."""
@@ -302,7 +302,7 @@ class Repair:
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
             loaded, gone, marked_ms = self._missed_fixes(cur, sorted(states))
-            if stage.worker:  # a deferred fix's lag (a failed batch's repair is no lag of the stage)
+            if stage.role is Role.WORKER:  # a deferred fix's lag (a failed batch's repair is none)
                 work.oldest_entry_ms = marked_ms
             if gone:  # their rows of positions are gone (a retention policy): nothing to give back
                 cur.execute(TAKEN_SQL, ([d for d, _ in gone], [t for _, t in gone]))
@@ -323,7 +323,7 @@ class Repair:
             cleared = cur.execute(CLEARED_SQL, (sorted(states),)).fetchall()
         stage.settle(work, geofences, recorded, work.failed, None)
         stage.metrics.repaired.inc(len(cleared))
-        if not stage.worker:  # in `tpx domain`, a late fix or an edit is what it is in a writer
+        if stage.role is not Role.WORKER:  # in `tpx domain`, a late fix or an edit is what it is in a writer
             self._warn(states, read.missed, beyond)
         if gone:
             log.warning(

@@ -29,7 +29,7 @@ every instance (:mod:`tpx.domainstage.repair`) gives those fixes to the step aga
 device's lock. A replay of late fixes from positions (step 3) leaves the fixes still missed out,
 as it leaves out the batch's own.
 
-With ``TPX_DOMAIN_DEFER`` (:attr:`DomainStage.queues`), a writer's batch does none of the steps
+With ``TPX_DOMAIN_DEFER`` (:attr:`Role.QUEUE`), a writer's batch does none of the steps
 above: it queues its valid fixes' keys, one row of ``tpx_domain_queue`` for the batch
 (:data:`QUEUE_SQL`), and ``tpx domain`` (:mod:`tpx.domainstage.worker`), whose repair thread runs
 every 0.2 s, moves them into ``tpx_domain_missed`` and computes and writes their records: the
@@ -72,7 +72,7 @@ from tpx.domain.track import US_PER_S
 from tpx.domainstage.geofences import GeofenceSource
 from tpx.domainstage.repair import Repair
 from tpx.domainstage.tables import CmsTables, TablesMissing, decide
-from tpx.domainstage.work import DeviceRead, Work
+from tpx.domainstage.work import DeviceRead, Role, Work
 from tpx.engine.sqlstate import describe
 from tpx.engine.stages import AfterCommit, StageStartError
 from tpx.errors import first_line
@@ -392,10 +392,7 @@ class DomainStage:
 
     def __init__(self, settings: Settings, *, worker: bool = False) -> None:
         self.settings = settings
-        #: ``tpx domain``: no engine, the repair thread takes every queued batch
-        self.worker = worker
-        #: ``tpx serve`` with TPX_DOMAIN_DEFER: each batch only queues its fixes for the worker
-        self.queues = settings.domain_defer and not worker
+        self.role = Role.WORKER if worker else Role.QUEUE if settings.domain_defer else Role.INLINE
         self.config = TimingConfig(
             max_speed_kmh=settings.max_speed_kmh,
             late_window_us=int(parse_duration(settings.domain_late_window) * US_PER_S),
@@ -444,10 +441,10 @@ class DomainStage:
                 tables, line = decide(conn, self.settings)
                 if tables is None:
                     return line
-                if self.queues:  # the worker loads the geofences, computes, writes and has the metrics;
-                    # a batch here only queues. Loading 1,000 geofences took serve's start-up from
-                    # ~0.7 s to ~1.4 s (bench_domain_pipeline), and kept, their objects cost the
-                    # writers a quarter of their throughput (the collector's passes)
+                if self.role is Role.QUEUE:  # the worker loads the geofences, computes, writes and
+                    # has the metrics; a batch here only queues. Loading 1,000 geofences took
+                    # serve's start-up from ~0.7 s to ~1.4 s (bench_domain_pipeline), and kept,
+                    # their objects cost the writers a quarter of their throughput (the GC's passes)
                     self.tables = tables
                     self._export_mode(registry)
                     return f"{line}; deferred: `tpx domain` loads the geofences and writes the timing records"
@@ -485,7 +482,7 @@ class DomainStage:
             "1: serve only queues the fixes, `tpx domain` takes them",
             registry=registry,
         )
-        deferred.set(1 if self.queues else 0)
+        deferred.set(1 if self.role is Role.QUEUE else 0)
 
     def threads(self) -> Sequence[threading.Thread]:
         return self._threads
@@ -575,7 +572,7 @@ class DomainStage:
     def in_transaction(
         self, conn: psycopg.Connection[Any], inserted: Sequence[Position]
     ) -> AfterCommit | None:
-        if self.queues:
+        if self.role is Role.QUEUE:
             if self.tables is not None:
                 queue(conn, inserted)
             return self._cleared if self._problem is not None else None

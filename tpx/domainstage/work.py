@@ -1,12 +1,24 @@
 """What one transaction of the domain computes between its steps: the devices it read and the
 work it did, applied to memory and counted once it has committed (the writers' batches and the
-repair's passes alike)."""
+repair's passes alike); and where a stage runs (:class:`Role`)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from tpx.domain import Changes, DeviceState
+
+
+class Role(enum.Enum):
+    """Where a :class:`~tpx.domainstage.stage.DomainStage` runs, and so what it does."""
+
+    #: ``tpx serve``: each writer's batch computes its timing records in its own transaction
+    INLINE = "inline"
+    #: ``tpx serve`` with TPX_DOMAIN_DEFER: each batch only queues its fixes for the worker
+    QUEUE = "queue"
+    #: ``tpx domain``: no engine; its repair thread takes every queued batch
+    WORKER = "worker"
 
 
 @dataclass(frozen=True, slots=True)

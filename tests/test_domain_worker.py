@@ -361,17 +361,21 @@ def test_a_batch_queued_while_a_repair_round_runs_is_taken_in_that_round(
     assert sum(len(fixes.split()) // 2 for (fixes,) in later) == len(UNEVEN)
     passes: list[float] = []
 
-    def queue_later(spent: float, stop: threading.Event) -> None:  # after each pass: dev-z's after the first
-        passes.append(spent)
-        if len(passes) == 1:
-            with psycopg.connect(s.database_url, autocommit=True) as conn:
-                conn.execute(search_path(s))
-                for (fixes,) in later:
-                    conn.execute(QUEUE_SQL, (fixes,))
+    class QueueLater:  # after each pass: dev-z's batches come after the first
+        def busy(self) -> bool:
+            return False
+
+        def give_way(self, spent: float, stop: threading.Event) -> None:
+            passes.append(spent)
+            if len(passes) == 1:
+                with psycopg.connect(s.database_url, autocommit=True) as conn:
+                    conn.execute(search_path(s))
+                    for (fixes,) in later:
+                        conn.execute(QUEUE_SQL, (fixes,))
 
     stage, stop = DomainStage(s), threading.Event()
     stage.open(CollectorRegistry(), stop)
-    stage.repair.give_way = queue_later
+    stage.repair.yields_to = QueueLater()
     try:
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             conn.execute(search_path(s))
@@ -383,6 +387,46 @@ def test_a_batch_queued_while_a_repair_round_runs_is_taken_in_that_round(
     assert {tuple(r) for r in got} == expected(dict.fromkeys(devices, UNEVEN))
     assert len(got) == 2 * len(devices)
     assert len(passes) == len(devices) + 1  # the last finds nothing after dev-z
+
+
+@pytest.mark.timeout(60)
+def test_while_serve_has_a_backlog_a_pass_takes_a_tenth(
+    domain_settings: Settings,  # noqa: F811 (the fixture above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 60 devices wait; with serve behind, a pass takes 50 of them (BUSY_REPAIR_DEVICES), so that
+    # serve never loses the CPU for long; with serve caught up, the next takes the rest
+    monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the passes below
+    s = domain_settings
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        conn.execute(search_path(s))
+        conn.execute(MARK_SQL, (json.dumps([[f"dev-{i:02d}", 1_796_000_000_000_000] for i in range(60)]),))
+
+    class Serve:
+        behind = True
+
+        def busy(self) -> bool:
+            return self.behind
+
+        def give_way(self, spent: float, stop: threading.Event) -> None:
+            pass
+
+    serve = Serve()
+    stage, stop = DomainStage(s), threading.Event()
+    stage.open(CollectorRegistry(), stop)
+    stage.repair.yields_to = serve
+    try:
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            conn.execute(search_path(s))
+            assert stage.repair.run(conn) == "dev-49"
+            assert _marked(s) == 10
+            serve.behind = False
+            assert stage.repair.run(conn, "dev-49") == ""
+            assert _marked(s) == 0
+    finally:
+        stop.set()
 
 
 @pytest.mark.timeout(30)

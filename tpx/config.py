@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     #: ``false``: the writers compute them in the positions' transaction.
     domain_defer: bool = False
     #: ``tpx domain`` lowers its own CPU priority by this much (``nice``) at start and, while
-    #: serve has a backlog, takes a tenth of its time, so that on a host it shares with ``tpx
-    #: serve`` (or PostgreSQL) the positions go first; 0: neither (a host of its own).
+    #: serve has a backlog, takes a tenth of its time in passes a tenth as large, so that on a
+    #: host it shares with ``tpx serve`` (or PostgreSQL) the positions go first; 0: neither (a
+    #: host of its own).
     domain_nice: int = Field(default=10, ge=0, le=19)
     #: The geofences table (schema-qualified allowed, e.g. ``cms.geofences``); tpx only reads it.
     geofences_table: str = "geofences"

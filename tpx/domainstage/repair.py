@@ -36,8 +36,8 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
@@ -142,6 +142,12 @@ REPAIR_DEVICES = 500
 #: Missed fixes a repair pass takes in one transaction, at most (a device with more takes them in
 #: several passes): about a second of the writers' device locks held.
 REPAIR_FIXES = 20_000
+#: ... while serve has a backlog (`tpx domain`, :class:`GivesWay`): short passes between its
+#: waits, so that serve never loses the CPU for long (a pass of REPAIR_FIXES takes ~1 s, the
+#: worker and its PostgreSQL backend each a core of the two: a drain of a few seconds lost most
+#: of one to it)
+BUSY_REPAIR_DEVICES = 50
+BUSY_REPAIR_FIXES = 2_000
 #: A failing repair is logged at most once per this many seconds.
 REPAIR_LOG_EVERY_S = 30.0
 
@@ -159,6 +165,17 @@ def slices(fixes: Sequence[Fix], span_us: int) -> list[list[Fix]]:
     return out
 
 
+class GivesWay(Protocol):
+    """What a repair gives way to: in `tpx domain`, serve's backlog
+    (:class:`tpx.domainstage.worker.Backlog`)."""
+
+    def busy(self) -> bool:
+        """Whether to give way now (passes take :data:`BUSY_REPAIR_DEVICES` at most)."""
+
+    def give_way(self, spent_s: float, stop: threading.Event) -> None:
+        """Wait after a pass that took ``spent_s`` (or until ``stop``)."""
+
+
 class Repair:
     """The repair thread of one :class:`~tpx.domainstage.stage.DomainStage`, and what it counts."""
 
@@ -172,8 +189,8 @@ class Repair:
         self._counted_at = -COUNT_EVERY_S
         #: why the last pass failed, until one succeeds (``/readyz`` notes it)
         self.problem: str | None = None
-        #: what to wait for after a pass that took so many seconds (None: nothing)
-        self.give_way: Callable[[float, threading.Event], None] | None = None
+        #: what this repair gives way to (`tpx domain`: serve's backlog; None: nothing)
+        self.yields_to: GivesWay | None = None
 
     def loop(self, stop: threading.Event) -> None:
         """Every :meth:`every_s`: the marked devices, a pass at a time, each pass counted
@@ -210,8 +227,8 @@ class Repair:
                 self._failed(failure)
             else:
                 self.problem = None
-            if self.give_way is not None:  # `tpx domain`: the positions first
-                self.give_way(time.monotonic() - started, stop)
+            if self.yields_to is not None:  # `tpx domain`: the positions first
+                self.yields_to.give_way(time.monotonic() - started, stop)
             if not after:
                 break
 
@@ -227,7 +244,8 @@ class Repair:
         self, conn: psycopg.Connection[Any], after: str, raising: bool = False
     ) -> tuple[str, str | None]:
         """The marked devices after ``after``, up to :data:`REPAIR_DEVICES` of them or
-        :data:`REPAIR_FIXES` missed fixes (at least one device), in one transaction: the last
+        :data:`REPAIR_FIXES` missed fixes (at least one device; a tenth of each while serve has
+        a backlog, :meth:`limits`), in one transaction: the last
         device of the pass when more may follow (else ""), and why it failed (None: it did not).
         When the server refuses a value (a record naming a geofence deleted since the last
         reload), each device is tried alone: only those concerned stay marked. A lost connection
@@ -235,19 +253,20 @@ class Repair:
         (:meth:`unqueue`), so that a round takes what came while it ran, as the devices after
         ``after`` it picks."""
         self.unqueue(conn)
-        rows = conn.execute(MISSED_SQL, (after, REPAIR_FIXES + 1, REPAIR_DEVICES)).fetchall()
+        devices, most = self.limits()
+        rows = conn.execute(MISSED_SQL, (after, most + 1, devices)).fetchall()
         found: list[str] = []
         fixes = 0
         for device_id, count in rows:
-            if found and fixes + count > REPAIR_FIXES:
+            if found and fixes + count > most:
                 break
             found.append(device_id)
             fixes += count
         if not found:
             return "", None
-        more = found[-1] if len(found) < len(rows) or len(rows) == REPAIR_DEVICES else ""
+        more = found[-1] if len(found) < len(rows) or len(rows) == devices else ""
         try:
-            self._devices(conn, found)
+            self._devices(conn, found, most)
         except psycopg.Error as exc:
             if raising or conn.closed or conn.broken:
                 raise
@@ -255,12 +274,18 @@ class Repair:
                 return more, describe(exc)
             for device in found:
                 try:
-                    self._devices(conn, [device])
+                    self._devices(conn, [device], most)
                 except psycopg.Error as one:
                     if conn.closed or conn.broken:
                         raise
                     self._failed(describe(one))
         return more, None
+
+    def limits(self) -> tuple[int, int]:
+        """Devices and missed fixes a pass takes at most, now."""
+        if self.yields_to is not None and self.yields_to.busy():
+            return BUSY_REPAIR_DEVICES, BUSY_REPAIR_FIXES
+        return REPAIR_DEVICES, REPAIR_FIXES
 
     def unqueue(self, conn: psycopg.Connection[Any]) -> int:
         """Every deferred batch there is into tpx_domain_missed (:data:`UNQUEUE_SQL`, up to
@@ -288,10 +313,10 @@ class Repair:
         at = self.marked_at
         return 0.0 if at is None else max(0.0, time.time() - at.timestamp())
 
-    def _devices(self, conn: psycopg.Connection[Any], devices: list[str]) -> None:
-        """Some marked devices, in a transaction (the module's steps 1 to 4). A device another
-        instance repaired meanwhile is left alone; one whose step fails keeps the fixes it has not
-        taken yet."""
+    def _devices(self, conn: psycopg.Connection[Any], devices: list[str], most: int) -> None:
+        """Some marked devices, in a transaction (the module's steps 1 to 4), at most ``most``
+        missed fixes each. A device another instance repaired meanwhile is left alone; one whose
+        step fails keeps the fixes it has not taken yet."""
         stage = self.stage
         assert stage.source is not None and stage.metrics is not None  # noqa: S101 (domain on)
         geofences = stage.source.current
@@ -301,7 +326,7 @@ class Repair:
             recorded = stage.lock(cur, devices, geofences)
             read = stage.read_devices(cur, devices, geofences, {})
             states = {d: held for d, held in read.states.items() if d in read.missed}
-            loaded, gone, marked_ms = self._missed_fixes(cur, sorted(states))
+            loaded, gone, marked_ms = self._missed_fixes(cur, sorted(states), most)
             if stage.role is Role.WORKER:  # a deferred fix's lag (a failed batch's repair is none)
                 work.oldest_entry_ms = marked_ms
             if gone:  # their rows of positions are gone (a retention policy): nothing to give back
@@ -380,14 +405,14 @@ class Repair:
         return out
 
     def _missed_fixes(
-        self, cur: psycopg.Cursor[Any], devices: list[str]
+        self, cur: psycopg.Cursor[Any], devices: list[str], most: int
     ) -> tuple[dict[str, list[Fix]], list[tuple[str, int]], int | None]:
-        """The oldest valid fixes each device missed, from positions, in time order (one query);
-        the missed fixes no longer in positions, [(device, time), ...]; and when the oldest of
-        them was marked (epoch ms), if any."""
+        """The oldest valid fixes each device missed (``most`` at most), from positions, in time
+        order (one query); the missed fixes no longer in positions, [(device, time), ...]; and
+        when the oldest of them was marked (epoch ms), if any."""
         out: dict[str, list[Fix]] = {d: [] for d in devices}
         gone: list[tuple[str, int]] = []
-        keys = cur.execute(MISSED_KEYS_SQL, (devices, REPAIR_FIXES)).fetchall() if devices else []
+        keys = cur.execute(MISSED_KEYS_SQL, (devices, most)).fetchall() if devices else []
         marked = min((ms for *_, ms in keys), default=None)
         if keys:
             rows = cur.execute(MISSED_FIXES_SQL, ([d for d, *_ in keys], [t for _, t, _ in keys])).fetchall()

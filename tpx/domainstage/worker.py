@@ -143,7 +143,7 @@ class DomainWorker:
         client = redis_client(listener)
         self.control = Control(listener, client, DeviceStates(1), self.stop, self.stage.request_reload)
         if s.domain_nice:  # second to serve (0: as serve, e.g. on a host of its own)
-            self.stage.repair.give_way = Backlog(s, backlog_client(s)).give_way
+            self.stage.repair.yields_to = Backlog(s, backlog_client(s))
         self.control.start()
         bind = s.http_bind
         if bind is not None:

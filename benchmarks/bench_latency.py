@@ -30,7 +30,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -50,7 +49,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_domain_pipeline import queued
-from benchmarks.bench_pipeline import CpuMeter, drop_schema, free_port, load_stream, start_serve
+from benchmarks.bench_pipeline import CpuMeter, drop_schema, free_port, load_stream, start_serve, wait_up
 from tpx.fleet import Fleet
 from tpx.schema import migrate
 
@@ -112,21 +111,18 @@ def run(args: argparse.Namespace, rate: int) -> dict[str, Any]:
         load_stream(client, key, list(fleet.entries(args.backlog)))
     # the domain's own lag histogram, scraped before the stop (with --backlog, the backlog's
     # batches are in it too: read it without one)
-    port = free_port() if args.domain else None
-    serve_args = copy.copy(args)
-    if port is not None:
-        serve_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
-    proc = start_serve(serve_args, schema, key)
+    serve_port = free_port()
+    proc = start_serve(args, schema, key, port=serve_port)
     worker = None
+    port = serve_port if args.domain else None
     if args.defer:  # serve only queues; `tpx domain` writes the timing records and has the lag
         worker, port = _start_worker(args, schema, key)
     domain_lag: dict[str, Any] = {}
     try:
-        deadline = time.monotonic() + 30
-        while not _has_group(client, key):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("tpx serve did not start")
-            time.sleep(0.05)
+        # publishing starts once both are up: their start-up is neither latency nor lag
+        wait_up(serve_port, proc, "tpx serve")
+        if worker is not None and port is not None:
+            wait_up(port, worker, "tpx domain")
         meter = CpuMeter(proc.pid)
         meter.start()
         achieved = publish(client, key, live, rate)
@@ -183,9 +179,7 @@ def _domain_entries(args: argparse.Namespace, schema: str, rate: int) -> list[di
 def _start_worker(args: argparse.Namespace, schema: str, key: str) -> tuple[subprocess.Popen[bytes], int]:
     """A `tpx domain` beside serve, and its metrics port."""
     port = free_port()
-    worker_args = copy.copy(args)
-    worker_args.tpx_env = [*args.tpx_env, f"TPX_HTTP_ADDR=127.0.0.1:{port}"]
-    return start_serve(worker_args, schema, key, ("domain",)), port
+    return start_serve(args, schema, key, ("domain",), port), port
 
 
 def _wait_done(
@@ -229,13 +223,6 @@ def domain_lag_p99(port: int) -> dict[str, Any]:
         "domain_lag_p99_le_s": p99,
         "domain_lag_within_2s": round(within_2s, 4),
     }
-
-
-def _has_group(client: redis.Redis, key: str) -> bool:
-    try:
-        return bool(client.xinfo_groups(key))
-    except redis.ResponseError:
-        return False
 
 
 def _drained(client: redis.Redis, key: str) -> bool:

@@ -183,7 +183,8 @@ def free_port() -> int:
 
 def wait_up(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     """Until the process answers ``/healthz`` on ``port``: tpx serves it once every thread runs
-    (the geofences loaded, the pool open), so that a measure never counts the start-up."""
+    (the schema checked, the geofences loaded, the writers started), so that a measure never
+    counts the start-up."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -395,7 +395,8 @@ def test_while_serve_has_a_backlog_a_pass_takes_a_tenth(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 60 devices wait; with serve behind, a pass takes 50 of them (BUSY_REPAIR_DEVICES), so that
-    # serve never loses the CPU for long; with serve caught up, the next takes the rest
+    # serve never loses the CPU for long; with serve caught up, the next takes the rest. A device
+    # with more fixes than a pass takes (BUSY_REPAIR_FIXES) takes them in several
     monkeypatch.setattr("tpx.domainstage.repair.REPAIR_EVERY_S", 3600.0)  # only the passes below
     s = domain_settings
     cms_tables(s.database_url, s.db_schema)
@@ -425,6 +426,11 @@ def test_while_serve_has_a_backlog_a_pass_takes_a_tenth(
             serve.behind = False
             assert stage.repair.run(conn, "dev-49") == ""
             assert _marked(s) == 0
+            # one device with 2,500 fixes waiting: 2,000 of them a pass (BUSY_REPAIR_FIXES)
+            conn.execute(MARK_SQL, (json.dumps([["dev-m", 1_796_000_000_000_000 + i] for i in range(2500)]),))
+            serve.behind = True
+            stage.repair.run(conn)
+            assert _queued(s) == 500
     finally:
         stop.set()
 
@@ -441,7 +447,9 @@ def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rcli
     waiter = threading.Thread(target=waiting.give_way, args=(10.0, stop), name="test-give-way", daemon=True)
     waiter.start()  # 90 s to wait while the backlog lasts
     try:
-        wait_for(waiting.busy, what="the backlog seen")
+        wait_for(Backlog(s, rclient).busy, what="the backlog there")  # (its own look)
+        waiter.join(0.6)  # a look of the waiter's since: still behind
+        assert waiter.is_alive()
         rclient.xreadgroup(s.group, "serve-1", {s.stream: ">"}, count=45)
         waiter.join(5)  # serve caught up: the wait ends at its next look, not 90 s later
         assert not waiter.is_alive()

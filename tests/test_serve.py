@@ -282,7 +282,7 @@ def test_migrate_command(settings: Settings) -> None:
 def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, str], tmp_path: Path) -> None:
     serve = Serve(serve_env, tmp_path / "serve.log", "--no-migrate").start()
     assert serve.wait(30) == 3
-    assert "run `tpx migrate`" in serve.logs()
+    assert "run `tpx migrate` (or drop --no-migrate)" in serve.logs()
 
 
 def test_readyz_answers_within_its_bound_when_redis_stops_answering(

@@ -403,12 +403,15 @@ class SchemaBehind(Exception):  # noqa: N818 (the CLI catches it by this name)
     """tpx's schema is missing or older than this tpx (one line naming the fix)."""
 
 
-def require_current(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> None:
+def require_current(
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, advice: str = "TPX_DB_SCHEMA"
+) -> None:
     """Raise :class:`SchemaBehind` unless ``schema`` holds every migration of this tpx (the
-    commands that read tpx's own tables, ``tpx_domain_devices`` included, check this first)."""
+    commands that read tpx's own tables, ``tpx_domain_devices`` included, check this first);
+    ``advice`` follows "run `tpx migrate`" in the message."""
     version = current_version(conn, schema)
     if version is None or version < latest_version():
         raise SchemaBehind(
             f"schema {schema} is at version {version or 0}, this tpx needs {latest_version()}: "
-            "run `tpx migrate` (TPX_DB_SCHEMA)"
+            f"run `tpx migrate` ({advice})"
         )

@@ -16,7 +16,8 @@ transaction per pass, it
 1. locks the devices as the writers do (:data:`~tpx.domainstage.stage.LOCK_SQL`) and reads their
    states (memory where current, else the store), and their marks, under the locks;
 2. loads the oldest of the fixes each missed, from positions (:data:`MISSED_FIXES_SQL`; at most
-   :data:`REPAIR_FIXES` a device, the rest in the next passes);
+   :data:`REPAIR_FIXES` a device, a tenth while serve has a backlog: :meth:`Repair.limits`; the
+   rest in the next passes);
 3. gives them to the stage's step again, as late fixes (:func:`tpx.domain.advance`): a slice of
    half the late window at a time, oldest first, so that an outage longer than the window
    refuses none; each slice's rows leave ``tpx_domain_missed`` once it is taken, so that a
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 #: Some of the devices whose fixes wait in tpx_domain_missed, after %s in key order (a loose scan
 #: of its primary key: one index probe a device, however many fixes each has), with how many
-#: fixes each, counted up to %s (the next pass's pick: a pass takes at most REPAIR_FIXES); at
+#: fixes each, counted up to %s (the next pass's pick: a pass takes at most Repair.limits()); at
 #: most %s devices.
 MISSED_SQL = """
 WITH RECURSIVE d(device_id) AS (
@@ -147,6 +148,7 @@ REPAIR_FIXES = 20_000
 #: worker and its PostgreSQL backend each a core of the two: a drain of a few seconds lost most
 #: of one to it)
 BUSY_REPAIR_DEVICES = 50
+#: ... and missed fixes, then (a device with more takes them in several passes).
 BUSY_REPAIR_FIXES = 2_000
 #: A failing repair is logged at most once per this many seconds.
 REPAIR_LOG_EVERY_S = 30.0

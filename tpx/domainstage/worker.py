@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 
 #: While serve has a backlog, the share of its time `tpx domain` spends on passes (the rest it
 #: waits), so that the positions go first: the operating system's priority (TPX_DOMAIN_NICE)
-#: reaches this process, not the PostgreSQL backend doing most of its work. Measured
-#: (bench_domain_pipeline, 10,000 devices): 0.25 kept serve at 0.54-0.74 x its pace with the
-#: domain off, 0.1 at 0.79-0.84 x, and the worker was done sooner (each device's pass takes more
-#: fixes at once: ~10.5k records/s against ~9k).
+#: reaches this process, not the PostgreSQL backend doing most of its work; the passes are
+#: smaller meanwhile (repair.BUSY_REPAIR_DEVICES). Measured (bench_domain_pipeline, 10,000
+#: devices, full passes): with start-up counted, 0.25 kept serve at 0.54-0.74 x its pace with
+#: the domain off, 0.1 at 0.79-0.84 x; without, 0.05 gave 0.74-1.21 x against 0.80-1.09 for 0.1,
+#: the worker's pace unchanged. With the smaller passes, 0.1 gives 0.85-1.05 x.
 BUSY_SHARE = 0.1
 #: Seconds between two looks at serve's backlog (the group's lag, XINFO GROUPS).
 BACKLOG_CHECK_S = 0.5
@@ -80,10 +81,10 @@ class Backlog:
         self._busy = False
 
     def busy(self) -> bool:
-        now = time.monotonic()
-        if now - self._checked_at >= BACKLOG_CHECK_S:
-            self._checked_at = now
+        if time.monotonic() - self._checked_at >= BACKLOG_CHECK_S:
             self._busy = self._lag() > self.settings.batch_size
+            # from the answer: a Redis that takes BACKLOG_TIMEOUT_S costs that once a look
+            self._checked_at = time.monotonic()
         return self._busy
 
     def _lag(self) -> int:
@@ -131,8 +132,9 @@ class DomainWorker:
         if s.domain == "off":
             raise StartupError("TPX_DOMAIN=off: tpx domain has nothing to do", exitcodes.USAGE)
         require_current_schema(s, "tpx domain never migrates")
-        if s.domain_nice:
-            os.nice(s.domain_nice)  # the positions first (TPX_DOMAIN_NICE)
+        if s.domain_nice:  # the positions first, from the first pass (0: e.g. on a host of its own)
+            os.nice(s.domain_nice)
+            self.stage.repair.yields_to = Backlog(s, backlog_client(s))
         try:
             line = self.stage.open(self.registry, self.stop)
         except StageStartError as exc:
@@ -142,8 +144,6 @@ class DomainWorker:
         listener = s.model_copy(update={"consumer": f"{s.consumer}:domain"})  # as the answers name it
         client = redis_client(listener)
         self.control = Control(listener, client, DeviceStates(1), self.stop, self.stage.request_reload)
-        if s.domain_nice:  # second to serve (0: as serve, e.g. on a host of its own)
-            self.stage.repair.yields_to = Backlog(s, backlog_client(s))
         self.control.start()
         bind = s.http_bind
         if bind is not None:

@@ -61,7 +61,7 @@ from tpx.engine.stages import PostCommitStage, StageStartError, TransactionStage
 from tpx.engine.state import DeviceStates
 from tpx.engine.writer import Writer
 from tpx.errors import first_line
-from tpx.schema import Storage, current_version, latest_version, migrate_for
+from tpx.schema import SchemaBehind, Storage, current_version, latest_version, migrate_for, require_current
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,12 @@ def require_current_schema(settings: Settings, advice: str) -> None:
     other way out, after "run `tpx migrate`")."""
     try:
         with pg_connect(settings.database_url, "tpx-check") as conn:
-            version = current_version(conn, settings.db_schema)
+            require_current(conn, settings.db_schema, advice)
     except psycopg.OperationalError as exc:
         code, message = exitcodes.postgres_connect_failure(exc, settings.database_url)
         raise StartupError(message, code) from None
-    if version is None or version < latest_version():
-        raise StartupError(
-            f"schema {settings.db_schema} is at version {version or 0}, this tpx needs {latest_version()}:"
-            f" run `tpx migrate` ({advice})"
-        )
+    except SchemaBehind as exc:
+        raise StartupError(str(exc)) from None
 
 
 class Engine:

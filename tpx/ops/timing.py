@@ -36,16 +36,17 @@ OPTIONAL_COLUMNS = ("speed", "direction", "uncertainty_s")
 
 #: A device's stored state (version 0: a placeholder the stage's lock made, never stored; none:
 #: no row), the oldest of its fixes whose timing records wait (a failed batch's, or a deferred
-#: one's: moved to tpx_domain_missed, or still in its batch's row of tpx_domain_queue, read
-#: through tpx_domain_queued, sql/010) and how many wait: one row.
+#: one's: moved to tpx_domain_missed, or still in its batch's row of tpx_domain_queue, lines
+#: "device ts_us", found by a search for the device's line first) and how many wait: one row.
 DEVICE_SQL = """
 SELECT d.version, d.state, m.since, m.waiting
 FROM (
     SELECT min(w.ts) AS since, count(*) AS waiting FROM (
         SELECT ts FROM {schema}.tpx_domain_missed WHERE device_id = %(d)s
         UNION ALL
-        SELECT to_timestamp(0) + ts_us * interval '1 microsecond'
-        FROM {schema}.tpx_domain_queued WHERE device_id = %(d)s
+        SELECT to_timestamp(0) + split_part(k, ' ', 2)::int8 * interval '1 microsecond'
+        FROM {schema}.tpx_domain_queue AS q CROSS JOIN LATERAL string_to_table(q.fixes, E'\\n') AS k
+        WHERE strpos(E'\\n' || q.fixes, E'\\n' || %(d)s || ' ') > 0 AND split_part(k, ' ', 1) = %(d)s
     ) AS w
 ) AS m
 LEFT JOIN {schema}.tpx_domain_devices AS d ON d.device_id = %(d)s

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 #: smaller meanwhile (repair.BUSY_REPAIR_DEVICES). Measured (bench_domain_pipeline, 10,000
 #: devices, full passes): with start-up counted, 0.25 kept serve at 0.54-0.74 x its pace with
 #: the domain off, 0.1 at 0.79-0.84 x; without, 0.05 gave 0.74-1.21 x against 0.80-1.09 for 0.1,
-#: the worker's pace unchanged. With the smaller passes, 0.1 gives 0.85-1.05 x.
+#: the worker's pace unchanged. With the smaller passes, 0.1 gives 0.82-1.05 x.
 BUSY_SHARE = 0.1
 #: Seconds between two looks at serve's backlog (the group's lag, XINFO GROUPS).
 BACKLOG_CHECK_S = 0.5

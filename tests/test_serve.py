@@ -285,6 +285,19 @@ def test_serve_refuses_unmigrated_schema_with_no_migrate(serve_env: dict[str, st
     assert "run `tpx migrate` (or drop --no-migrate)" in serve.logs()
 
 
+def test_serve_warns_that_deferring_does_nothing_with_the_domain_off(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    # an operator who meant to defer set TPX_DOMAIN=off too: no timing record will come, say so
+    env = {**serve_env, "TPX_DOMAIN": "off", "TPX_DOMAIN_DEFER": "true"}
+    serve = Serve(env, tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: serve.get("/readyz")[0] == 200, what="ready")
+        assert "TPX_DOMAIN_DEFER=true does nothing with TPX_DOMAIN=off" in serve.logs()
+    finally:
+        assert serve.stop() == 0
+
+
 def test_readyz_answers_within_its_bound_when_redis_stops_answering(
     serve_env: dict[str, str], tmp_path: Path, private_redis: PrivateRedis
 ) -> None:

@@ -249,8 +249,8 @@ def test_a_device_waiting_for_the_repair_says_since_when(s: Settings, env: dict[
     assert (code, err) == (0, "")
     assert out.splitlines()[:2] == [
         "parked: not seen by the domain (no stored state)",
-        "3 fixes waiting since 2026-05-28 20:26:40 UTC (a batch failed, or left them for later or for"
-        " tpx domain): their timing records wait for the repair",
+        "3 fixes waiting, the oldest from 2026-05-28 20:26:40 UTC (a batch failed, or left them for"
+        " later or for tpx domain): their timing records wait for the repair or for tpx domain",
     ]
     assert tpx(env, "timing", "recompute", "--device", "parked", "--since", "2026-05-28T00:00:00Z")[0] == 0
     got = json.loads(tpx(env, "timing", "parked", "--json")[1])

@@ -505,9 +505,9 @@ def print_device_timing(report: DeviceTiming, since: dt.datetime | None = None) 
     if report.missed_since is not None:
         fixes = f"{report.missed_fixes:,} fix" + ("" if report.missed_fixes == 1 else "es")
         console.print(
-            f"{fixes} waiting since {report.missed_since.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
-            " (a batch failed, or left them for later or for tpx domain): their timing records"
-            " wait for the repair"
+            f"{fixes} waiting, the oldest from {report.missed_since.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}"
+            " UTC (a batch failed, or left them for later or for tpx domain): their timing records"
+            " wait for the repair or for tpx domain"
         )
     window = "" if since is None else f" since {since:%Y-%m-%d %H:%M:%S} UTC"
     if not report.records:

@@ -51,6 +51,8 @@ def serve(cmd: Invocation) -> None:
 
     settings = cmd.settings
     logs.setup(settings.log_level, settings.log_format, settings.consumer)
+    if settings.domain == "off" and settings.domain_defer:  # meant to defer: no record comes
+        log.warning("TPX_DOMAIN_DEFER=true does nothing with TPX_DOMAIN=off: no fix is queued for tpx domain")
     engine = Engine(settings, tx_stage=DomainStage(settings) if settings.domain != "off" else None)
     StopSignals(engine.request_stop, _forced_exit).install()
     cmd.start(engine.start)

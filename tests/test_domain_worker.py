@@ -34,11 +34,13 @@ from tests.test_domain_stage import (
     wait_stored,
 )
 from tests.test_pipeline import running as engine_running
+from tpx.cli.render import domain_line
 from tpx.config import Settings
 from tpx.connections import search_path
 from tpx.domain import Fix
 from tpx.domainstage.stage import MARK_SQL, QUEUE_SQL, DomainStage
 from tpx.domainstage.worker import Backlog, DomainWorker
+from tpx.ops.inspect import status
 from tpx.schema import migrate
 
 
@@ -461,6 +463,30 @@ def test_tpx_domain_gives_way_while_serve_has_a_backlog(settings: Settings, rcli
     rclient.execute_command("XGROUP", "SETID", s.stream, s.group, "$", "ENTRIESREAD", "0")  # type: ignore[no-untyped-call]
     assert rclient.xinfo_groups(s.stream)[0]["lag"] == 50
     assert Backlog(s, rclient).pause(1.0) == 0.0
+
+
+@pytest.mark.timeout(60)
+def test_tpx_status_says_whether_a_tpx_domain_takes_what_serve_defers(
+    deferred: Settings, rclient: redis.Redis
+) -> None:
+    # serve defers: with no `tpx domain` alive its fixes wait for nobody, and `tpx status` says
+    # so; with one, it names it and what waits; a clean stop of the worker says so at once
+    s = deferred
+    cms_tables(s.database_url, s.db_schema)
+    migrate(s.database_url, s.db_schema)
+
+    def line() -> str:
+        return domain_line(status(rclient, s, probe=False))
+
+    with running(s):
+        wait_for(lambda: status(rclient, s, probe=False).deferring == [s.consumer], what="serve's heartbeat")
+        assert line().startswith("1 instance defers to tpx domain; no tpx domain alive")
+        with worker_running(s):
+            wait_for(lambda: "alive," in line(), what="the worker's heartbeat")
+            assert line() == f"1 instance defers to tpx domain; {s.consumer}:domain alive, 0 devices waiting"
+            workers = status(rclient, s, probe=False).to_dict()["domain_workers"]  # `tpx status --json`
+            assert [w["consumer"] for w in workers] == [f"{s.consumer}:domain"]
+        assert "no tpx domain alive" in line()
 
 
 @pytest.mark.timeout(60)

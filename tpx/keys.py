@@ -44,6 +44,16 @@ def heartbeat_pattern(stream: str) -> str:
     return f"{prefix(stream)}:instance:*"
 
 
+def domain_heartbeat(stream: str, consumer: str) -> str:
+    """A JSON document describing one live `tpx domain` (``consumer``: its ``TPX_CONSUMER``); it is
+    no consumer of the group, so it stays out of :func:`heartbeat_pattern`."""
+    return f"{prefix(stream)}:domain:{consumer}"
+
+
+def domain_heartbeat_pattern(stream: str) -> str:
+    return f"{prefix(stream)}:domain:*"
+
+
 def control_channel(stream: str) -> str:
     """Pub/sub channel the instances listen on for ops requests (:mod:`tpx.controlproto`)."""
     return f"{prefix(stream)}:control"

@@ -139,6 +139,8 @@ def status_renderables(st: Status) -> list[Any]:
         "instances",
         f"{len(st.instances)} alive" + (f", writers failing on {', '.join(failing)}" if failing else ""),
     )
+    if st.deferring or st.domain_workers:
+        head.add_row("domain", domain_line(st))
     out: list[Any] = [head]
     if st.consumers:
         table = Table(title="consumers", title_justify="left", expand=False)
@@ -167,6 +169,21 @@ def status_renderables(st: Status) -> list[Any]:
             Text(f"{c.name} is dead and holds {c.pending:,} pending entries: run {claim_command(c.name)}")
         )
     return out
+
+
+def domain_line(st: Status) -> str:
+    """Who defers the domain, and whether a `tpx domain` takes what they queue."""
+    n = len(st.deferring)
+    parts = [f"{n} instance{'s' if n != 1 else ''} defer{'' if n != 1 else 's'} to tpx domain"] if n else []
+    if not st.domain_workers:
+        parts.append("no tpx domain alive: their timing records wait (OPERATIONS.md, Run the domain apart)")
+    for w in st.domain_workers:
+        waited = f", the oldest waiting {ago(w.waiting_s)}" if w.waiting_s else ""
+        line = f"{w.consumer} alive, {w.waiting_devices:,} devices waiting{waited}"
+        if w.problem is not None and "failing" in w.problem:
+            line += f" ({w.problem})"
+        parts.append(line)
+    return "; ".join(parts)
 
 
 def print_status(st: Status) -> None:

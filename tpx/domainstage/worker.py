@@ -12,10 +12,11 @@ either process at any moment loses and doubles nothing, and the records are thos
 replay gives, as in the writers.
 
 The worker reloads the geofences as the writers do (``TPX_GEOFENCES_RELOAD_S``, and at once on
-``tpx geofences --reload``: it listens on the stream's control channel as ``CONSUMER:domain``; a
-Redis away costs it only that, with a WARNING) and serves
-``/metrics``, ``/healthz`` and ``/readyz`` on ``TPX_HTTP_ADDR`` (give it its own port next to a
-``tpx serve``). It never migrates: ``tpx serve`` (or ``tpx migrate``) does.
+``tpx geofences --reload``: it listens on the stream's control channel as ``CONSUMER:domain``, and
+beats a heartbeat of its own for ``tpx status`` (:class:`Presence`); a Redis away costs it only
+those, with a WARNING) and serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``TPX_HTTP_ADDR``
+(give it its own port next to a ``tpx serve``). It never migrates: ``tpx serve`` (or ``tpx
+migrate``) does.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry
 
-from tpx import __version__, exitcodes
+from tpx import __version__, exitcodes, keys
 from tpx.config import Settings
 from tpx.connections import redis_client
 from tpx.domainstage.stage import DomainStage
-from tpx.engine.heartbeat import Control
+from tpx.engine.heartbeat import Beating, Control
 from tpx.engine.http import HealthServer
 from tpx.engine.service import StartupError, require_current_schema
 from tpx.engine.stages import StageStartError
@@ -118,6 +119,27 @@ class Backlog:
                 return
 
 
+class Presence(Beating):
+    """`tpx domain`'s heartbeat (:func:`tpx.keys.domain_heartbeat`), so that `tpx status` tells a
+    deferring serve whose fixes are taken from one whose fixes wait for nobody."""
+
+    def __init__(
+        self, settings: Settings, client: redis.Redis, stage: DomainStage, stop: threading.Event
+    ) -> None:
+        key = keys.domain_heartbeat(settings.stream, settings.consumer)
+        super().__init__("tpx-domain-heartbeat", settings, client, stop, {key: keys.HEARTBEAT_TTL_S})
+        self.stage = stage
+
+    def document(self) -> dict[str, Any]:
+        waiting, _ = self.stage.repair.missed
+        return {
+            **self.identity(),
+            "waiting_devices": waiting,
+            "waiting_s": self.stage.repair.waiting_s(),
+            "problem": self.stage.health(),
+        }
+
+
 class DomainWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -126,6 +148,7 @@ class DomainWorker:
         self.stop = threading.Event()
         self.http: HealthServer | None = None
         self.control: Control | None = None
+        self.presence: Presence | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -145,6 +168,8 @@ class DomainWorker:
         client = redis_client(listener)
         self.control = Control(listener, client, DeviceStates(1), self.stop, self.stage.request_reload)
         self.control.start()
+        self.presence = Presence(listener, client, self.stage, self.stop)
+        self.presence.start()
         bind = s.http_bind
         if bind is not None:
             try:
@@ -164,7 +189,8 @@ class DomainWorker:
         return not dead, {"dead_threads": dead}
 
     def _threads(self) -> list[threading.Thread]:
-        return [*self.stage.threads(), *([self.control] if self.control is not None else [])]
+        mine = [t for t in (self.control, self.presence) if t is not None]
+        return [*self.stage.threads(), *mine]
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok, detail = self.alive()

@@ -39,7 +39,64 @@ CONTROL_POLL_S = 0.5
 RESUBSCRIBE_WAIT_S = 1.0
 
 
-class Heartbeat(threading.Thread):
+class Beating(threading.Thread):
+    """A thread that writes :meth:`document` as JSON to Redis every ``interval``, under each of
+    ``ttls``'s keys with its TTL (seconds), and deletes them at a clean stop (it says so at once,
+    not after the TTL); a Redis away costs a WARNING a beat."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        client: redis.Redis,
+        stop: threading.Event,
+        ttls: dict[str, int],
+        interval: float = keys.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.settings = settings
+        self.client = client
+        self.stop_event = stop
+        self.ttls = ttls
+        self.interval = interval
+        self.started_at = time.time()
+
+    def identity(self) -> dict[str, Any]:
+        """What every document starts with: who, where, which version, since when, now."""
+        return {
+            "consumer": self.settings.consumer,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "at": time.time(),
+        }
+
+    def document(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def beat(self) -> None:
+        doc = json.dumps(self.document())
+        pipe = self.client.pipeline(transaction=False)
+        for key, ttl in self.ttls.items():
+            pipe.set(key, doc, ex=ttl)
+        pipe.execute()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self.stop_event.wait(self.interval)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(*self.ttls)
+
+
+class Heartbeat(Beating):
+    """Serve's: its consumer's live document (what `tpx status` and `tpx top` show of it), and
+    the same kept for a day (:data:`~tpx.keys.LAST_SEEN_TTL_S`): when a dead consumer was last seen."""
+
     def __init__(
         self,
         settings: Settings,
@@ -49,16 +106,18 @@ class Heartbeat(threading.Thread):
         extra: Callable[[], dict[str, Any]],
         interval: float = keys.HEARTBEAT_INTERVAL_S,
     ) -> None:
-        super().__init__(name="tpx-heartbeat", daemon=True)
-        self.settings = settings
-        self.client = client
+        key = keys.heartbeat(settings.stream, settings.consumer)
+        seen_key = keys.last_seen(settings.stream, settings.consumer)
+        super().__init__(
+            "tpx-heartbeat",
+            settings,
+            client,
+            stop,
+            {key: keys.HEARTBEAT_TTL_S, seen_key: keys.LAST_SEEN_TTL_S},
+            interval,
+        )
         self.metrics = metrics
-        self.stop_event = stop
         self.extra = extra
-        self.interval = interval
-        self.key = keys.heartbeat(settings.stream, settings.consumer)
-        self.seen_key = keys.last_seen(settings.stream, settings.consumer)
-        self.started_at = time.time()
         self._last: tuple[float, float, float] | None = None
 
     def document(self) -> dict[str, Any]:
@@ -72,35 +131,13 @@ class Heartbeat(threading.Thread):
             rates = {"read_per_s": (read - read0) / elapsed, "written_per_s": (written - written0) / elapsed}
         self._last = (now, read, written)
         return {
-            "consumer": self.settings.consumer,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "version": __version__,
-            "started_at": self.started_at,
-            "at": time.time(),
+            **self.identity(),
             "records_read": read,
             "records_written": written,
             **rates,
             "recent_warnings": logs.recent_warnings(),
             **self.extra(),
         }
-
-    def beat(self) -> None:
-        doc = json.dumps(self.document())
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.key, doc, ex=keys.HEARTBEAT_TTL_S)
-        pipe.set(self.seen_key, doc, ex=keys.LAST_SEEN_TTL_S)  # outlives the heartbeat: `tpx status`
-        pipe.execute()
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                self.beat()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            self.stop_event.wait(self.interval)
-        with contextlib.suppress(redis.RedisError):  # a clean stop says so at once, not after the TTL
-            self.client.delete(self.key, self.seen_key)
 
 
 class Control(threading.Thread):

@@ -286,6 +286,9 @@ class Engine:
             ],
             "http": self.http.address if self.http is not None else None,
             "storage": self.storage,
+            # TPX_DOMAIN_DEFER in effect (the domain on, its batches queued): `tpx status` looks
+            # for a `tpx domain` alive
+            "domain_deferred": self.metrics.registry.get_sample_value("tpx_domain_deferred") == 1,
             "stopping": self._stopping,
         }
 

@@ -63,6 +63,22 @@ class Instance:
 
 
 @dataclass
+class DomainWorkerView:
+    """A live `tpx domain`, from its heartbeat (:class:`tpx.domainstage.worker.Presence`)."""
+
+    consumer: str
+    host: str = ""
+    pid: int = 0
+    version: str = ""
+    heartbeat_age_s: float = 0.0
+    #: devices with fixes waiting for it, and how long the oldest has waited (its last count)
+    waiting_devices: int = 0
+    waiting_s: float = 0.0
+    #: why it cannot do its work now (its /readyz note), if anything
+    problem: str | None = None
+
+
+@dataclass
 class Probe:
     """What tpx learnt of a consumer that has no heartbeat: its last one, and its HTTP listener."""
 
@@ -139,7 +155,13 @@ class Status:
     dlq_length: int = 0
     consumers: list[ConsumerView] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)
+    domain_workers: list[DomainWorkerView] = field(default_factory=list)
     at: float = field(default_factory=time.time)
+
+    @property
+    def deferring(self) -> list[str]:
+        """The instances whose batches only queue their fixes for `tpx domain` (TPX_DOMAIN_DEFER)."""
+        return [i.consumer for i in self.instances if i.raw.get("domain_deferred") is True]
 
     @property
     def dead_with_pending(self) -> list[ConsumerView]:
@@ -167,6 +189,8 @@ class Status:
             "dlq_length": self.dlq_length,
             "consumers": [c.to_dict() for c in self.consumers],
             "instances": [{k: v for k, v in vars(i).items() if k != "raw"} for i in self.instances],
+            "deferring_instances": self.deferring,
+            "domain_workers": [vars(w) for w in self.domain_workers],
             "at": self.at,
         }
 
@@ -182,6 +206,38 @@ def instances(client: redis.Redis, stream: str) -> list[Instance]:
     if not found:
         return []
     return sorted(_documents(client.mget(found)), key=lambda i: i.consumer)
+
+
+def domain_workers(client: redis.Redis, stream: str) -> list[DomainWorkerView]:
+    """Every `tpx domain` whose heartbeat has not expired, by consumer name."""
+    found = sorted(
+        cast(
+            list[bytes],
+            list(client.scan_iter(match=keys.domain_heartbeat_pattern(stream), count=HEARTBEAT_SCAN_COUNT)),
+        )
+    )
+    now = time.time()
+    out = []
+    for raw in client.mget(found) if found else []:
+        try:
+            doc = json.loads(raw) if raw is not None else None  # None: expired between SCAN and MGET
+        except ValueError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        out.append(
+            DomainWorkerView(
+                consumer=str(doc.get("consumer", "?")),
+                host=str(doc.get("host", "")),
+                pid=int(doc.get("pid", 0)),
+                version=str(doc.get("version", "")),
+                heartbeat_age_s=max(0.0, now - float(doc.get("at", now))),
+                waiting_devices=int(doc.get("waiting_devices", 0)),
+                waiting_s=float(doc.get("waiting_s", 0.0)),
+                problem=doc.get("problem"),
+            )
+        )
+    return sorted(out, key=lambda w: w.consumer)
 
 
 def _documents(raws: list[Any]) -> list[Instance]:
@@ -272,6 +328,7 @@ def status(client: redis.Redis, settings: Settings, probe: bool = True) -> Statu
     result = Status(stream=s.stream, group=s.group, stream_exists=bool(client.exists(s.stream)))
     result.dlq_length = int(client.xlen(s.dlq_stream))
     result.instances = instances(client, s.stream)
+    result.domain_workers = domain_workers(client, s.stream)
     if not result.stream_exists:
         return result
     result.stream_length = int(client.xlen(s.stream))

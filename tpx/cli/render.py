@@ -180,7 +180,7 @@ def domain_line(st: Status) -> str:
     for w in st.domain_workers:
         waited = f", the oldest waiting {ago(w.waiting_s)}" if w.waiting_s else ""
         line = f"{w.consumer} alive, {w.waiting_devices:,} devices waiting{waited}"
-        if w.problem is not None and "failing" in w.problem:
+        if w.problem is not None:
             line += f" ({w.problem})"
         parts.append(line)
     return "; ".join(parts)

@@ -136,7 +136,7 @@ class Presence(Beating):
             **self.identity(),
             "waiting_devices": waiting,
             "waiting_s": self.stage.repair.waiting_s(),
-            "problem": self.stage.health(),
+            "problem": self.stage.repair.problem,
         }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -74,7 +75,7 @@ class DomainWorkerView:
     #: devices with fixes waiting for it, and how long the oldest has waited (its last count)
     waiting_devices: int = 0
     waiting_s: float = 0.0
-    #: why it cannot do its work now (its /readyz note), if anything
+    #: why its passes fail, until one succeeds (its /readyz note), if they do
     problem: str | None = None
 
 
@@ -197,60 +198,53 @@ class Status:
 
 def instances(client: redis.Redis, stream: str) -> list[Instance]:
     """Every instance whose heartbeat has not expired, by consumer name."""
-    found = sorted(
-        cast(
-            list[bytes],
-            list(client.scan_iter(match=keys.heartbeat_pattern(stream), count=HEARTBEAT_SCAN_COUNT)),
-        )
-    )
-    if not found:
-        return []
-    return sorted(_documents(client.mget(found)), key=lambda i: i.consumer)
+    return sorted(_documents(_heartbeats(client, keys.heartbeat_pattern(stream))), key=lambda i: i.consumer)
 
 
 def domain_workers(client: redis.Redis, stream: str) -> list[DomainWorkerView]:
     """Every `tpx domain` whose heartbeat has not expired, by consumer name."""
-    found = sorted(
-        cast(
-            list[bytes],
-            list(client.scan_iter(match=keys.domain_heartbeat_pattern(stream), count=HEARTBEAT_SCAN_COUNT)),
-        )
-    )
     now = time.time()
-    out = []
-    for raw in client.mget(found) if found else []:
+    out = [
+        DomainWorkerView(
+            consumer=str(doc.get("consumer", "?")),
+            host=str(doc.get("host", "")),
+            pid=int(doc.get("pid", 0)),
+            version=str(doc.get("version", "")),
+            heartbeat_age_s=max(0.0, now - float(doc.get("at", now))),
+            waiting_devices=int(doc.get("waiting_devices", 0)),
+            waiting_s=float(doc.get("waiting_s", 0.0)),
+            problem=doc.get("problem"),
+        )
+        for doc in _parsed(_heartbeats(client, keys.domain_heartbeat_pattern(stream)))
+    ]
+    return sorted(out, key=lambda w: w.consumer)
+
+
+def _heartbeats(client: redis.Redis, pattern: str) -> list[Any]:
+    """The values (MGET's answer) of the keys matching ``pattern``, in key order."""
+    found = sorted(cast(list[bytes], list(client.scan_iter(match=pattern, count=HEARTBEAT_SCAN_COUNT))))
+    return client.mget(found) if found else []
+
+
+def _parsed(raws: list[Any]) -> Iterator[dict[str, Any]]:
+    """The JSON objects among heartbeat values; missing (expired between SCAN and MGET) or bad
+    ones skipped."""
+    for raw in raws:
+        if raw is None:
+            continue
         try:
-            doc = json.loads(raw) if raw is not None else None  # None: expired between SCAN and MGET
+            doc = json.loads(raw)
         except ValueError:
             continue
-        if not isinstance(doc, dict):
-            continue
-        out.append(
-            DomainWorkerView(
-                consumer=str(doc.get("consumer", "?")),
-                host=str(doc.get("host", "")),
-                pid=int(doc.get("pid", 0)),
-                version=str(doc.get("version", "")),
-                heartbeat_age_s=max(0.0, now - float(doc.get("at", now))),
-                waiting_devices=int(doc.get("waiting_devices", 0)),
-                waiting_s=float(doc.get("waiting_s", 0.0)),
-                problem=doc.get("problem"),
-            )
-        )
-    return sorted(out, key=lambda w: w.consumer)
+        if isinstance(doc, dict):
+            yield doc
 
 
 def _documents(raws: list[Any]) -> list[Instance]:
     """The heartbeat documents ``raws`` (MGET's answer) as Instances; missing or bad ones skipped."""
     now = time.time()
     out = []
-    for raw in raws:
-        if raw is None:  # expired between SCAN and MGET
-            continue
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            continue
+    for doc in _parsed(raws):
         out.append(
             Instance(
                 consumer=str(doc.get("consumer", "?")),
